@@ -1,0 +1,260 @@
+"""Typed, frozen configuration for every pipeline stage.
+
+YAML files and CLI flags both map onto these dataclasses (``load_yaml`` / ``from_dict``); an unknown key is an
+error that names the key, never a silent default. Cross-field checks live in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+INIT_STRATEGIES = ("vocab", "random", "random_std", "text")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant", "plateau")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad key, bad value, contradictory options)."""
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How the soft prompt is shaped and initialised."""
+
+    n_tokens: int = 20  # number of learned vectors prepended to every input
+    init: str = "vocab"  # vocab | random | random_std | text
+    init_text: str = "Paraphrase the following sentence:"  # used by init=text
+    vocab_top_k: int = 5000  # init=vocab samples from the k most common (lowest-id) non-special tokens
+    random_range: float = 0.5  # init=random: uniform(-r, r), as in Lester et al. 2021
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_tokens <= 512:
+            raise ConfigError(f"prompt.n_tokens must be in 1..512, got {self.n_tokens}")
+        if self.init not in INIT_STRATEGIES:
+            raise ConfigError(f"prompt.init must be one of {INIT_STRATEGIES}, got {self.init!r}")
+        if self.init == "text" and not self.init_text.strip():
+            raise ConfigError("prompt.init=text needs a non-empty prompt.init_text")
+        if self.random_range <= 0:
+            raise ConfigError("prompt.random_range must be > 0")
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """Layout of one example: [soft prompt][prefix][source][separator][target][eos].
+
+    The loss covers only target and eos. The same layout is used at generation time, up to the separator.
+    """
+
+    prefix: str = ""
+    separator: str = "\nParaphrase:"
+    target_prefix: str = " "  # put before the target so its first word tokenizes as in running text
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where paraphrase pairs come from and how they are cleaned and split."""
+
+    sources: tuple[str, ...] = ("sample",)  # file paths, hf:name[/config][:split], or "sample"
+    weights: tuple[float, ...] = ()  # interleaving probabilities, one per source (default: equal)
+    source_column: str = "source"
+    target_column: str = "target"
+    label_column: str = "label"  # when present, only rows with label == 1 are kept
+    val_fraction: float = 0.1
+    val_size: int | None = None  # absolute validation size; overrides val_fraction
+    seed: int = 0
+    both_directions: bool = False  # augmentation: also train target -> source
+    max_source_tokens: int = 64
+    max_target_tokens: int = 64
+    max_chars: int = 1000  # rows longer than this (either side) are dropped as over-long
+    limit: int | None = None  # cap on rows read per source (after cleaning)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty: give at least one file, hf: spec, or 'sample'")
+        if self.weights and len(self.weights) != len(self.sources):
+            raise ConfigError(
+                f"data.weights has {len(self.weights)} entries but data.sources has {len(self.sources)}"
+            )
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+            raise ConfigError("data.weights must be non-negative and not all zero")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_source_tokens < 1 or self.max_target_tokens < 1:
+            raise ConfigError("data.max_source_tokens and data.max_target_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One prompt-training run."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 0.03
+    optimizer: str = "adamw"  # the only optimizer; a field so YAML can name it explicitly
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up) | plateau
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine/linear decay floor, as a fraction of lr
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2  # evaluations without improvement before the plateau schedule cuts lr
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int | None = None  # cap on validation batches per evaluation (None: whole split)
+    early_stop_patience: int | None = 5  # evaluations without improvement before stopping
+    checkpoint_every: int | None = None  # steps between resumable checkpoints (None: at each eval)
+    precision: str = "auto"  # auto | bf16 | fp32 (frozen weights; the prompt is always fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.lr < 10:
+            raise ConfigError(f"train.lr must be in (0, 10), got {self.lr}")
+        if self.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer must be 'adamw', got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.eval_every < 1:
+            raise ConfigError("train.eval_every must be >= 1")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options shared by the CLI, the evaluator and Serve."""
+
+    max_new_tokens: int = 64  # hard cap
+    max_new_tokens_ratio: float = 2.0  # per row: at most ratio x source tokens + 8
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # HF-style, over generated tokens
+    source_repetition_penalty: float = 1.3  # same rule, over the *source's* tokens (anti-copy lever)
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    stop_at_newline: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("generation.max_new_tokens must be >= 1")
+        if self.num_beams < 1:
+            raise ConfigError("generation.num_beams must be >= 1")
+        if not 1 <= self.num_return_sequences <= 16:
+            raise ConfigError("generation.num_return_sequences must be in 1..16")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                "generation.num_return_sequences > num_beams needs do_sample=true (greedy gives one answer)"
+            )
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("generation.temperature must be > 0 and top_p in (0, 1]")
+        if self.repetition_penalty <= 0 or self.source_repetition_penalty <= 0:
+            raise ConfigError("repetition penalties must be > 0 (1.0 disables)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `paraphrase-ray train` needs."""
+
+    model: str = "smollm2-135m"
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError naming the key."""
+    data = dict(data or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        k = unknown[0]
+        hint = difflib.get_close_matches(k, known, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
+        raise ConfigError(f"unknown config key {where + k!r}{extra}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = from_dict(type(default), value, where=f"{where}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    if "sources" in kwargs and isinstance(kwargs["sources"], str):
+        kwargs["sources"] = (kwargs["sources"],)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong value type that __post_init__ comparisons tripped over
+        raise ConfigError(f"bad value in {where or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-JSON dict of a config (tuples become lists)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a clear error for missing files and syntax errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a YAML mapping at the top level")
+    return data
+
+
+def replace_nested(cfg: T, overrides: dict[str, Any]) -> T:
+    """Apply dotted overrides like {"train.lr": 0.1, "prompt.n_tokens": 8} to a frozen config tree."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        cfg = _replace_path(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _replace_path(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
+    names = {f.name for f in fields(obj)}
+    if path[0] not in names:
+        raise ConfigError(f"unknown config key {dotted!r}")
+    if len(path) == 1:
+        if isinstance(value, list):
+            value = tuple(value)
+        return dataclasses.replace(obj, **{path[0]: value})
+    child = getattr(obj, path[0])
+    return dataclasses.replace(obj, **{path[0]: _replace_path(child, path[1:], value, dotted)})

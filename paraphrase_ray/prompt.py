@@ -1,0 +1,206 @@
+"""The soft prompt: ``n_tokens`` learned vectors in the frozen model's input-embedding space.
+
+Shapes: the prompt is ``(n_tokens, d_embed)`` where ``d_embed = model.get_input_embeddings().embedding_dim``
+(512 for OPT-350m, whose hidden size is 1024 -- sizing from ``hidden_size`` is what crashes PEFT there).
+
+Saved as a directory that PEFT can load (``PeftModel.from_pretrained(base, dir)``)::
+
+    adapter_config.json         PEFT PROMPT_TUNING config
+    adapter_model.safetensors   one tensor "prompt_embeddings", (n_tokens, d_embed), fp32
+    paraphrase_ray.json         base model, template, generation defaults, training config, metrics
+
+Example::
+
+    sp = SoftPrompt.init(model, tokenizer, PromptConfig(n_tokens=20, init="vocab"))
+    embeds = torch.cat([sp.expand(batch), token_embeds], dim=1)  # (batch, 20 + seq, d_embed)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import PromptConfig
+
+TENSOR_NAME = "prompt_embeddings"
+META_FILE = "paraphrase_ray.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+class PromptFileError(ValueError):
+    """A prompt directory is missing, corrupt, or does not fit the model."""
+
+
+class SoftPrompt(nn.Module):
+    """An fp32 ``(n_tokens, d_embed)`` parameter; cast to the model's dtype only when concatenated."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        if weight.dim() != 2:
+            raise PromptFileError(f"prompt tensor must be 2-D (n_tokens, d_embed), got shape {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight.detach().float().clone())
+
+    @property
+    def n_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def expand(self, batch: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(batch, n_tokens, d_embed) view of the prompt, cast for the forward pass (grad flows to fp32)."""
+        w = self.weight if dtype is None else self.weight.to(dtype)
+        return w.unsqueeze(0).expand(batch, -1, -1)
+
+    @classmethod
+    def init(cls, model: nn.Module, tokenizer: Any, cfg: PromptConfig) -> SoftPrompt:
+        """Initialise from the model's embedding table following ``cfg.init``."""
+        table = model.get_input_embeddings().weight.detach().float().cpu()  # (vocab, d_embed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n, d = cfg.n_tokens, table.shape[1]
+        if cfg.init == "vocab":
+            ids = common_token_ids(tokenizer, table.shape[0], cfg.vocab_top_k)
+            pick = ids[torch.randint(len(ids), (n,), generator=gen)]
+            weight = table[pick].clone()
+        elif cfg.init == "random":
+            weight = (torch.rand(n, d, generator=gen) * 2 - 1) * cfg.random_range
+        elif cfg.init == "random_std":
+            # uniform with the table's own std: keeps the prompt on the same scale as real tokens
+            std = table.std().item()
+            weight = (torch.rand(n, d, generator=gen) * 2 - 1) * std * math.sqrt(3)
+        else:  # text
+            ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"init_text {cfg.init_text!r} tokenizes to nothing")
+            reps = math.ceil(n / len(ids))
+            weight = table[torch.tensor((ids * reps)[:n])].clone()
+        return cls(weight)
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, base_model: str, model: nn.Module | None = None, meta: dict | None = None):
+        """Write the PEFT-compatible prompt directory (atomically per file)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = getattr(model, "config", None)
+        adapter_cfg = {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": self.n_tokens,
+            "token_dim": self.dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+            "num_layers": getattr(cfg, "num_hidden_layers", None),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+            "base_model_name_or_path": base_model,
+            "inference_mode": True,
+            "revision": None,
+            "modules_to_save": None,
+            "auto_mapping": None,
+        }
+        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file({TENSOR_NAME: self.weight.detach().float().cpu().contiguous()}, str(p)))
+        _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(adapter_cfg, indent=2)))
+        full_meta = {"base_model": base_model, "n_tokens": self.n_tokens, "embed_dim": self.dim, **(meta or {})}
+        _atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(full_meta, indent=2, default=str)))
+        return out
+
+    @classmethod
+    def load(cls, prompt_dir: str | Path, expected_dim: int | None = None) -> SoftPrompt:
+        """Read ``adapter_model.safetensors`` (never a pickle); check shape against ``expected_dim``."""
+        path = Path(prompt_dir)
+        if not path.is_dir():
+            raise PromptFileError(f"prompt directory not found: {path}")
+        wfile = path / WEIGHTS_FILE
+        if not wfile.is_file():
+            raise PromptFileError(f"{path} has no {WEIGHTS_FILE}; not a prompt directory (pickles are never loaded)")
+        try:
+            tensors = load_file(str(wfile))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise PromptFileError(f"{wfile} is truncated or corrupt: {e}") from e
+        if TENSOR_NAME not in tensors:
+            raise PromptFileError(f"{wfile} has no tensor {TENSOR_NAME!r} (found: {sorted(tensors)})")
+        weight = tensors[TENSOR_NAME]
+        if weight.dim() != 2:
+            raise PromptFileError(f"{wfile}: {TENSOR_NAME} must be 2-D, got shape {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise PromptFileError(f"{wfile}: {TENSOR_NAME} contains NaN or inf")
+        if expected_dim is not None and weight.shape[1] != expected_dim:
+            raise PromptFileError(
+                f"prompt in {path} has embedding width {weight.shape[1]} but the model's input embeddings are "
+                f"{expected_dim} wide: it was trained for a different base model"
+            )
+        return cls(weight)
+
+
+@dataclass
+class PromptBundle:
+    """A loaded prompt directory: the vectors plus its metadata."""
+
+    prompt: SoftPrompt
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.meta.get("base_model")
+
+
+def read_meta(prompt_dir: str | Path) -> dict[str, Any]:
+    p = Path(prompt_dir) / META_FILE
+    if not p.is_file():
+        return {}
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{p} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise PromptFileError(f"{p} must hold a JSON object")
+    return meta
+
+
+def load_bundle(prompt_dir: str | Path, expected_dim: int | None = None) -> PromptBundle:
+    return PromptBundle(SoftPrompt.load(prompt_dir, expected_dim), read_meta(prompt_dir), Path(prompt_dir))
+
+
+def update_meta(prompt_dir: str | Path, **updates: Any) -> None:
+    """Merge keys into ``paraphrase_ray.json`` without touching the weights."""
+    meta = read_meta(prompt_dir)
+    meta.update(updates)
+    _atomic_write(Path(prompt_dir) / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+
+
+def common_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Tensor:
+    """The ``top_k`` most common non-special token ids.
+
+    BPE vocabularies are built by merge frequency, so low ids approximate the most common tokens -- the
+    same proxy Lester et al. used with SentencePiece's frequency-ordered vocabulary. Byte-level single
+    characters at the very bottom are kept; special tokens are removed.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
+    if not ids:
+        raise ValueError("tokenizer has no non-special tokens to initialise the prompt from")
+    return torch.tensor(ids[:top_k])
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a sibling temp file then rename, so a crash never leaves a half-written prompt file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def trainable_parameters(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
