@@ -1,0 +1,330 @@
+"""Ray Serve application: config file keys, settings, and HTTP integration on a real local Ray.
+
+One Serve app (tiny random OPT, two prompts, an API key) starts once for the module; batching needs a real
+Ray (``@serve.batch`` does not run in Serve's local testing mode).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from paraphrase_ray.config import ConfigError, GenerationConfig, PromptConfig, TemplateConfig, to_dict
+from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.serving import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    ZERO_SHOT,
+    ServeSettings,
+    app_builder,
+    build_app,
+    parse_prompt_specs,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+TEXTS = [
+    "The committee approved the budget.",
+    "She missed the meeting because her flight was late.",
+    "Prices rose sharply in the third quarter of the year.",
+    "He said the plan would work.",
+]
+
+
+def make_prompt(out: Path, model_dir: Path, loaded, seed: int) -> Path:
+    sp = SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, init="random", seed=seed))
+    meta = {
+        "template": to_dict(TemplateConfig()),
+        "generation": to_dict(GenerationConfig(max_new_tokens=12)),
+        "max_source_tokens": 64,
+        "init": "random",
+        "metrics": {"objective": 0.1 * seed},
+        "train_config": {"precision": "fp32"},
+    }
+    sp.save(out, base_model=str(model_dir), model=loaded.model, meta=meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt_dirs(tiny_model_dir, tmp_path_factory):
+    from paraphrase_ray.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    root = tmp_path_factory.mktemp("prompts")
+    return {
+        name: make_prompt(root / name, tiny_model_dir, loaded, seed) for name, seed in (("a", 1), ("b", 2))
+    }
+
+
+# -- config file and settings (no Ray) -------------------------------------------------------------------------
+def _check_keys(data: dict, model, where: str) -> None:
+    """Serve's config schemas silently drop unknown keys: every key in the file must be a schema field."""
+    known = set(model.model_fields)
+    unknown = set(data) - known
+    assert not unknown, f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})"
+
+
+def test_config_file_keys_are_all_known():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
+
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(raw)  # types and values
+    _check_keys(raw, ServeDeploySchema, "top level")
+    _check_keys(raw["http_options"], HTTPOptionsSchema, "http_options")
+    assert raw["http_options"]["host"] == "127.0.0.1"  # loopback unless told otherwise
+    (app,) = raw["applications"]
+    _check_keys(app, ServeApplicationSchema, "applications[0]")
+    assert app["import_path"] == "paraphrase_ray.serving:app_builder"
+    assert app["name"] == APP_NAME
+    (dep,) = app["deployments"]
+    _check_keys(dep, DeploymentSchema, "deployments[0]")
+    assert dep["name"] == DEPLOYMENT_NAME
+    _check_keys(dep["autoscaling_config"], AutoscalingConfig, "autoscaling_config")
+    AutoscalingConfig(**dep["autoscaling_config"])
+    _check_keys(dep["ray_actor_options"], RayActorOptionsSchema, "ray_actor_options")
+    assert {"num_cpus", "num_gpus"} <= set(dep["ray_actor_options"])
+    # args are our ServeSettings: from_dict rejects unknown keys by name
+    args = dict(app["args"])
+    args["prompts"] = [f"{k}={v}" for k, v in args["prompts"].items()]
+    fields = set(ServeSettings.__dataclass_fields__)
+    assert set(args) <= fields, set(args) - fields
+    assert "api_key" not in args  # keys come from the environment, never from a committed file
+
+
+def test_app_builder_resolves_prompts_and_rejects_bad_args(prompt_dirs, tmp_path):
+    from ray.serve import Application
+
+    app = app_builder({"prompts": {"x": str(prompt_dirs["a"]), "y": str(prompt_dirs["b"])}, "default": "y"})
+    assert isinstance(app, Application)
+    with pytest.raises(ConfigError, match="max_textz"):
+        app_builder({"prompts": [str(prompt_dirs["a"])], "max_textz": 3})
+    with pytest.raises(ConfigError, match="reserved"):
+        app_builder({"prompts": [f"{ZERO_SHOT}={prompt_dirs['a']}"]})
+    with pytest.raises(ConfigError, match="not a prompt directory"):
+        app_builder({"prompts": [str(tmp_path)]})
+    with pytest.raises(ConfigError, match="at least one prompt"):
+        app_builder({})
+
+
+def test_parse_prompt_specs(prompt_dirs):
+    a, b = str(prompt_dirs["a"]), str(prompt_dirs["b"])
+    assert [n for n, _ in parse_prompt_specs((a, f"two={b}"))] == ["a", "two"]
+    assert [n for n, _ in parse_prompt_specs((a, f"two={b}"), default="two")] == ["two", "a"]
+    with pytest.raises(ConfigError, match="twice"):
+        parse_prompt_specs((a, a))
+    with pytest.raises(ConfigError, match="default prompt"):
+        parse_prompt_specs((a,), default="nope")
+    with pytest.raises(ConfigError, match="name"):
+        parse_prompt_specs((f"bad name={a}",))
+
+
+# -- HTTP integration on a real local Ray ----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(prompt_dirs):
+    import ray
+    from ray import serve
+
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+    )
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = ServeSettings(
+            prompts=(f"a={prompt_dirs['a']}", f"b={prompt_dirs['b']}"),
+            api_key=KEY,
+            device="cpu",
+            max_texts=8,
+            max_chars=300,
+            max_new_tokens=16,
+            batch_wait_timeout_s=0.05,
+        )
+        serve.run(build_app(settings, ray_actor_options={"num_cpus": 1}), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline(prompt_dirs, tmp_path_factory):
+    """Greedy candidates from the offline `paraphrase-ray paraphrase` command, per prompt."""
+    from paraphrase_ray.cli import main
+
+    tmp = tmp_path_factory.mktemp("offline")
+    src = tmp / "in.jsonl"
+    src.write_text("".join(json.dumps({"source": t}) + "\n" for t in TEXTS))
+    out = {}
+    for name, d in prompt_dirs.items():
+        dst = tmp / f"{name}.jsonl"
+        argv = [
+            "paraphrase",
+            "--prompt",
+            str(d),
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--device",
+            "cpu",
+        ]
+        assert main(argv) == 0
+        out[name] = {r["source"]: r["prediction"] for r in map(json.loads, dst.read_text().splitlines())}
+    return out
+
+
+def test_mixed_prompt_concurrent_requests_match_offline_and_share_batches(client, offline):
+    before = client.get("/stats").json()
+    jobs = [(["a", "b"][i % 2], TEXTS[i % 4 :] + TEXTS[: i % 4]) for i in range(8)]
+
+    def ask(job):
+        name, texts = job
+        r = client.post("/paraphrase", json={"texts": texts, "prompt": name})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (name, texts), ans in zip(jobs, answers, strict=True):
+        assert ans["prompt"] == name
+        assert [r["text"] for r in ans["results"]] == texts  # input order
+        assert [r["paraphrase"] for r in ans["results"]] == [offline[name][t] for t in texts]
+        assert all(r["candidates"] == [r["paraphrase"]] for r in ans["results"])
+    assert offline["a"] != offline["b"]  # the prompts really differ, so a mix-up would show
+    after = client.get("/stats").json()
+    assert after["rows"] - before["rows"] == 32
+    assert after["mixed_prompt_batches"] > before["mixed_prompt_batches"]
+    assert after["max_batch_size"] > 4  # rows from several requests shared a forward pass
+
+
+def test_single_text_default_prompt_and_zero_shot(client, offline):
+    r = client.post("/paraphrase", json={"text": TEXTS[0]})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt"] == "a"
+    assert r.json()["results"][0]["paraphrase"] == offline["a"][TEXTS[0]]
+    r = client.post("/paraphrase", json={"text": TEXTS[0], "prompt": ZERO_SHOT})
+    assert r.status_code == 200, r.text and r.json()["prompt"] == ZERO_SHOT
+
+
+def test_candidates_sampling_and_rerank(client):
+    r = client.post("/paraphrase", json={"texts": TEXTS[:2], "num_candidates": 3, "seed": 1})
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        assert len(res["candidates"]) == 3 and res["scores"] is None
+    r = client.post("/paraphrase", json={"texts": TEXTS[:2], "num_candidates": 3, "rerank": True, "seed": 1})
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        scores = res["scores"]
+        assert len(scores) == 3 and res["paraphrase"] == res["candidates"][0]
+        assert set(scores[0]) == {"adequacy", "self_bleu", "objective", "copy"}
+        ok = [not s["copy"] for s in scores]
+        if any(ok):
+            assert ok[0]
+            objs = [s["objective"] for s, good in zip(scores, ok, strict=True) if good]
+            assert objs == sorted(objs, reverse=True)
+    r = client.post("/paraphrase", json={"text": TEXTS[0], "num_candidates": 2, "num_beams": 2})
+    assert r.status_code == 200 and len(r.json()["results"][0]["candidates"]) == 2
+
+
+def test_prompts_health_docs_and_auth(server, client, prompt_dirs):
+    import httpx
+
+    info = client.get("/prompts").json()
+    assert [p["name"] for p in info["prompts"]] == ["a", "b", ZERO_SHOT]
+    a = info["prompts"][0]
+    assert (
+        a["default"] and a["n_tokens"] == 4 and a["init"] == "random" and a["metrics"] == {"objective": 0.1}
+    )
+    assert info["limits"]["max_texts"] == 8 and info["limits"]["max_new_tokens"] == 16
+    assert client.get("/docs").status_code == 200
+    assert "/paraphrase" in client.get("/openapi.json").json()["paths"]
+    bare = httpx.Client(base_url=server, timeout=60)
+    assert bare.get("/healthz").json() == {"status": "ok"}
+    for method, path in (("GET", "/prompts"), ("GET", "/stats"), ("GET", "/docs"), ("POST", "/paraphrase")):
+        r = bare.request(method, path, json={"text": "hi"})
+        assert r.status_code == 401 and "Bearer" in r.json()["detail"], (path, r.text)
+    r = bare.post("/paraphrase", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+BAD = [
+    ({"texts": "not a list"}, 422, "texts"),
+    ({"text": 5}, 422, "text"),
+    ({"text": "hi", "num_candidates": 9}, 422, "num_candidates"),
+    ({"text": "hi", "temperature": -1}, 422, "temperature"),
+    ({"text": "hi", "colour": "red"}, 422, "colour"),
+    ({}, 422, "text"),
+    ({"text": "hi", "texts": ["hi"]}, 422, "text"),
+    ({"text": "   "}, 422, "empty"),
+    ({"texts": ["ok", ""]}, 422, "texts[1]"),
+    ({"texts": []}, 422, "texts"),
+    ({"texts": ["hi"] * 9}, 413, "limit of 8"),
+    ({"text": "x" * 301}, 413, "limit of 300"),
+    ({"text": "word " * 50}, 413, "source tokens"),
+    ({"text": "hi", "max_new_tokens": 17}, 422, "cap of 16"),
+    ({"text": "hi", "num_candidates": 2, "do_sample": False}, 422, "num_candidates"),
+    ({"text": "hi", "prompt": "nope"}, 404, "available: a, b, zero-shot"),
+]
+
+
+def test_bad_input_burst_never_hurts_good_requests(client, offline):
+    """Bad requests mixed into a burst of good ones: each bad one gets its 4xx, each good one its answer."""
+    jobs = [("good", i) for i in range(8)] + [("bad", i) for i in range(len(BAD))] + [("raw", 0), ("raw", 1)]
+    jobs = [jobs[(i * 7) % len(jobs)] for i in range(len(jobs))]  # interleave
+    assert len({j for j in jobs}) == len(jobs)
+    failures, lock = [], threading.Lock()
+
+    def run(job):
+        kind, i = job
+        try:
+            if kind == "good":
+                name, text = ["a", "b"][i % 2], TEXTS[i % 4]
+                r = client.post("/paraphrase", json={"text": text, "prompt": name})
+                assert r.status_code == 200, r.text
+                assert r.json()["results"][0]["paraphrase"] == offline[name][text]
+            elif kind == "bad":
+                body, status, needle = BAD[i]
+                r = client.post("/paraphrase", json=body)
+                assert r.status_code == status, (body, r.status_code, r.text)
+                assert needle in r.json()["detail"], (body, r.json())
+            else:
+                content = b"{not json" if i == 0 else b"x" * (1 << 21)
+                r = client.post("/paraphrase", content=content, headers={"content-type": "application/json"})
+                assert r.status_code == (422 if i == 0 else 413), r.text
+        except AssertionError as e:
+            with lock:
+                failures.append(f"{job}: {e}")
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(run, jobs))
+    assert not failures, "\n".join(failures)
+    assert client.get("/healthz").status_code == 200
+    stats = client.get("/stats").json()
+    assert stats["rejected"]["413"] >= 3 and stats["rejected"]["404"] >= 1
