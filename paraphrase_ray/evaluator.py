@@ -239,8 +239,10 @@ class EvaluatorClient:
             try:
                 handle = self._get_handle()
                 return ray.get(getattr(handle, method).remote(*args), timeout=self.timeout_s)
-            except RayActorError:  # includes ActorDiedError and ActorUnavailableError
+            except RayActorError as e:  # includes ActorDiedError and ActorUnavailableError
                 self._handle = None
+                if e.actor_init_failed:  # e.g. a bad model id: a new actor would fail the same way
+                    raise ValueError(f"evaluator {self.name!r} could not start: {_init_error(e)}") from e
                 if attempt == 1:
                     raise
                 _wait_until_name_released(self.name, self.namespace)
@@ -262,6 +264,15 @@ class EvaluatorClient:
 
     def info(self) -> dict[str, Any]:
         return self._call("info")
+
+
+def _init_error(e: RayActorError) -> str:
+    """The user-facing line of an actor's constructor failure (Ray wraps it in a traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ValueError:"):
+            return line.removeprefix("ValueError:").strip()
+    return lines[-1] if lines else type(e).__name__
 
 
 def _wait_until_name_released(name: str, namespace: str, timeout_s: float = 10.0) -> None:

