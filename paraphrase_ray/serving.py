@@ -13,147 +13,42 @@ Endpoints: ``POST /paraphrase``, ``GET /prompts``, ``GET /stats`` (batch sizes),
 the API key), ``GET /docs``. Routes live on the module-level ``api``: add one as a method of ``Paraphraser``.
 """
 
+# No `from __future__ import annotations`: Serve rebinds the class's FastAPI routes, and FastAPI must then see
+# real annotation objects (string annotations resolve in the wrong module and the body turns into a query).
 import asyncio
 import dataclasses
 import hmac
 import os
-import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from .config import ConfigError, GenerationConfig, TemplateConfig, from_dict
 from .prompt import SoftPrompt
+from .serve_schema import (
+    ENV_API_KEY,
+    MAX_CANDIDATES,
+    ZERO_SHOT,
+    CandidateScore,
+    ParaphraseRequest,
+    ParaphraseResponse,
+    ParaphraseResult,
+    ServeSettings,
+    parse_prompt_specs,
+)
 
-ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
-ZERO_SHOT = "zero-shot"  # reserved prompt name: the base model with no soft prompt (chat template if any)
 APP_NAME = "paraphrase"
 DEPLOYMENT_NAME = "Paraphraser"
 OPEN_PATHS = frozenset({"/healthz"})  # everything else needs the API key when one is set
 MAX_BODY_BYTES = 1 << 20
-MAX_CANDIDATES = 8
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """The application's ``args`` (serve/config.yaml) and the ``paraphrase-ray serve`` flags."""
-
-    prompts: tuple[str, ...] = ()  # "[NAME=]DIR" entries (YAML: a NAME: DIR mapping); the first is default
-    default: str | None = None  # name of the default prompt (default: the first)
-    model: str | None = None  # base model (default: the one the default prompt records)
-    precision: str | None = None  # auto | bf16 | fp32 (default: the prompt's training precision)
-    device: str = "auto"  # auto | cpu | cuda: where the replica runs (Ray narrows CUDA to its GPU share)
-    api_key: str | None = None  # prefer the PARAPHRASE_RAY_API_KEY environment variable to a key in a file
-    max_texts: int = 64  # texts per request
-    max_chars: int = 2000  # characters per text
-    max_new_tokens: int = 128  # server cap on generated tokens per row
-    max_batch_size: int = 32  # rows x candidates per forward pass
-    batch_wait_timeout_s: float = 0.01  # how long the first row of a batch waits for company
-    embedder: str = "sentence-transformers/all-MiniLM-L6-v2"  # rerank scorer
-
-    def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ConfigError(
-                "serve needs at least one prompt directory (--prompt [NAME=]DIR, or args.prompts)"
-            )
-        for key in ("max_texts", "max_chars", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"serve {key} must be >= 1, got {getattr(self, key)}")
-        if self.max_batch_size < MAX_CANDIDATES:
-            raise ConfigError(f"serve max_batch_size must be >= {MAX_CANDIDATES} (one row's candidates)")
-        if not 0 <= self.batch_wait_timeout_s <= 5:
-            raise ConfigError("serve batch_wait_timeout_s must be in [0, 5] seconds")
-        if self.precision not in (None, "auto", "bf16", "fp32"):
-            raise ConfigError(f"serve precision must be auto, bf16 or fp32, got {self.precision!r}")
-        parse_prompt_specs(self.prompts, self.default)
-
-
-def parse_prompt_specs(specs: tuple[str, ...], default: str | None = None) -> list[tuple[str, Path]]:
-    """``[NAME=]DIR`` entries -> [(name, absolute dir)] with the default first. Checks names and safetensors."""
-    out: list[tuple[str, Path]] = []
-    for spec in specs:
-        name, sep, path = str(spec).partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        p = Path(path).expanduser().resolve()
-        if not _NAME_RE.match(name):
-            raise ConfigError(
-                f"prompt name {name!r} must be 1-64 letters, digits, '_', '.' or '-': use NAME=DIR"
-            )
-        if name == ZERO_SHOT:
-            raise ConfigError(
-                f"prompt name {ZERO_SHOT!r} is reserved for the no-prompt baseline; pick another"
-            )
-        if name in dict(out):
-            raise ConfigError(f"prompt name {name!r} is given twice; name them with NAME=DIR")
-        if not (p / "adapter_model.safetensors").is_file():
-            raise ConfigError(
-                f"{p} is not a prompt directory (no adapter_model.safetensors; pickles are never loaded)"
-            )
-        out.append((name, p))
-    if default is not None:
-        if default not in dict(out):
-            raise ConfigError(f"default prompt {default!r} is not among {[n for n, _ in out]}")
-        out.sort(key=lambda np_: np_[0] != default)
-    return out
-
-
-# -- HTTP schema -----------------------------------------------------------------------------------------------
-class ParaphraseRequest(BaseModel):
-    """Give ``text`` or ``texts``. Decoding options left out take the prompt's recorded defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = Field(None, description="one text (or use texts)")
-    texts: list[str] | None = Field(None, description="several texts; answered in input order")
-    prompt: str | None = Field(
-        None, description=f"prompt name (default: the server's default; {ZERO_SHOT!r}: none)"
-    )
-    num_candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description="candidates per text")
-    do_sample: bool | None = Field(None, description="sample (default: only when num_candidates > num_beams)")
-    temperature: float | None = Field(None, gt=0, le=5)
-    top_p: float | None = Field(None, gt=0, le=1)
-    num_beams: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
-    repetition_penalty: float | None = Field(None, gt=0, le=5)
-    source_repetition_penalty: float | None = Field(
-        None, gt=0, le=5, description="penalty on the source's tokens"
-    )
-    max_new_tokens: int | None = Field(None, ge=1, description="at most the server cap (see GET /prompts)")
-    seed: int | None = Field(None, ge=0, description="sampling seed")
-    rerank: bool = Field(False, description="score candidates; the best non-copy comes first")
-
-
-class CandidateScore(BaseModel):
-    adequacy: float
-    self_bleu: float
-    objective: float
-    copy_: bool = Field(alias="copy")
-
-    model_config = ConfigDict(populate_by_name=True)
-
-
-class ParaphraseResult(BaseModel):
-    text: str
-    paraphrase: str  # = candidates[0]
-    candidates: list[str]
-    scores: list[CandidateScore] | None = None  # aligned with candidates, with rerank only
-
-
-class ParaphraseResponse(BaseModel):
-    prompt: str
-    model: str
-    results: list[ParaphraseResult]
 
 
 @dataclass
@@ -616,7 +511,7 @@ def demo(prompt_dirs: list[str], port: int = 0, texts: list[str] | None = None) 
         "She could not attend the meeting because her flight was delayed.",
         "Prices rose sharply in the third quarter.",
     ]
-    url = run_local(ServeSettings(prompts=tuple(prompt_dirs)), "127.0.0.1", port, device="cpu")
+    url = run_local(ServeSettings(prompts=tuple(prompt_dirs)), "127.0.0.1", port)
     try:
         with httpx.Client(base_url=url, timeout=300) as client:
             info = client.get("/prompts").json()
