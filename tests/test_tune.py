@@ -1,0 +1,400 @@
+"""Sweeps: storage through pyarrow.fs (file:// standing in for gs://), leaderboard/plot, one trial in-process,
+fractional-GPU packing on a CPU machine, and a real tiny sweep on a local Ray that is interrupted and resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from paraphrase_ray.config import ConfigError
+from paraphrase_ray.leaderboard import (
+    TrialRecord,
+    format_table,
+    leaderboard,
+    overhead,
+    write_leaderboard,
+    write_plot,
+)
+from paraphrase_ray.sweep import SweepStorage, load_spec, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_space(model_dir: Path) -> dict:
+    """Six trials on the tiny OPT: different lengths and inits, one deliberately failing (no such device)."""
+    points = [
+        (4, "vocab", 0.3, "cpu"),
+        (12, "random", 0.01, "cpu"),
+        (8, "text", 0.05, "cuda:99"),  # raises in load_model on any machine: the failing trial
+        (2, "random", 0.002, "cpu"),
+        (16, "vocab", 0.1, "cpu"),
+        (6, "text", 0.02, "cpu"),
+    ]
+    keys = ("prompt.n_tokens", "prompt.init", "train.lr", "train.device")
+    return {
+        "run": {
+            "model": str(model_dir),
+            "data": {"sources": ["sample"], "val_size": 16},
+            "train": {
+                "steps": 30,
+                "batch_size": 4,
+                "eval_every": 10,
+                "eval_batches": 1,
+                "warmup_steps": 0,
+                "early_stop_patience": None,
+                "precision": "fp32",
+            },
+            "generation": {"max_new_tokens": 8},
+        },
+        "search": {
+            "prompt.n_tokens": {"type": "int", "low": 2, "high": 16},
+            "prompt.init": ["vocab", "random", "text"],
+            "train.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+            "train.device": ["cpu", "cuda:99"],
+        },
+        "searcher": {"seed": 0, "points_to_evaluate": [dict(zip(keys, p, strict=True)) for p in points]},
+        "scheduler": {"name": "asha", "grace_period": 10, "reduction_factor": 2},
+        "num_samples": len(points),
+        "max_concurrent_trials": 2,
+        "resources": {"cpu": 1},
+        "max_failures": 1,
+        "evaluator": {"cpu": 0, "n_examples": 4, "batch_size": 4},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ storage
+@pytest.mark.parametrize("uri", [False, True], ids=["local-path", "file-uri"])
+def test_storage_reads_and_writes_through_pyarrow(tmp_path, uri):
+    root = f"file://{tmp_path}/runs" if uri else str(tmp_path / "runs")
+    store = SweepStorage.parse(root, "s1")
+    assert store.uri == f"{root}/s1" and not store.exists()
+    store.write_bytes("a/b.txt", b"hello")
+    assert store.exists("a", "b.txt") and store.read_bytes("a/b.txt") == b"hello"
+    assert (tmp_path / "runs" / "s1" / "a" / "b.txt").read_text() == "hello"
+    assert store.read_bytes("missing.json") is None
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x").write_text("1")
+    (src / "y").write_text("2")
+    store.write_bytes("best/stale", b"old")
+    store.upload_dir(src, "best", ("x", "y"))
+    assert sorted(p.name for p in (tmp_path / "runs" / "s1" / "best").iterdir()) == ["x", "y"]
+
+
+def test_storage_rejects_bad_names_and_uris():
+    with pytest.raises(ConfigError, match="--name"):
+        SweepStorage.parse("runs", "a/b")
+    with pytest.raises(ConfigError, match="nosuchfs://"):
+        SweepStorage.parse("nosuchfs://bucket/x", "s")
+
+
+def test_gs_uri_maps_to_pyarrow_gcs(monkeypatch):
+    pafs = pytest.importorskip("pyarrow.fs")
+    if not hasattr(pafs, "GcsFileSystem"):
+        pytest.skip("pyarrow built without GCS")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+    store = SweepStorage.parse("gs://bucket/prefix/", "sweep")  # no network: from_uri only builds the client
+    assert type(store.fs).__name__ == "GcsFileSystem"
+    assert store.path("best") == "bucket/prefix/sweep/best" and store.uri == "gs://bucket/prefix/sweep"
+
+
+# -------------------------------------------------------------------------------------- leaderboard + plot
+def _record(tid, status, n, init, lr, objectives, train_status=None, error=""):
+    reports = [
+        {
+            "step": 10 * (i + 1),
+            "objective": o,
+            "adequacy": 0.5,
+            "self_bleu": 10.0,
+            "copy_rate": 0.0,
+            "val_loss": 3.0 - i,
+            "time_total_s": 5.0 * (i + 1),
+            "setup_s": 0.1,
+            "worker_pid": 1,
+            "worker_trial": 1,
+            "model_fresh_load": True,
+            "trial_start": 100.0,
+            "report_time": 105.0 + i,
+            "eval_s": 1.0,
+        }
+        for i, o in enumerate(objectives)
+    ]
+    if train_status:
+        reports.append({**reports[-1], "train_status": train_status})
+    config = {"prompt.n_tokens": n, "prompt.init": init, "train.lr": lr, "train.device": "cpu"}
+    return TrialRecord(tid, status, config, reports, error)
+
+
+def test_leaderboard_table_csv_and_plot(tmp_path, tiny_model_dir):
+    import matplotlib.image
+
+    spec = spec_from_dict(tiny_space(tiny_model_dir))
+    records = [
+        _record("a", "TERMINATED", 4, "vocab", 0.3, [0.2, 0.4, 0.3], "completed"),
+        _record("b", "TERMINATED", 12, "random", 0.01, [0.1]),  # ASHA stopped it at step 10
+        _record("c", "ERROR", 8, "text", 0.05, [], error="ModelLoadError: no CUDA"),
+        _record("d", "TERMINATED", 2, "random", 0.002, [0.0], "nan"),
+        _record("e", "RUNNING", 6, "text", 0.02, [0.15]),
+    ]
+    zero = [{"model": "m", "chat": False, "objective": 0.12, "adequacy": 0.3, "wall_s": 2.0}]
+    rows = leaderboard(records, spec, zero)
+    assert [r["trial_id"] for r in rows] == ["a", "e", "b", "d", "c", "zero-shot"]
+    by_id = {r["trial_id"]: r for r in rows}
+    assert by_id["a"]["objective"] == 0.4 and by_id["a"]["best_step"] == 20 and by_id["a"]["steps"] == 30
+    assert [by_id[t]["status"] for t in "abcde"] == ["completed", "pruned", "error", "nan", "running"]
+    assert by_id["c"]["error"].startswith("ModelLoadError")
+
+    store = SweepStorage.parse(f"file://{tmp_path}", "lb")  # written through pyarrow.fs, as for gs://
+    write_leaderboard(store, rows, spec)
+    write_plot(store, rows, spec)
+    with open(tmp_path / "lb" / "leaderboard.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and table[0]["prompt.n_tokens"] == "4" and table[-1]["status"] == "baseline"
+    img = matplotlib.image.imread(tmp_path / "lb" / "sweep.png")
+    assert img.shape[0] > 300 and img.shape[1] > 600 and img[..., :3].std() > 0.05  # not blank
+    text = format_table(rows, spec)
+    assert (
+        "zero-shot" in text
+        and "pruned" in text
+        and text.splitlines()[0].split()[:3] == ["trial_id", "status", "n_tokens"]
+    )
+    o = overhead(records, fit_s=20.0, spec=spec)
+    assert o["trials"] == 5 and o["fresh_setup_s"] == 0.1 and o["worker_processes"] == 1
+
+
+# ---------------------------------------------------------------------------------- one trial in-process
+class FakeClient:
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, sources, references, predictions):
+        self.calls += 1
+        assert len(sources) == len(predictions) == len(references)
+        return {
+            "n": len(sources),
+            "adequacy": 0.5,
+            "ref_similarity": 0.4,
+            "self_bleu": 20.0,
+            "ref_bleu": 5.0,
+            "ibleu": 0.0,
+            "copy_rate": 0.0,
+            "empty_rate": 0.0,
+            "objective": 0.1 * self.calls,
+            "success_rate": 0.0,
+        }
+
+
+@pytest.fixture()
+def one_thread():
+    """In-process trials get one torch thread, as Ray gives a trial with resources.cpu == 1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _context(tiny_model_dir):
+    from paraphrase_ray.tune import build_context
+
+    spec = spec_from_dict(tiny_space(tiny_model_dir))
+    return build_context(spec, "unit", "evaluator-unit")
+
+
+def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_thread):
+    from paraphrase_ray.prompt import load_bundle
+    from paraphrase_ray.tune import run_trial
+
+    ctx = _context(tiny_model_dir)
+    assert len(ctx.eval_sources) == 4 and len(ctx.val_pairs) == 16
+    reports = []
+
+    def report(metrics, checkpoint=None):
+        bundle = load_bundle(checkpoint.path, expected_dim=16) if checkpoint else None
+        reports.append((metrics, bundle))
+
+    client = FakeClient()
+    run_trial(
+        {"prompt.n_tokens": 3, "prompt.init": "vocab", "train.lr": 0.1, "train.device": "cpu"},
+        ctx,
+        report=report,
+        get_checkpoint=lambda: None,
+        client=client,
+    )
+    assert [m["step"] for m, _ in reports] == [10, 20, 30, 30] and client.calls == 3
+    for metrics, bundle in reports[:3]:
+        assert {"train_loss", "val_loss", "objective", "adequacy", "self_bleu", "eval_s"} <= set(metrics)
+        assert bundle.prompt.n_tokens == 3 and bundle.meta["sweep"] == "unit"
+        assert bundle.meta["metrics"]["objective"] == metrics["objective"] and "template" in bundle.meta
+    final, ckpt = reports[-1]
+    assert ckpt is None and final["train_status"] == "completed" and final["objective"] == pytest.approx(0.3)
+
+
+def test_nan_trial_reports_the_worst_objective(tiny_model_dir, monkeypatch):
+    import paraphrase_ray.train as train_mod
+    from paraphrase_ray.tune import run_trial
+
+    def diverged(loaded, cfg, **kw):
+        return train_mod.TrainResult("nan", 3, None, None, math.nan, 0.0, 0.1)
+
+    monkeypatch.setattr(train_mod, "train", diverged)
+    reports = []
+    run_trial(
+        {"prompt.n_tokens": 3, "train.lr": 9.0},
+        _context(tiny_model_dir),
+        report=lambda m, checkpoint=None: reports.append(m),
+        get_checkpoint=lambda: None,
+        client=FakeClient(),
+    )
+    assert len(reports) == 1 and reports[0]["train_status"] == "nan" and reports[0]["objective"] == 0.0
+
+
+def test_optuna_gets_the_spec_ranges():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from paraphrase_ray.tune import tune_domain
+
+    spec = load_spec(ROOT / "search_spaces" / "default.yaml")
+    space = OptunaSearch.convert_search_space({k: tune_domain(p) for k, p in spec.search.items()})
+    n = space["prompt.n_tokens"]
+    assert (n.low, n.high, n.log) == (5, 150, True)  # inclusive upper bound survives Tune's exclusive one
+    assert space["train.lr"].log and space["prompt.init"].choices == ("vocab", "random", "text")
+
+
+def test_resume_and_name_clashes_are_user_errors(tmp_path, tiny_model_dir):
+    from paraphrase_ray.tune import SPACE_FILE, run_sweep
+
+    spec = spec_from_dict(tiny_space(tiny_model_dir))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_sweep(spec, "never", str(tmp_path), resume=True)
+    SweepStorage.parse(str(tmp_path), "taken").write_bytes(SPACE_FILE, b"{}")
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        run_sweep(spec, "taken", str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------- real local Ray
+@pytest.mark.slow
+def test_fractional_gpus_pack_four_trials_on_one_card():
+    """The default space's resources (cpu 2, gpu 0.25) put four trials on one GPU at once."""
+    import ray
+    from ray import tune
+
+    from paraphrase_ray.tune import trial_resources
+
+    spec = load_spec(ROOT / "search_spaces" / "default.yaml")
+
+    def probe(config):
+        start = time.time()
+        time.sleep(3)
+        tune.report({"start": start, "end": time.time(), "gpus": ",".join(map(str, ray.get_gpu_ids()))})
+
+    ray.init(
+        num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING"
+    )  # one L4 worker, logically
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(probe, trial_resources(spec)),
+            param_space={"i": tune.grid_search([0, 1, 2, 3])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
+            run_config=tune.RunConfig(verbose=0, storage_path=None),
+        )
+        df = tuner.fit().get_dataframe()
+    finally:
+        ray.shutdown()
+    assert len(df) == 4 and set(df["gpus"]) == {"0"}  # all four on the one card
+    assert df["start"].max() < df["end"].min()  # and all four at the same time
+
+
+def _result_lines(exp: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in exp.glob("run_trial_*/result.json"):
+        out[f.parent.name.split("_")[2]] = [
+            json.loads(line) for line in f.read_text().splitlines() if line.strip()
+        ]
+    return out
+
+
+@pytest.mark.slow
+def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
+    """A real tiny sweep: ASHA stops some trials, a failing trial does not stop the others, Ctrl-C interrupts
+    it, --resume finishes it without re-running finished trials, and the results are complete and loadable."""
+    from paraphrase_ray.cli import generation_from_meta, main
+    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.models import load_model
+    from paraphrase_ray.prompt import load_bundle
+    from paraphrase_ray.tune import _WORKER
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(tiny_model_dir)))
+    storage = tmp_path / "runs"
+    exp = storage / "tiny"
+    args = ["tune", "--space", str(space), "--storage", str(storage)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paraphrase_ray.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:  # interrupt once a trial has finished (its final report carries train_status)
+        deadline = time.time() + 600  # generous: a busy 2-core machine starts Ray and 3 processes slowly
+        while time.time() < deadline and proc.poll() is None:
+            if any(lines and "train_status" in lines[-1] for lines in _result_lines(exp).values()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first_log = (tmp_path / "first.log").read_text()
+    assert rc == 130, first_log[-3000:]
+    assert "--resume" in first_log and not (exp / "best").exists()
+    before = _result_lines(exp)
+    done_before = {t: lines for t, lines in before.items() if lines and "train_status" in lines[-1]}
+    assert done_before
+
+    assert main([*args, "--resume"]) == 0
+    after = _result_lines(exp)
+    for tid, lines in done_before.items():  # finished trials were neither re-run nor lost
+        assert after[tid] == lines
+
+    with open(exp / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    trials = [r for r in rows if r["status"] != "baseline"]
+    assert len(trials) == 6 and len(rows) == 7 and rows[-1]["trial_id"].startswith("zero-shot")
+    statuses = [r["status"] for r in trials]
+    assert statuses.count("error") == 1 and "pruned" in statuses and "completed" in statuses
+    failed = next(r for r in trials if r["status"] == "error")
+    assert failed["train.device"] == "cuda:99" and "cuda" in failed["error"].lower()
+    assert {r["prompt.init"] for r in trials if r["status"] != "error"} == {"vocab", "random", "text"}
+    assert len({r["prompt.n_tokens"] for r in trials}) == 6
+    # the base model was loaded once per worker process: some trial ran in an already-used process
+    assert any(int(r["worker_trial"] or 0) >= 2 for r in trials)
+    assert _WORKER["trials"] == 0  # trials ran in Ray workers, not in this process
+
+    import matplotlib.image
+
+    assert matplotlib.image.imread(exp / "sweep.png").shape[1] > 600
+    bundle = load_bundle(exp / "best", expected_dim=16)
+    assert bundle.meta["sweep"] == "tiny" and bundle.meta["trial_id"] == trials[0]["trial_id"]
+    assert bundle.meta["metrics"]["objective"] == pytest.approx(float(trials[0]["objective"]))
+    assert bundle.prompt.n_tokens == int(trials[0]["prompt.n_tokens"]) and "template" in bundle.meta
+    assert json.loads((exp / "zero_shot.json").read_text())[0]["n"] == 4
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    template, gen = generation_from_meta(bundle.meta)
+    assert len(paraphrase(loaded, ["The cat sat on the mat."], bundle.prompt, template, gen)) == 1
