@@ -109,7 +109,7 @@ class TrainConfig:
     plateau_patience: int = 2  # evaluations without improvement before the plateau schedule cuts lr
     grad_clip: float = 1.0
     eval_every: int = 50
-    eval_batches: int | None = None  # cap on validation batches per evaluation (None: whole split)
+    eval_batches: int | None = 8  # cap on validation batches (of 2 x batch_size rows) per evaluation; None: all
     early_stop_patience: int | None = 5  # evaluations without improvement before stopping
     checkpoint_every: int | None = None  # steps between resumable checkpoints (None: at each eval)
     precision: str = "auto"  # auto | bf16 | fp32 (frozen weights; the prompt is always fp32)
