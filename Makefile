@@ -4,7 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint install clean-venv
+SUDO    := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: demo test lint install browser clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +29,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check paraphrase_ray tests benchmarks
 	$(BIN)/python -c "import pkgutil, importlib, paraphrase_ray as p; [importlib.import_module(f'paraphrase_ray.{m.name}') for m in pkgutil.iter_modules(p.__path__)]"
 
-test: lint
+# The playground's end-to-end test drives Debian's chromium (no browser download at test time).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver)
+
+test: lint browser
 	$(BIN)/python -m pytest -q --durations=15
 
 clean-venv:

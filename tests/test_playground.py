@@ -1,0 +1,106 @@
+"""Playground page end to end: headless Debian chromium (Selenium + chromedriver) against a real Serve app.
+
+The screenshot lands in artifacts/playground.png (CI keeps it as a test artifact).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig, to_dict
+from paraphrase_ray.prompt import SoftPrompt
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+KEY = "playground-key"
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, tmp_path_factory):
+    from paraphrase_ray.models import load_model
+    from paraphrase_ray.serving import ServeSettings, run_local, shutdown
+
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    table = loaded.model.get_input_embeddings().weight
+    root = tmp_path_factory.mktemp("pg")
+    meta = {"template": to_dict(TemplateConfig()), "generation": to_dict(GenerationConfig(max_new_tokens=10)),
+            "init": "vocab", "train_config": {"precision": "fp32"}}
+    SoftPrompt(table[[11, 12, 13]]).save(root / "known", str(tiny_model_dir), loaded.model, meta)
+    SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, seed=2)).save(
+        root / "other", str(tiny_model_dir), loaded.model, meta)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServeSettings(prompts=(f"known={root / 'known'}", f"other={root / 'other'}"), api_key=KEY,
+                             device="cpu")
+    url = run_local(settings, "127.0.0.1", port)
+    yield url
+    shutdown()
+
+
+def test_page_and_explain_endpoint(app_url):
+    page = httpx.get(app_url + "/")
+    assert page.status_code == 200 and "paraphrase-ray playground" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+    assert httpx.get(app_url + "/prompts/known/explain").status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    exp = httpx.get(app_url + "/prompts/known/explain?top_k=2", headers=auth).json()
+    assert [p["neighbours"][0]["token_id"] for p in exp["positions"]] == [11, 12, 13]
+    missing = httpx.get(app_url + "/prompts/nope/explain", headers=auth)
+    assert missing.status_code == 404 and "known" in missing.text
+
+
+@pytest.mark.skipif(not shutil.which("chromium") or not shutil.which("chromedriver"),
+                    reason="make test installs Debian's chromium + chromium-driver")
+def test_browser_compares_prompts_with_zero_shot(app_url):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,1100"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(app_url + "/")
+        # without the key the page shows the API's 401 as a readable message
+        wait.until(lambda d: "401" in d.find_element(By.ID, "error").text)
+        key = driver.find_element(By.ID, "apikey")
+        key.send_keys(KEY)
+        key.send_keys(Keys.TAB)  # change event -> prompts reload with the key
+        wait.until(ec.presence_of_element_located((By.ID, "p-known")))
+        wait.until(lambda d: "position" in d.find_element(By.ID, "explain").text)
+        text = driver.find_element(By.ID, "text")
+        text.clear()
+        text.send_keys("The bank raised its rates on Tuesday.")
+        text.send_keys(Keys.CONTROL, Keys.ENTER)  # keyboard submit
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 3)
+        cards = {c.get_attribute("data-prompt"): c for c in driver.find_elements(By.CSS_SELECTOR, "#results .card")}
+        assert set(cards) == {"known", "other", "zero-shot"}
+        for card in cards.values():
+            assert "adequacy" in card.text and "novelty" in card.text
+        # an empty sentence is caught before any request; an oversized one shows the API's 413/422
+        text.clear()
+        text.send_keys("x" * 3000)
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: any(code in d.find_element(By.ID, "error").text for code in ("413", "422")))
+        text.clear()
+        text.send_keys("The bank raised its rates on Tuesday.")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 3)
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "playground.png"))
+        assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
