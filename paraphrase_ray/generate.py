@@ -7,10 +7,19 @@ last position of every row is real and one ``generate(inputs_embeds=...)`` call 
 Copy control: with ``inputs_embeds`` Hugging Face's repetition penalty sees only generated tokens, never the
 source. ``SourceRepetitionPenalty`` applies the same rule to each row's own source tokens, which cuts
 copying sharply (see docs/ARCHITECTURE.md).
+
+Fast path (the default): greedy decoding with the KV cache runs our own loop (``greedy_decode``) instead of
+``model.generate``. It makes the same forward calls HF greedy makes (same position ids, mask and cache, logits
+of the last position only) and applies the same source penalty and stopping rules, so the output is the same,
+but it drops each row from the batch once it stops (at eos, at the end of its line, or at its own
+``max_new_tokens``), where ``generate`` keeps computing every row until the slowest one ends, and it skips
+``generate``'s per-step bookkeeping. Sampling, beams, HF's generated-token penalties and ``use_cache=False``
+go through ``model.generate`` unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,22 +140,46 @@ def generate_rows(
     tok, model = loaded.tokenizer, loaded.model
     x, mask = build_batch(loaded, rows)
     vocab = model.get_output_embeddings().weight.shape[0]
-    processors = LogitsProcessorList()
+    src_mask = None
     if gen.source_repetition_penalty != 1.0:
         src_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=loaded.device)
         for i, r in enumerate(rows):
             ids = [t for t in r.source_ids if t < vocab]
             if ids:
                 src_mask[i, ids] = True
-        processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
     stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    nl_ids = newline_token_ids(tok) if gen.stop_at_newline else []
+    if use_cache and fast_greedy_applies(model, gen, tok):
+        out = greedy_decode(
+            model, x, mask, [r.max_new_tokens for r in rows], src_mask, gen.source_repetition_penalty,
+            stop_ids, nl_ids, tok.pad_token_id,
+        )
+    else:
+        out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache)
+    k = gen.num_return_sequences
+    results: list[list[str]] = []
+    for i, r in enumerate(rows):
+        cands = []
+        for j in range(k):
+            ids = out[i * k + j, : r.max_new_tokens].tolist()
+            cands.append(clean_text(tok.decode(ids, skip_special_tokens=True)))
+        results.append(cands)
+    return results
+
+
+def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache) -> torch.Tensor:
+    """The reference path: ``model.generate`` with our penalty and stopping rule as HF processors."""
+    tok, model = loaded.tokenizer, loaded.model
+    processors = LogitsProcessorList()
+    if src_mask is not None:
+        processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
     stopping = StoppingCriteriaList()
-    if gen.stop_at_newline:
-        stopping.append(StopAtLineEnd(newline_token_ids(tok), loaded.device))
+    if nl_ids:
+        stopping.append(StopAtLineEnd(nl_ids, loaded.device))
     max_new = max(r.max_new_tokens for r in rows)
     if gen.do_sample:
         torch.manual_seed(gen.seed)
-    out = model.generate(
+    return model.generate(
         inputs_embeds=x,
         attention_mask=mask,
         max_new_tokens=max_new,
@@ -164,15 +197,106 @@ def generate_rows(
         pad_token_id=tok.pad_token_id,
         use_cache=use_cache,
     )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
-    k = gen.num_return_sequences
-    results: list[list[str]] = []
-    for i, r in enumerate(rows):
-        cands = []
-        for j in range(k):
-            ids = out[i * k + j, : r.max_new_tokens].tolist()
-            cands.append(clean_text(tok.decode(ids, skip_special_tokens=True)))
-        results.append(cands)
-    return results
+
+
+# GenerationConfig fields that make ``model.generate`` add logits processors in greedy mode; the fast loop
+# implements none of them, so any of these set on the model's own generation config routes to ``generate``.
+_HF_PROCESSOR_FIELDS = (
+    "sequence_bias", "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+)
+
+
+def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
+    """True when ``greedy_decode`` gives exactly what ``model.generate`` would for this config."""
+    if gen.do_sample or gen.num_beams != 1 or gen.num_return_sequences != 1:
+        return False
+    if gen.repetition_penalty != 1.0 or gen.no_repeat_ngram_size:
+        return False  # HF's own generated-token penalties stay on HF's path
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        return False  # without eos HF keeps emitting tokens after a stop; not worth mirroring
+    if model.config.is_encoder_decoder or _cache_kwarg(model) is None:
+        return False
+    hf = getattr(model, "generation_config", None)
+    if hf is not None and any(getattr(hf, f, None) not in (None, 0, [], {}) for f in _HF_PROCESSOR_FIELDS):
+        return False
+    if hf is not None and getattr(hf, "remove_invalid_values", False):
+        return False
+    return True
+
+
+def greedy_decode(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    max_new: Sequence[int],
+    src_mask: torch.Tensor | None = None,
+    penalty: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    newline_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
+
+    Mirrors HF greedy ``generate`` call for call -- position ids from the mask's cumulative sum, the mask
+    dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
+    and stops each row on its own: at a ``stop_ids`` token (kept, like HF keeps eos), at a ``newline_ids``
+    token after some text (``StopAtLineEnd``), or after ``max_new[i]`` tokens. A stopped row leaves the batch
+    (its cache rows are dropped), so the work per step shrinks as rows finish.
+    """
+    bsz, dev = x.shape[0], x.device
+    cache_key = _cache_kwarg(model)
+    fwd_params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
+    pass_pos = "position_ids" in fwd_params
+    limits = torch.as_tensor(list(max_new), device=dev)
+    steps = int(limits.max())
+    out = torch.full((bsz, steps), pad_id, dtype=torch.long, device=dev)
+    stop_t = torch.as_tensor(list(stop_ids), dtype=torch.long, device=dev)
+    nl_t = torch.as_tensor(list(newline_ids), dtype=torch.long, device=dev)
+    active = torch.arange(bsz, device=dev)  # original row index of each row still in the batch
+    has_text = torch.zeros(bsz, dtype=torch.bool, device=dev)  # a non-newline token was generated
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, L), as HF builds them
+    attn = None if bool((mask == 1).all()) else mask
+
+    kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
+    res = model(inputs_embeds=x, attention_mask=attn, use_cache=True, **kwargs)
+    cache = res.get(cache_key)
+    prunable = hasattr(cache, "batch_select_indices")
+    done = torch.zeros(bsz, dtype=torch.bool, device=dev)  # per row still in the batch
+    n_steps = 0
+    for step in range(steps):
+        scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
+        if src_mask is not None:
+            scores = SourceRepetitionPenalty(src_mask[active], penalty)(None, scores)
+        nxt = scores.argmax(dim=-1)  # (rows in batch,)
+        out[active[~done], step] = nxt[~done]
+        n_steps = step + 1
+        is_nl = torch.isin(nxt, nl_t)
+        stop = torch.isin(nxt, stop_t) | (is_nl & has_text[active]) | (limits[active] <= step + 1)
+        has_text[active] |= ~is_nl
+        done = done | stop
+        if bool(done.all()):
+            break
+        if prunable and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, nxt, pos, done = active[keep], nxt[keep], pos[keep], done[keep]
+            if attn is not None:
+                attn = attn[keep]
+        # (without pruning, stopped rows run on; rows never see each other, so their tokens change nothing)
+        if attn is not None:
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
+        res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
+    return out[:, :n_steps]
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str | None:
+    """The KV-cache keyword of a Hugging Face forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def clean_text(text: str) -> str:

@@ -1,12 +1,15 @@
 """Train one soft prompt on a frozen causal LM for a step budget.
 
 Fast path (the default everywhere): frozen weights in bf16 where the hardware does bf16 fast, an fp32 prompt
-master copy, and logits computed only at target positions -- the full-vocabulary projection of prompt and
-source positions is the single largest waste in a naive prompt-tuning step.
+master copy, the prompt run once per batch instead of once per row (its keys/values are shared through a KV
+cache), and logits computed only at target positions -- the full-vocabulary projection of prompt and source
+positions is the single largest waste in a naive prompt-tuning step. All three keep the step's math: the
+losses and gradients match the straightforward full-logits forward (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -59,27 +62,57 @@ class TrainResult:
 def prompt_loss(model: torch.nn.Module, prompt: SoftPrompt, batch: Batch, fast: bool = True) -> torch.Tensor:
     """Mean cross-entropy over target tokens of ``[prompt][input_ids]``.
 
-    fast=True runs the decoder body and projects to the vocabulary only the hidden states that predict a
-    target token; fast=False is the straightforward full-logits forward (kept as the reference in tests).
+    fast=True runs the prompt once for the whole batch (``_token_hidden``) and projects to the vocabulary only
+    the hidden states that predict a target token; fast=False is the straightforward full-logits forward (kept
+    as the reference in tests).
     """
     emb = model.get_input_embeddings()(batch.input_ids)  # (B, S, d_embed), model dtype
     bsz, n_p = emb.shape[0], prompt.n_tokens
-    x = torch.cat([prompt.expand(bsz, emb.dtype), emb], dim=1)  # (B, P+S, d_embed)
     mask = torch.cat([batch.attention_mask.new_ones(bsz, n_p), batch.attention_mask], dim=1)  # (B, P+S)
     if not fast:
+        x = torch.cat([prompt.expand(bsz, emb.dtype), emb], dim=1)  # (B, P+S, d_embed)
         labels = torch.cat([batch.labels.new_full((bsz, n_p), IGNORE), batch.labels], dim=1)
         logits = model(inputs_embeds=x, attention_mask=mask).logits.float()  # (B, P+S, vocab)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-    hidden = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, P+S, h)
-    # hidden at input position j predicts token j+1: drop the prompt and the last position.
-    h = hidden[:, n_p:-1]  # (B, S-1, h)
+    hidden = _token_hidden(model, prompt, emb, mask)  # (B, S, h)
+    # hidden at token position j predicts token j+1: drop the last position.
+    h = hidden[:, :-1]  # (B, S-1, h)
     y = batch.labels[:, 1:]  # (B, S-1)
     sel = y != IGNORE
     logits = model.get_output_embeddings()(h[sel]).float()  # (n_target, vocab)
     return F.cross_entropy(logits, y[sel])
 
 
-@torch.no_grad()
+def _token_hidden(model: torch.nn.Module, prompt: SoftPrompt, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, S, h) at the token positions of ``[prompt][tokens]``.
+
+    Rows are right-padded, so every row starts with the same prompt at positions 0..P-1, and causal attention
+    keeps the prompt's hidden states, keys and values independent of the row. So the prompt runs once at batch
+    1, its KV cache is repeated over the batch, and only the S token positions run per row: P*(B-1) fewer
+    positions through every layer, forward and backward. Gradients reach the prompt through the cached keys
+    and values (the cache concatenates, which autograd differentiates). Models whose base model takes no
+    cache fall back to one full forward.
+    """
+    base = model.base_model
+    bsz, n_p = emb.shape[0], prompt.n_tokens
+    key = _cache_kwarg(base)
+    if key is not None:
+        cache = base(inputs_embeds=prompt.expand(1, emb.dtype), use_cache=True).get(key)  # prompt, once
+        if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+            if bsz > 1:
+                cache.batch_repeat_interleave(bsz)  # (1, heads, P, d) -> (B, heads, P, d) per layer
+            return base(inputs_embeds=emb, attention_mask=mask, use_cache=True, **{key: cache}).last_hidden_state
+    x = torch.cat([prompt.expand(bsz, emb.dtype), emb], dim=1)  # (B, P+S, d_embed)
+    return base(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n_p:]
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str | None:
+    """The KV-cache keyword of a Hugging Face forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+@torch.inference_mode()
 def validation_loss(model, prompt: SoftPrompt, encoded, batch_size: int, device, pad_id: int, max_batches=None):
     """Token-weighted mean loss over the validation examples."""
     total, count = 0.0, 0

@@ -1,0 +1,165 @@
+"""The fast paths give what the straightforward ones give.
+
+Training: the default ``prompt_loss`` (prompt run once per batch through a shared KV cache, logits only at
+target positions) equals the full-logits forward in loss and gradient, in fp32 and in bf16, and a few steps
+of training follow the same loss curve. Generation: the greedy decode loop equals ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+
+from paraphrase_ray.config import GenerationConfig, PromptConfig, RunConfig, TemplateConfig, TrainConfig
+from paraphrase_ray.data import SAMPLE_PATH, Pair, collate, encode_pair
+from paraphrase_ray.generate import (
+    _hf_generate,
+    build_batch,
+    fast_greedy_applies,
+    generate_rows,
+    greedy_decode,
+    newline_token_ids,
+    paraphrase,
+    row_for,
+)
+from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.train import prompt_loss, train
+
+T = TemplateConfig()
+PAIRS = [Pair(r["source"], r["target"]) for r in map(json.loads, SAMPLE_PATH.read_text().splitlines()[:12])]
+SOURCES = [p.source for p in PAIRS[:5]] + ["Hi."]
+
+
+def _batch(loaded, pairs, max_target=64):
+    enc = [encode_pair(loaded.tokenizer, p, T, 64, max_target) for p in pairs]
+    return collate(enc, loaded.tokenizer.pad_token_id)
+
+
+def _loss_and_grad(model, prompt, batch, fast):
+    prompt.weight.grad = None
+    loss = prompt_loss(model, prompt, batch, fast=fast)
+    loss.backward()
+    return loss.detach().float(), prompt.weight.grad.detach().clone()
+
+
+@pytest.mark.parametrize("n_rows", [1, 5])
+def test_fast_loss_and_grad_equal_full_logits_fp32(tiny, n_rows):
+    # rows of different lengths: right padding, and target-length truncation, are both exercised
+    batch = _batch(tiny, PAIRS[:n_rows], max_target=6 if n_rows == 1 else 64)
+    assert n_rows == 1 or bool((batch.attention_mask == 0).any())
+    prompt = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random_std"))
+    full_loss, full_grad = _loss_and_grad(tiny.model, prompt, batch, fast=False)
+    fast_loss, fast_grad = _loss_and_grad(tiny.model, prompt, batch, fast=True)
+    torch.testing.assert_close(fast_loss, full_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_grad, full_grad, rtol=1e-4, atol=1e-7)
+    assert full_grad.abs().sum() > 0
+
+
+def test_fast_loss_within_bf16_tolerance_of_fp32(tiny):
+    batch = _batch(tiny, PAIRS[:4])
+    prompt = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4))
+    ref_loss, ref_grad = _loss_and_grad(tiny.model, prompt, batch, fast=False)
+    tiny.model.to(torch.bfloat16)  # the fixture is function-scoped: this copy is ours to change
+    for fast in (True, False):
+        loss, grad = _loss_and_grad(tiny.model, prompt, batch, fast=fast)
+        assert grad.dtype == torch.float32  # the fp32 master prompt gets an fp32 gradient
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+        cos = torch.nn.functional.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0)
+        assert cos > 0.98
+
+
+def test_training_loss_curves_match(tiny, monkeypatch):
+    import paraphrase_ray.train as train_mod
+
+    cfg = RunConfig(train=TrainConfig(steps=4, batch_size=3, lr=0.1, warmup_steps=0, eval_every=1, progress=False,
+                                      early_stop_patience=None, device="cpu", precision="fp32"),
+                    prompt=PromptConfig(n_tokens=4))
+    curves = {}
+    for fast in (True, False):  # train() and its validation both go through the patched prompt_loss
+        monkeypatch.setattr(train_mod, "prompt_loss", functools.partial(prompt_loss, fast=fast))
+        res = train(tiny, cfg, train_pairs=PAIRS[:9], val_pairs=PAIRS[9:11])
+        curves[fast] = [(e["train_loss"], e["val_loss"]) for e in res.history]
+    assert len(curves[True]) == 4
+    torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-4, atol=1e-5)
+    assert curves[True][-1][0] < curves[True][0][0]  # it trains
+
+
+GREEDY = GenerationConfig(max_new_tokens=12, source_repetition_penalty=1.0, stop_at_newline=False)
+
+
+@pytest.mark.parametrize(
+    ("gen", "stops"),
+    [
+        (GREEDY, "real"),
+        (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "real"),  # defaults
+        (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "frequent"),
+        (dataclasses.replace(GREEDY, source_repetition_penalty=3.0, max_new_tokens_ratio=0.5), "frequent"),
+    ],
+    ids=["plain", "paraphrase-defaults", "rows-stop-early", "strong-penalty-short-limits"],
+)
+def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
+    prompts = [SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=n, init="random", seed=n))
+               for n in (3, 6)]
+    # mixed prompts, no prompt, and very different lengths: left padding and per-row limits differ
+    rows = [row_for(tiny, s, [prompts[0], prompts[1], None][i % 3], T, gen) for i, s in enumerate(SOURCES)]
+    assert fast_greedy_applies(tiny.model, gen, tiny.tokenizer)
+    x, mask = build_batch(tiny, rows)
+    tok, limits = tiny.tokenizer, [r.max_new_tokens for r in rows]
+    src_mask = None
+    if gen.source_repetition_penalty != 1.0:
+        src_mask = torch.zeros(len(rows), tiny.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+        for i, r in enumerate(rows):
+            src_mask[i, r.source_ids] = True
+    eos, nl = [tok.eos_token_id], newline_token_ids(tok) if gen.stop_at_newline else []
+    with torch.no_grad():
+        if stops == "frequent":
+            # a random tiny model never says eos or newline: stand in its two most frequent tokens, so rows
+            # stop at different steps and leave the batch (the pruning path)
+            free = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty,
+                                 pad_id=tok.pad_token_id)
+            common = torch.bincount(free.flatten()).argsort(descending=True)[:2].tolist()
+            eos, nl = common[:1], common[1:] if gen.stop_at_newline else []
+        ours = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty, eos, nl,
+                             tok.pad_token_id)
+        ref = _hf_generate(tiny, x, mask, rows, gen, src_mask, eos, nl, use_cache=True)
+    lengths = []
+    for i, r in enumerate(rows):  # token for token, up to each row's own limit
+        a, b = ours[i, : r.max_new_tokens].tolist(), ref[i, : r.max_new_tokens].tolist()
+        a += [tok.pad_token_id] * (len(b) - len(a))
+        assert a[: len(b)] == b, f"row {i}"
+        lengths.append(sum(t != tok.pad_token_id for t in a))
+    assert max(lengths) > 0
+    if stops == "frequent":
+        assert len(set(lengths)) > 1  # rows did stop at different steps
+
+
+def test_generate_rows_fast_path_equals_uncached_generate(tiny):
+    p = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=5, init="random", seed=2))
+    gen = GenerationConfig(max_new_tokens=16)  # the defaults: source penalty 1.3, stop at the newline
+    rows = [row_for(tiny, s, p, T, gen) for s in SOURCES]
+    assert generate_rows(tiny, rows, gen) == generate_rows(tiny, rows, gen, use_cache=False)
+    one_by_one = [generate_rows(tiny, [r], gen)[0] for r in rows]
+    assert generate_rows(tiny, rows, gen) == one_by_one
+
+
+def test_fast_path_routes_other_configs_to_hf_generate(tiny):
+    tok = tiny.tokenizer
+    assert fast_greedy_applies(tiny.model, GenerationConfig(), tok)
+    for other in (dict(do_sample=True), dict(num_beams=2), dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=3)):
+        assert not fast_greedy_applies(tiny.model, GenerationConfig(**other), tok), other
+    tiny.model.generation_config.suppress_tokens = [5]
+    assert not fast_greedy_applies(tiny.model, GenerationConfig(), tok)
+
+
+def test_paraphrase_is_unchanged_by_the_fast_path(tiny, monkeypatch):
+    p = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=5, init="random", seed=3))
+    gen = GenerationConfig(max_new_tokens=16)
+    fast = paraphrase(tiny, SOURCES, p, T, gen, batch_size=4)
+    import paraphrase_ray.generate as gen_mod
+
+    monkeypatch.setattr(gen_mod, "fast_greedy_applies", lambda *a: False)
+    assert paraphrase(tiny, SOURCES, p, T, gen, batch_size=4) == fast
