@@ -8,7 +8,7 @@ Status of a trial in the leaderboard:
     pruned                            ASHA stopped it before its step budget
     error                             it raised (after ``max_failures`` retries): OOM, a bad node, a bug
     running / pending / paused        the sweep was interrupted; ``--resume`` finishes it
-    baseline                          the zero-shot row (no soft prompt) on the same held-out rows
+    baseline                          zero-shot (and zero-shot-chat) without a soft prompt, same held-out rows
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def trial_status(rec: TrialRecord, steps: int) -> str:
 def leaderboard(
     records: list[TrialRecord], spec: SweepSpec, zero_shot: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """One row per trial from its best-scoring report, best first; then one zero-shot row per base model."""
+    """One row per trial from its best-scoring report, best first; then the zero-shot rows (per base model)."""
     metric, sign = spec.objective.metric, (1 if spec.objective.mode == "max" else -1)
     rows = []
     for rec in records:
@@ -77,7 +77,7 @@ def leaderboard(
         rows.append(row)
     rows.sort(key=lambda r: -sign * r[metric] if _num(r.get(metric)) is not None else math.inf)
     for z in zero_shot:
-        row = {"trial_id": "zero-shot" + (" (chat)" if z.get("chat") else ""), "status": "baseline"}
+        row = {"trial_id": z.get("system", "zero-shot"), "status": "baseline"}
         row.update({k: (z["model"] if k == "model" else None) for k in spec.search})
         row.update({k: z.get(k) for k in COMPONENTS}, wall_s=z.get("wall_s"))
         rows.append(row)

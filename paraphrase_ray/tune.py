@@ -114,10 +114,15 @@ def prompt_meta(cfg: RunConfig) -> dict[str, Any]:
 
 
 def score_prompt(
-    loaded, prompt, cfg: RunConfig, ctx: TrialContext, client, chat: bool = False
+    loaded, prompt, cfg: RunConfig, ctx: TrialContext, client, timings: dict | None = None, chat: bool = False
 ) -> dict[str, float]:
-    """Paraphrase the held-out rows with ``prompt`` (None: zero-shot) and score them on the Evaluator actor."""
+    """Paraphrase the held-out rows with ``prompt`` (None: zero-shot) and score them on the Evaluator actor.
+
+    ``timings`` (if given) receives ``generate_s`` and ``score_s``.
+    """
     from .generate import paraphrase
+
+    t0 = time.perf_counter()
 
     cands = paraphrase(
         loaded,
@@ -129,7 +134,11 @@ def score_prompt(
         cfg.data.max_source_tokens,
         chat=chat,
     )
-    return client.score(ctx.eval_sources, ctx.eval_refs, [c[0] for c in cands])
+    t1 = time.perf_counter()
+    scores = client.score(ctx.eval_sources, ctx.eval_refs, [c[0] for c in cands])
+    if timings is not None:
+        timings.update(generate_s=round(t1 - t0, 3), score_s=round(time.perf_counter() - t1, 3))
+    return scores
 
 
 def worst(metric: str, mode: str) -> float:
@@ -180,8 +189,8 @@ def run_trial(
 
         def on_eval(event: dict[str, Any], prompt) -> None:
             t = time.perf_counter()
-            scores = score_prompt(loaded, prompt, cfg, ctx, client)
-            metrics = {**event, **scores, **info, "eval_s": round(time.perf_counter() - t, 3)}
+            scores = score_prompt(loaded, prompt, cfg, ctx, client, timings := {})
+            metrics = {**event, **scores, **info, **timings, "eval_s": round(time.perf_counter() - t, 3)}
             update_meta(ckpt_dir, **meta, step=event["step"], metrics={k: scores[k] for k in SUMMARY_KEYS})
             last.clear()
             last.update(metrics)
@@ -221,15 +230,30 @@ def _trial_id() -> str:
 
 
 @ray.remote
-def _zero_shot(model: str, ctx: TrialContext) -> dict[str, Any]:
-    """The baseline without a soft prompt on the sweep's held-out rows (the chat template where there is one)."""
+def _zero_shot(model: str, ctx: TrialContext) -> list[dict[str, Any]]:
+    """Baselines without a soft prompt on the sweep's held-out rows, as ``paraphrase-ray evaluate`` has them:
+    ``zero-shot`` (the trials' template minus the learned vectors) and, for chat models, ``zero-shot-chat``
+    (the chat template around an instruction)."""
     from .models import load_model
 
-    t0 = time.perf_counter()
     cfg = trial_config(ctx, {"model": model})
     loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)
-    scores = score_prompt(loaded, None, cfg, ctx, EvaluatorClient(**ctx.evaluator), chat=loaded.is_chat)
-    return {"model": model, "chat": loaded.is_chat, **scores, "wall_s": round(time.perf_counter() - t0, 2)}
+    client = EvaluatorClient(**ctx.evaluator)
+    out = []
+    for chat in (False, True) if loaded.is_chat else (False,):
+        t0 = time.perf_counter()
+        scores = score_prompt(loaded, None, cfg, ctx, client, chat=chat)
+        system = "zero-shot-chat" if chat else "zero-shot"
+        out.append(
+            {
+                "system": system,
+                "model": model,
+                "chat": chat,
+                **scores,
+                "wall_s": round(time.perf_counter() - t0, 2),
+            }
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -345,13 +369,16 @@ def run_sweep(
             f"sweep {name!r} already exists at {store.uri}: pass --resume to continue it, or a new --name"
         )
     started = _init_ray(address)
-    evaluator_name = f"evaluator-{name}"
+    evaluator_name, evaluator = f"evaluator-{name}", None
     try:
         ctx = build_context(spec, name, evaluator_name)
         if not resume:
             store.write_bytes(SPACE_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode())
-        # Created (and owned) by this driver before any trial, so trials only look it up; killed in `finally`.
-        get_evaluator(**{k: ctx.evaluator[k] for k in ("name", "namespace", "model", "num_gpus", "num_cpus")})
+        # Created by this driver before any trial, so trials only look it up. Holding the handle matters: a
+        # non-detached actor dies with its last handle, and each trial's client handle dies with the trial.
+        evaluator = get_evaluator(
+            **{k: ctx.evaluator[k] for k in ("name", "namespace", "model", "num_gpus", "num_cpus")}
+        )
         stored_zs = store.read_bytes(ZERO_SHOT_FILE)
         zero_shot = json.loads(stored_zs) if stored_zs else []
         zs_refs = (
@@ -394,7 +421,7 @@ def run_sweep(
         if zs_refs:
             ready, _ = ray.wait(zs_refs, num_returns=len(zs_refs), timeout=0 if interrupted else None)
             if len(ready) == len(zs_refs):
-                zero_shot = ray.get(zs_refs)
+                zero_shot = [z for zs in ray.get(zs_refs) for z in zs]
                 store.write_bytes(ZERO_SHOT_FILE, json.dumps(zero_shot, indent=2).encode())
             else:  # interrupted first: --resume computes it
                 for ref in zs_refs:
@@ -405,7 +432,8 @@ def run_sweep(
         best = None if interrupted else export_best(store, grid, spec, rows, zero_shot)
         return SweepOutcome(store, spec, records, rows, best, interrupted, overhead(records, fit_s, spec))
     finally:
-        shutdown_evaluator(evaluator_name, DEFAULT_NAMESPACE)
+        if evaluator is not None:  # by name: a trial may have re-created it after a crash
+            shutdown_evaluator(evaluator_name, DEFAULT_NAMESPACE)
         if started:
             ray.shutdown()
 
@@ -466,7 +494,7 @@ def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> 
             step=metrics.get("step"),
             params={k: best_row.get(k) for k in spec.search},
             metrics={k: metrics.get(k) for k in (*SUMMARY_KEYS, "val_loss")},
-            zero_shot=[{k: z.get(k) for k in ("model", "chat", *COMPONENTS)} for z in zero_shot],
+            zero_shot=[{k: z.get(k) for k in ("system", "model", *COMPONENTS)} for z in zero_shot],
         )
         store.upload_dir(local, BEST_DIR, PROMPT_FILES)
     return {**best_row, "path": store.display(BEST_DIR)}

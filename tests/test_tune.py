@@ -146,7 +146,7 @@ def test_leaderboard_table_csv_and_plot(tmp_path, tiny_model_dir):
         _record("d", "TERMINATED", 2, "random", 0.002, [0.0], "nan"),
         _record("e", "RUNNING", 6, "text", 0.02, [0.15]),
     ]
-    zero = [{"model": "m", "chat": False, "objective": 0.12, "adequacy": 0.3, "wall_s": 2.0}]
+    zero = [{"system": "zero-shot", "model": "m", "objective": 0.12, "adequacy": 0.3, "wall_s": 2.0}]
     rows = leaderboard(records, spec, zero)
     assert [r["trial_id"] for r in rows] == ["a", "e", "b", "d", "c", "zero-shot"]
     by_id = {r["trial_id"]: r for r in rows}
@@ -333,7 +333,6 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     from paraphrase_ray.generate import paraphrase
     from paraphrase_ray.models import load_model
     from paraphrase_ray.prompt import load_bundle
-    from paraphrase_ray.tune import _WORKER
 
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(tiny_space(tiny_model_dir)))
@@ -385,7 +384,6 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     assert len({r["prompt.n_tokens"] for r in trials}) == 6
     # the base model was loaded once per worker process: some trial ran in an already-used process
     assert any(int(r["worker_trial"] or 0) >= 2 for r in trials)
-    assert _WORKER["trials"] == 0  # trials ran in Ray workers, not in this process
 
     import matplotlib.image
 
