@@ -92,10 +92,11 @@ async def _guard(request: Request, call_next):
     path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    key = _replica_api_key()
+    key = getattr(_replica(), "api_key", None)
     if key and path not in OPEN_PATHS:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            _count_rejected(401)
             return JSONResponse(
                 {"detail": "missing or wrong API key: send 'Authorization: Bearer KEY'"},
                 status_code=401,
@@ -103,18 +104,25 @@ async def _guard(request: Request, call_next):
             )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        _count_rejected(413)
         return JSONResponse(
             {"detail": f"request body over the limit of {MAX_BODY_BYTES} bytes"}, status_code=413
         )
     return await call_next(request)
 
 
-def _replica_api_key() -> str | None:
-    """The key of the replica serving this request (Serve pickles ``api`` by value: no module state)."""
+def _replica() -> "Paraphraser | None":
+    """The replica serving this request (Serve pickles ``api`` by value, so no module-level state)."""
     try:
-        return getattr(serve.get_replica_context().servable_object, "api_key", None)
+        return serve.get_replica_context().servable_object
     except RayServeException:  # not inside a replica
         return None
+
+
+def _count_rejected(status: int) -> None:
+    replica = _replica()
+    if replica is not None and hasattr(replica, "stats"):
+        replica.stats[f"rej_{status}"] += 1
 
 
 @api.exception_handler(RequestValidationError)
@@ -125,6 +133,7 @@ async def _schema_error(request: Request, exc: RequestValidationError) -> JSONRe
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
         msgs.append(f"{loc}: {err.get('msg', 'invalid')}")
     errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    _count_rejected(422)
     return JSONResponse({"detail": "; ".join(msgs), "errors": errors}, status_code=422)
 
 
@@ -460,45 +469,48 @@ def run_local(
     return f"http://{host}:{port}"
 
 
-def shutdown() -> None:
+def shutdown(local: bool = True) -> None:
+    """Local Ray: stop Serve and Ray. A shared cluster: delete only this application."""
     import ray
 
+    if not ray.is_initialized():
+        return
     try:
-        serve.shutdown()
+        serve.shutdown() if local else serve.delete(APP_NAME)
     finally:
         ray.shutdown()
 
 
 def cmd_serve(args) -> int:
-    """``paraphrase-ray serve``: run in the foreground until Ctrl-C."""
+    """``paraphrase-ray serve``: run in the foreground until Ctrl-C (also during start-up), then clean up."""
     key = args.api_key or os.environ.get(ENV_API_KEY) or None
     settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key)
+    names = [n for n, _ in parse_prompt_specs(settings.prompts)]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(
             f"warning: binding {args.host} without an API key; anyone who can reach it may use it "
             f"(set --api-key or {ENV_API_KEY})"
         )
-    url = run_local(settings, args.host, args.port, args.address, args.device)
-    names = [n for n, _ in parse_prompt_specs(settings.prompts)]
-    print(
-        f"serving prompts {', '.join(names)} (default {names[0]}; also {ZERO_SHOT!r}) at {url}  "
-        f"docs: {url}/docs  auth: {'on' if key else 'off'}  (Ctrl-C stops)",
-        flush=True,
-    )
     try:
+        url = run_local(settings, args.host, args.port, args.address, args.device)
+        print(
+            f"serving prompts {', '.join(names)} (default {names[0]}; also {ZERO_SHOT!r}) at {url}  "
+            f"docs: {url}/docs  auth: {'on' if key else 'off'}  (Ctrl-C stops)",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:
-        shutdown()
+        shutdown(local=args.address is None)
     return 0
 
 
 def demo(prompt_dirs: list[str], port: int = 0, texts: list[str] | None = None) -> int:
-    """Deploy the prompts, send a few requests over HTTP, print the paraphrases, shut down."""
-    import json
+    """Deploy the prompts, ask every prompt (and zero-shot) at once over HTTP, print the answers, shut down."""
     import socket
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
@@ -509,28 +521,27 @@ def demo(prompt_dirs: list[str], port: int = 0, texts: list[str] | None = None) 
     texts = texts or [
         "The committee approved the new budget after a long debate.",
         "She could not attend the meeting because her flight was delayed.",
-        "Prices rose sharply in the third quarter.",
     ]
     url = run_local(ServeSettings(prompts=tuple(prompt_dirs)), "127.0.0.1", port)
     try:
-        with httpx.Client(base_url=url, timeout=300) as client:
+        with httpx.Client(base_url=url, timeout=600) as client:
             info = client.get("/prompts").json()
             names = [p["name"] for p in info["prompts"]]
             print(f"serving {', '.join(names)} on {info['base_model']} at {url}")
-            body = {"texts": texts, "prompt": names[0]}
-            r = client.post("/paraphrase", json=body)
-            r.raise_for_status()
-            for res in r.json()["results"]:
-                print(f"  {res['text']}\n    -> {res['paraphrase']}")
+
+            def ask(name: str) -> dict:  # concurrent requests: their rows share one forward pass
+                r = client.post("/paraphrase", json={"texts": texts, "prompt": name})
+                r.raise_for_status()
+                return r.json()
+
+            with ThreadPoolExecutor(len(names)) as pool:
+                for answer in pool.map(ask, names):
+                    print(f"[{answer['prompt']}]")
+                    for res in answer["results"]:
+                        print(f"  {res['text']}\n    -> {res['paraphrase']}")
+            st = client.get("/stats").json()
             print(
-                "stats:",
-                json.dumps(
-                    {
-                        k: v
-                        for k, v in client.get("/stats").json().items()
-                        if k in ("requests", "rows", "batches", "mean_batch_size")
-                    }
-                ),
+                f"{st['rows']} rows in {st['batches']} forward passes ({st['mixed_prompt_batches']} mixed-prompt)"
             )
     finally:
         shutdown()
