@@ -256,6 +256,7 @@ def greedy_decode(
     nl_t = torch.as_tensor(list(newline_ids), dtype=torch.long, device=dev)
     active = torch.arange(bsz, device=dev)  # original row index of each row still in the batch
     has_text = torch.zeros(bsz, dtype=torch.bool, device=dev)  # a non-newline token was generated
+    lim, src = limits, src_mask  # per row still in the batch
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, L), as HF builds them
     attn = None if bool((mask == 1).all()) else mask
 
@@ -263,27 +264,35 @@ def greedy_decode(
     res = model(inputs_embeds=x, attention_mask=attn, use_cache=True, **kwargs)
     cache = res.get(cache_key)
     prunable = hasattr(cache, "batch_select_indices")
-    done = torch.zeros(bsz, dtype=torch.bool, device=dev)  # per row still in the batch
+    done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     n_steps = 0
     for step in range(steps):
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
-        if src_mask is not None:
-            scores = SourceRepetitionPenalty(src_mask[active], penalty)(None, scores)
+        if src is not None:
+            scores = SourceRepetitionPenalty(src, penalty)(None, scores)
         nxt = scores.argmax(dim=-1)  # (rows in batch,)
-        out[active[~done], step] = nxt[~done]
+        if prunable:
+            out[active, step] = nxt  # every row in the batch is live
+        else:
+            out[active[~done], step] = nxt[~done]
         n_steps = step + 1
-        is_nl = torch.isin(nxt, nl_t)
-        stop = torch.isin(nxt, stop_t) | (is_nl & has_text[active]) | (limits[active] <= step + 1)
-        has_text[active] |= ~is_nl
+        stop = lim <= n_steps
+        if stop_t.numel():
+            stop |= torch.isin(nxt, stop_t)
+        if nl_t.numel():
+            is_nl = torch.isin(nxt, nl_t)
+            stop |= is_nl & has_text
+            has_text = has_text | ~is_nl
         done = done | stop
-        if bool(done.all()):
+        n_done = int(done.sum())  # one host sync per step, as in HF's loop
+        if n_done == done.shape[0]:
             break
-        if prunable and bool(done.any()):
+        if prunable and n_done:
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            active, nxt, pos, done = active[keep], nxt[keep], pos[keep], done[keep]
-            if attn is not None:
-                attn = attn[keep]
+            active, nxt, pos, done, lim, has_text = (t[keep] for t in (active, nxt, pos, done, lim, has_text))
+            attn = attn[keep] if attn is not None else None
+            src = src[keep] if src is not None else None
         # (without pruning, stopped rows run on; rows never see each other, so their tokens change nothing)
         if attn is not None:
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)

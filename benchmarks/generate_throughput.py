@@ -1,0 +1,207 @@
+"""Generation throughput: our batched generation vs Hugging Face ``generate``, one JSON line per measurement.
+
+For each batch size (default 1, 16, 128) and scenario, the two paths run alternately in one process on the
+same rows (sources from the bundled sample), medians over ``--repeats``:
+
+- ``plain``: greedy, no soft prompt, no penalty, no newline stop, at most ``--new-tokens`` per row (a row
+  may end earlier at eos). ``hf``: ``model.generate(input_ids=..., attention_mask=...)``, what a user would
+  run instead; ``ours``: ``generate.generate_rows`` on the same rows.
+- ``paraphrase``: our defaults: a 20-token soft prompt per row, source repetition penalty 1.3, stop at the
+  end of the line, per-row limits (2 x source tokens + 8, capped at ``--new-tokens``). ``hf``: the same
+  through ``model.generate`` with our penalty and stopping rule as HF processors (the path ``generate_rows``
+  took before the fast loop, and still takes for sampling and beams); ``ours``: ``generate_rows``.
+
+Both paths must give the same text (``same_output``, checked every run). ``new_tokens`` counts the tokens each
+row keeps (up to and including its stop), the same for both; ``new_tokens_per_s`` = new tokens / wall time;
+``ms_per_token`` = wall time / decode steps (the longest row's tokens; it includes the prefill). Also by
+process CPU time, for busy shared machines.
+
+    python benchmarks/generate_throughput.py --batches 1 16 --repeats 3 --threads 1          # CPU: SmolLM2
+    python benchmarks/generate_throughput.py --device cuda     # OPT-125m shape, random init, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import paraphrase_ray.generate as G
+from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
+from paraphrase_ray.data import SAMPLE_PATH
+from paraphrase_ray.models import DEFAULT_MODEL, LoadedModel, load_model
+from paraphrase_ray.prompt import SoftPrompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import machine  # noqa: E402
+
+N_PROMPT = 20
+OPT_125M = dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, word_embed_proj_dim=768,
+                do_layer_norm_before=True, vocab_size=50272, max_position_embeddings=2048)
+
+
+def load(name: str, device: str) -> LoadedModel:
+    if name != "opt-125m-random":
+        return load_model(name, "auto", device)
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = load_model(DEFAULT_MODEL, "fp32", "cpu").tokenizer  # any BPE tokenizer with ids < 50272 will do
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = OPTConfig(**OPT_125M, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id)
+    with dev:
+        model = OPTForCausalLM(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    return LoadedModel("opt-125m-random", model, tok, dev, torch.bfloat16)
+
+
+def kept(ids: list[int], limit: int, eos: int, nl: set[int], stop_at_newline: bool) -> int:
+    """Tokens a row keeps: up to and including eos / the newline that ends its line, at most ``limit``."""
+    seen_text = False
+    for i, t in enumerate(ids[:limit]):
+        if t == eos or (stop_at_newline and t in nl and seen_text):
+            return i + 1
+        seen_text |= t not in nl
+    return min(limit, len(ids))
+
+
+class Spy:
+    """Records what a generate function returned (token ids) without changing it."""
+
+    def __init__(self, name: str):
+        self.name, self.orig, self.out = name, getattr(G, name), None
+
+    def __enter__(self):
+        def wrapped(*a, **k):
+            self.out = self.orig(*a, **k)
+            return self.out
+
+        setattr(G, self.name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(G, self.name, self.orig)
+
+
+def plain_hf(loaded: LoadedModel, rows: list[G.Row], gen: GenerationConfig):
+    """(texts, per-row new token ids) for hf: model.generate(input_ids) and ours: generate_rows."""
+    tok, dev = loaded.tokenizer, loaded.device
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding, as generate_rows builds its batch
+        ids[i, width - len(r.ids):] = torch.tensor(r.ids)
+        mask[i, width - len(r.ids):] = 1
+
+    def hf():
+        with torch.no_grad():
+            out = loaded.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                        max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id)
+        new = out[:, width:].tolist()
+        return [G.clean_text(tok.decode(n, skip_special_tokens=True)) for n in new], new
+
+    return hf
+
+
+def timed(fn, cuda: bool):
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    w, c = time.perf_counter(), time.process_time()
+    res = fn()
+    sync()
+    return time.perf_counter() - w, time.process_time() - c, res
+
+
+def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, repeats: int, prompt) -> dict:
+    tok, cuda = loaded.tokenizer, loaded.device.type == "cuda"
+    t = TemplateConfig()
+    if scenario == "plain":
+        gen = GenerationConfig(max_new_tokens=n_new, source_repetition_penalty=1.0, stop_at_newline=False)
+        rows = []
+        for s in sources:
+            ids = tok(s, add_special_tokens=True)["input_ids"]
+            rows.append(G.Row(None, ids, tok(s, add_special_tokens=False)["input_ids"], n_new))
+        hf = plain_hf(loaded, rows, gen)
+    else:
+        gen = GenerationConfig(max_new_tokens=n_new)  # our defaults otherwise
+        rows = [G.row_for(loaded, s, prompt, t, gen) for s in sources]
+
+        def hf():
+            with Spy("_hf_generate") as spy, Spy("fast_greedy_applies"):
+                G.fast_greedy_applies = lambda *a: False  # the HF path of generate_rows
+                texts = [c[0] for c in G.generate_rows(loaded, rows, gen)]
+            return texts, spy.out.tolist()
+
+    def ours():
+        with Spy("greedy_decode") as spy:
+            texts = [c[0] for c in G.generate_rows(loaded, rows, gen)]
+        assert spy.out is not None, "the fast loop did not run"
+        return texts, spy.out.tolist()
+
+    paths = {"hf": hf, "ours": ours}
+    samples = {k: {"wall": [], "cpu": []} for k in paths}
+    outputs = {}
+    for name, fn in paths.items():  # warm-up
+        outputs[name] = fn()
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            w, c, outputs[name] = timed(fn, cuda)
+            samples[name]["wall"].append(w)
+            samples[name]["cpu"].append(c)
+    nl = set(G.newline_token_ids(tok)) if gen.stop_at_newline else set()
+    counts = {name: [kept(ids, r.max_new_tokens, tok.eos_token_id, nl, gen.stop_at_newline)
+                     for ids, r in zip(out[1], rows)] for name, out in outputs.items()}
+    same = outputs["hf"][0] == outputs["ours"][0] and counts["hf"] == counts["ours"]
+    new_tokens, steps = sum(counts["hf"]), max(counts["hf"])
+    res = {}
+    for name, s in samples.items():
+        wall, cpu = statistics.median(s["wall"]), statistics.median(s["cpu"])
+        res[name] = {"wall_s": round(wall, 3), "wall_s_all": [round(x, 3) for x in s["wall"]],
+                     "new_tokens_per_s": round(new_tokens / wall, 1), "new_tokens_per_cpu_s": round(new_tokens / cpu, 1),
+                     "ms_per_token": round(1000 * wall / steps, 2)}
+    return {"same_output": same, "new_tokens": new_tokens, "steps": steps,
+            "row_limits": sorted({r.max_new_tokens for r in rows}), **{k: v for k, v in res.items()},
+            "speedup": round(res["hf"]["wall_s"] / res["ours"]["wall_s"], 3),
+            "speedup_cpu": round(res["ours"]["new_tokens_per_cpu_s"] / res["hf"]["new_tokens_per_cpu_s"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default=None, help="default: smollm2-135m on CPU, opt-125m-random on CUDA")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
+    ap.add_argument("--scenarios", nargs="+", default=["plain", "paraphrase"], choices=["plain", "paraphrase"])
+    ap.add_argument("--new-tokens", type=int, default=None, help="cap on new tokens per row (CPU 16, CUDA 32)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt", default=None, help="a trained prompt directory (default: an untrained one)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    name = args.model or ("opt-125m-random" if args.device == "cuda" else DEFAULT_MODEL)
+    n_new = args.new_tokens or (32 if args.device == "cuda" else 16)
+    loaded = load(name, args.device)
+    if args.prompt:
+        prompt = SoftPrompt.load(args.prompt, expected_dim=loaded.embed_dim).to(loaded.device)
+    else:
+        prompt = SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=N_PROMPT)).to(loaded.device)
+    pool = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines() if line.strip()]
+    info = machine()
+    for b in args.batches:
+        sources = [pool[i % len(pool)] for i in range(b)]
+        for scenario in args.scenarios:
+            res = bench(loaded, sources, scenario, n_new, args.repeats, prompt)
+            print(json.dumps({"bench": "generate_throughput", "scenario": scenario, "batch": b, "model": name,
+                              "device": info.get("gpu", "cpu"), "dtype": str(loaded.dtype), "max_new_tokens": n_new,
+                              "repeats": args.repeats, **res, "machine": info}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

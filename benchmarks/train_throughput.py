@@ -1,0 +1,280 @@
+"""Training throughput: our prompt-training step vs PEFT prompt tuning, one JSON line per measurement.
+
+Same model, batch, prompt length (20), rows (32 source + 32 target tokens, loss on the target half), optimizer
+(AdamW, lr 0.03, grad clip 1.0) and step (forward, backward, clip, update) for every path, in one process,
+alternating path by path so a busy machine slows all of them alike; medians over ``--repeats``.
+
+- ``peft``: PEFT prompt tuning with its defaults (``get_peft_model`` + ``PromptTuningConfig``; loss from
+  ``labels``, i.e. full-vocabulary logits at every position). fp32 on CPU, bf16 autocast on CUDA.
+- ``ours``: ``train.prompt_loss`` as ``train()`` runs it, with ``precision=auto`` (bf16 frozen weights where
+  the hardware does bf16 fast -- CUDA, or a CPU with AVX512-BF16/AMX -- else fp32; the prompt is fp32).
+- breakdown, same dtype as ``ours``: ``ours_full_logits`` (``prompt_loss(fast=False)``: the straightforward
+  forward) and ``ours_target_only`` (logits only at target positions, but the prompt run for every row).
+
+Each line has tokens/s by wall clock and by process CPU time (on a shared machine wall time also measures
+the neighbours), ``ratio`` (ours / peft, wall; ``ratio_cpu`` by CPU time), the loss of every timed step (the
+paths start from the same prompt and see the same batch, so their loss curves must agree), and on CUDA the
+peak memory of the path's own trial and its MFU (``mfu``: the matmul FLOPs the path executes / time / peak;
+``mfu_6n``: the common 6 x params x tokens convention, as in docs/BENCHMARKS.md).
+
+    python benchmarks/train_throughput.py --device cpu --repeats 5 --threads 1
+    python benchmarks/train_throughput.py --device cuda          # OPT-125m, 350m, 1.3b shapes, random init
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from paraphrase_ray.config import PromptConfig
+from paraphrase_ray.data import IGNORE, Batch
+from paraphrase_ray.models import cpu_has_bf16, load_model, resolve_dtype
+from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.train import prompt_loss
+
+N_PROMPT, N_SOURCE, N_TARGET, LR = 20, 32, 32, 0.03
+# Real OPT shapes (the hub configs), built with random weights: nothing is downloaded.
+OPT_SHAPES = {
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
+                     word_embed_proj_dim=768, do_layer_norm_before=True, batch=256),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                     word_embed_proj_dim=512, do_layer_norm_before=False, batch=256),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                     word_embed_proj_dim=2048, do_layer_norm_before=True, batch=64),
+}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense
+
+
+def machine() -> dict:
+    info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "cpu_bf16": cpu_has_bf16()}
+    with contextlib.suppress(OSError):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    import peft
+    import transformers
+
+    info["transformers"], info["peft"] = transformers.__version__, peft.__version__
+    return info
+
+
+def make_batch(vocab: int, bsz: int, device, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab - 10, (bsz, N_SOURCE + N_TARGET), generator=g)
+    labels = ids.clone()
+    labels[:, :N_SOURCE] = IGNORE
+    return Batch(ids, torch.ones_like(ids), labels).to(device)
+
+
+def target_only_loss(model, prompt: SoftPrompt, batch: Batch) -> torch.Tensor:
+    """Breakdown only: logits at target positions, but the prompt runs through the model for every row."""
+    emb = model.get_input_embeddings()(batch.input_ids)
+    bsz, n_p = emb.shape[0], prompt.n_tokens
+    x = torch.cat([prompt.expand(bsz, emb.dtype), emb], dim=1)
+    mask = torch.cat([batch.attention_mask.new_ones(bsz, n_p), batch.attention_mask], dim=1)
+    h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n_p:-1]
+    y = batch.labels[:, 1:]
+    sel = y != IGNORE
+    return F.cross_entropy(model.get_output_embeddings()(h[sel]).float(), y[sel])
+
+
+def ours_step(model, prompt: SoftPrompt, batch: Batch, loss_fn):
+    opt = torch.optim.AdamW([prompt.weight], lr=LR)
+
+    def step() -> float:
+        loss = loss_fn(model, prompt, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([prompt.weight], 1.0)
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def peft_step(model, init: torch.Tensor, batch: Batch, autocast_dtype):
+    """PEFT's defaults; token_dim is set by hand only where PEFT would crash (OPT-350m: 512 != hidden 1024)."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    kwargs = {}
+    embed_dim = model.get_input_embeddings().embedding_dim
+    if embed_dim != model.config.hidden_size:
+        kwargs["token_dim"] = embed_dim
+    pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_PROMPT, **kwargs))
+    table = pm.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        table.copy_(init)  # same starting prompt as ours, so the loss curves are comparable
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    dev = batch.input_ids.device.type
+    ctx = (lambda: torch.autocast(dev, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+
+    def step() -> float:
+        with ctx():
+            loss = pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    return step, kwargs
+
+
+def matmul_flops(cfg, bsz: int, path: str) -> float:
+    """Matmul FLOPs one step executes (frozen weights: backward computes input gradients only, = forward)."""
+    d, f, n_l = cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers
+    per_pos = n_l * 2 * (4 * d * d + 2 * d * f)  # attention projections + MLP, forward
+    head = 2 * cfg.word_embed_proj_dim * cfg.vocab_size
+    seq = N_PROMPT + N_SOURCE + N_TARGET
+    if path == "ours":
+        body, heads = N_PROMPT + bsz * (N_SOURCE + N_TARGET), bsz * N_TARGET
+    elif path == "ours_target_only":
+        body, heads = bsz * seq, bsz * N_TARGET
+    else:
+        body, heads = bsz * seq, bsz * seq
+    return 2 * (body * per_pos + heads * head)  # forward + input-gradient backward
+
+
+def time_paths(paths: dict, repeats: int, steps: int, cuda: bool) -> dict:
+    """Alternate paths; per path: wall and CPU seconds per step (one sample per repeat) and losses."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = {k: {"wall": [], "cpu": [], "losses": []} for k in paths}
+    for name, fn in paths.items():  # warm-up: allocator, kernels, first-call overheads
+        out[name]["losses"].append(fn())
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            sync()
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                out[name]["losses"].append(fn())
+            sync()
+            out[name]["wall"].append((time.perf_counter() - w) / steps)
+            out[name]["cpu"].append((time.process_time() - c) / steps)
+    return out
+
+
+def report(res: dict, tokens: int, extra: dict, flops: dict | None = None, peak: float | None = None) -> None:
+    base = res.get("peft") or next(iter(res.values()))  # (ratios are to the first path if PEFT could not run)
+    for name, r in res.items():
+        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
+        line = {"bench": "train_throughput", "path": name, **extra, "tokens_per_step": tokens,
+                "step_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
+                "tokens_per_cpu_s": round(tokens / cpu, 1), "step_s_all": [round(x, 3) for x in r["wall"]],
+                "ratio": round(statistics.median(base["wall"]) / wall, 3),
+                "ratio_cpu": round(statistics.median(base["cpu"]) / cpu, 3),
+                "losses": [round(x, 5) for x in r["losses"]],
+                "max_loss_diff_vs_peft": round(max(abs(a - b) for a, b in zip(r["losses"], base["losses"])), 5)}
+        if flops and peak:
+            line["mfu"] = round(flops[name] / wall / peak, 3)
+            line["mfu_6n"] = round(6 * extra["params"] * tokens / wall / peak, 3)
+        if "peak_mem_gib" in r:
+            line["peak_mem_gib"] = r["peak_mem_gib"]
+        print(json.dumps(line), flush=True)
+
+
+def run_cpu(args) -> None:
+    dtype = resolve_dtype("auto", torch.device("cpu"))
+    ours_model = load_model(args.model, "auto", "cpu").model  # our defaults
+    peft_model = load_model(args.model, "fp32", "cpu", cache=False).model  # PEFT's defaults: fp32
+    batch = make_batch(ours_model.config.vocab_size, args.batch, "cpu")
+    init = SoftPrompt.init(ours_model, None, PromptConfig(n_tokens=N_PROMPT, init="random_std")).weight
+    paths = {"peft": peft_step(peft_model, init, batch, None)[0]}
+    for name, fn in [("ours", prompt_loss), ("ours_full_logits", lambda m, p, b: prompt_loss(m, p, b, fast=False)),
+                     ("ours_target_only", target_only_loss)]:
+        if name == "ours" or args.breakdown:
+            paths[name] = ours_step(ours_model, SoftPrompt(init), batch, fn)
+    res = time_paths(paths, args.repeats, args.steps, cuda=False)
+    tokens = args.batch * (N_PROMPT + N_SOURCE + N_TARGET)
+    report(res, tokens, {"device": "cpu", "model": args.model, "batch": args.batch, "ours_dtype": str(dtype),
+                         "peft_dtype": "torch.float32", "machine": machine()})
+
+
+def run_cuda(args) -> None:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    peak = peak * 1e12 if peak else None
+    for shape in args.shapes:
+        spec = dict(OPT_SHAPES[shape])
+        bsz = args.batch or spec.pop("batch")
+        spec.pop("batch", None)
+        cfg = OPTConfig(vocab_size=50272, max_position_embeddings=2048, dropout=0.0, attention_dropout=0.0, **spec)
+        torch.manual_seed(0)
+        with dev:
+            base = OPTForCausalLM(cfg).eval().requires_grad_(False)  # fp32, for PEFT + autocast
+        ours_model = copy.deepcopy(base).to(torch.bfloat16)  # our defaults on CUDA: bf16 frozen weights
+        batch = make_batch(cfg.vocab_size, bsz, dev)
+        init = SoftPrompt.init(ours_model, None, PromptConfig(n_tokens=N_PROMPT, init="random_std")).weight.to(dev)
+        paths, mem = {}, {}
+        bytes_of = {m: sum(p.numel() * p.element_size() for p in m.parameters()) for m in (base, ours_model)}
+        peft_fn, hand = peft_step(base, init, batch, torch.bfloat16)
+        candidates = [("peft", peft_fn, base), ("ours", ours_step(ours_model, SoftPrompt(init).to(dev), batch,
+                                                                    prompt_loss), ours_model)]
+        if args.breakdown:
+            candidates.append(("ours_target_only", ours_step(ours_model, SoftPrompt(init).to(dev), batch,
+                                                             target_only_loss), ours_model))
+        for pname, fn, model in candidates:
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                other = sum(b for m, b in bytes_of.items() if m is not model)
+                mem[pname] = round((torch.cuda.max_memory_allocated() - other) / 2**30, 2)
+                paths[pname] = fn
+            except torch.OutOfMemoryError:
+                print(json.dumps({"bench": "train_throughput", "path": pname, "model": shape, "error": "OOM"}))
+        res = time_paths(paths, args.repeats, args.steps, cuda=True)
+        for pname in res:
+            res[pname]["peak_mem_gib"] = mem[pname]
+        flops = {p: matmul_flops(cfg, bsz, p) for p in res}
+        params = sum(p.numel() for p in base.parameters())
+        report(res, bsz * (N_PROMPT + N_SOURCE + N_TARGET),
+               {"device": name, "model": shape + " (random init)", "batch": bsz, "ours_dtype": "torch.bfloat16",
+                "peft_dtype": "fp32 weights + bf16 autocast", "peft_hand_settings": hand, "params": params,
+                "machine": machine()}, flops, peak)
+        del base, ours_model, paths, res
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default="smollm2-135m", help="CPU model (alias, hub id or directory)")
+    ap.add_argument("--batch", type=int, default=None, help="CPU default 8; CUDA default per shape")
+    ap.add_argument("--shapes", nargs="+", default=list(OPT_SHAPES), choices=list(OPT_SHAPES))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="steps per timed sample (CPU 1, CUDA 10)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default by GPU)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        args.batch, args.steps = args.batch or 8, args.steps or 1
+        run_cpu(args)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+        args.steps = args.steps or 10
+        run_cuda(args)
+
+
+if __name__ == "__main__":
+    main()
