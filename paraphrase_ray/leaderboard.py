@@ -217,8 +217,9 @@ def overhead(records: list[TrialRecord], fit_s: float, spec: SweepSpec) -> dict[
 
     ``reuse_gap_s``: on a reused worker process, from one trial's last report to the next trial's first line
     (Tune's reset + scheduling). ``fresh_setup_s``: a trial's setup (model load included) in a new process;
-    ``reused_setup_s``: the same in a reused one. ``idle_slot_s_per_trial``: slot-seconds the sweep held
-    (fit time x concurrency) minus the seconds trials spent inside the trial function, per trial.
+    ``reused_setup_s``: the same in a reused one. ``overhead_s_per_trial``: slot-seconds the sweep held
+    (fit time x concurrency) minus the seconds trials spent training and scoring, per trial: process start,
+    imports, model load, Tune's scheduling and reset (and a zero-shot task holding a slot, when there is one).
     """
     firsts = [r.reports[0] for r in records if r.reports]
     lasts = [r.reports[-1] for r in records if r.reports]
@@ -230,8 +231,13 @@ def overhead(records: list[TrialRecord], fit_s: float, spec: SweepSpec) -> dict[
         if pid in by_pid and first.get("trial_start"):
             gaps.append(first["trial_start"] - by_pid[pid])
         by_pid[pid] = last.get("report_time", 0)
-    busy = sum(_num(last.get("time_total_s")) or 0 for last in lasts)
+    # Seconds spent training and scoring: a trial's time in Tune minus its setup (process, imports, model load).
+    work = sum(
+        (_num(last.get("time_total_s")) or 0) - (_num(first.get("setup_s")) or 0)
+        for first, last in zip(firsts, lasts, strict=True)
+    )
     slots = min(spec.max_concurrent_trials, len(records)) or 1
+    n = max(1, len(records))
 
     def mean(xs: list[float]) -> float | None:
         return round(sum(xs) / len(xs), 2) if xs else None
@@ -244,5 +250,5 @@ def overhead(records: list[TrialRecord], fit_s: float, spec: SweepSpec) -> dict[
         "reused_setup_s": mean(reused),
         "reuse_gap_s": mean(gaps),
         "eval_s": mean([r["eval_s"] for r in lasts if _num(r.get("eval_s")) is not None]),
-        "idle_slot_s_per_trial": round(max(0.0, fit_s * slots - busy) / max(1, len(records)), 1),
+        "overhead_s_per_trial": round(max(0.0, fit_s * slots - work) / n, 1),
     }

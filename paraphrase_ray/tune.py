@@ -523,7 +523,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     o = out.overhead
     print(
         f"sweep: {o['trials']} trials in {o['fit_s']} s on {o['worker_processes']} worker processes; "
-        f"trial setup {o['fresh_setup_s']} s in a new process, {o['reused_setup_s']} s in a reused one"
+        f"trial setup {o['fresh_setup_s']} s in a new process, {o['reused_setup_s']} s in a reused one; "
+        f"overhead {o['overhead_s_per_trial']} s per trial"
     )
     if out.interrupted:
         print(
