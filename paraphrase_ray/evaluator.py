@@ -30,6 +30,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from paraphrase_ray.metrics import (
     DEFAULT_EMBEDDER,
+    EmbeddingCache,
     RowScore,
     load_embedder,
     score_rows,
@@ -56,14 +57,20 @@ class Evaluator:
         batch_wait_s: float = 0.005,
         max_batch_rows: int = 512,
         encode_batch_size: int = 64,
+        cache_items: int = 20_000,
     ) -> None:
+        import torch
+
         # GPU only when Ray gave this actor one: Ray narrows CUDA_VISIBLE_DEVICES to it, so "cuda" is that card.
-        self._device = "cuda" if ray.get_gpu_ids() else "cpu"
+        # A CPU-only test cluster started with ray.init(num_gpus=1) hands out GPU ids too: check CUDA exists.
+        self._device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self._model = model
         self._embedder = load_embedder(model, device=self._device)
         self._batch_wait_s = batch_wait_s
         self._max_batch_rows = max_batch_rows
         self._encode_batch_size = encode_batch_size
+        # Trials score the same held-out sources and references at every evaluation: embed them once.
+        self._cache = EmbeddingCache(cache_items) if cache_items > 0 else None
         self._queue: asyncio.Queue[_Request] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._pending: _Request | None = None  # first request of the next batch (did not fit the last one)
@@ -106,6 +113,9 @@ class Evaluator:
             "actor_id": ray.get_runtime_context().get_actor_id(),
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
+            "cpu_s": time.process_time(),  # this process, all threads: work done, unlike wall time on a busy box
+            "cache_hits": self._cache.hits if self._cache else 0,
+            "cache_misses": self._cache.misses if self._cache else 0,
             **self._stats,
         }
 
@@ -148,7 +158,9 @@ class Evaluator:
             sources += src
             references += refs if refs is not None else [None] * len(src)
             predictions += preds
-        rows = score_rows(sources, references, predictions, self._embedder, self._encode_batch_size)
+        rows = score_rows(
+            sources, references, predictions, self._embedder, self._encode_batch_size, self._cache
+        )
         self._stats["requests"] += len(batch)
         self._stats["rows"] += len(rows)
         self._stats["batches"] += 1
@@ -170,12 +182,14 @@ def get_evaluator(
     max_concurrency: int = 256,
     batch_wait_s: float = 0.005,
     max_batch_rows: int = 512,
+    cache_items: int = 20_000,
 ) -> ray.actor.ActorHandle:
     """The named Evaluator actor, created on first use (``get_if_exists``); returns at once, loads async.
 
     ``num_cpus`` also sets the actor's torch threads (Ray sets OMP_NUM_THREADS to floor(num_cpus)).
     ``max_concurrency`` bounds requests in flight inside the actor (all of them may join one batch).
     ``lifetime=None`` fate-shares with the creating process; ``"detached"`` outlives it (see module doc).
+    ``cache_items``: embeddings kept for texts seen again (0 turns the cache off).
     An existing actor is returned as is, whatever its model: use another ``name`` for another model.
     """
     if lifetime not in (None, "detached", "non_detached"):
@@ -190,7 +204,7 @@ def get_evaluator(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_concurrency=max_concurrency,
-    ).remote(model, batch_wait_s=batch_wait_s, max_batch_rows=max_batch_rows)
+    ).remote(model, batch_wait_s=batch_wait_s, max_batch_rows=max_batch_rows, cache_items=cache_items)
 
 
 def shutdown_evaluator(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> bool:

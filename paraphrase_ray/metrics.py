@@ -37,6 +37,7 @@ import os
 import re
 import threading
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,19 +256,64 @@ def bert_ibleu(adequacy: float, self_bleu: float, beta: float = BETA) -> float:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _encode_unique(embedder: SentenceTransformer, texts: list[str], batch_size: int) -> dict[str, np.ndarray]:
-    """Unit-norm embedding per distinct text: (d,) float32 each."""
+class EmbeddingCache:
+    """LRU map text -> unit-norm embedding, for texts scored again and again (a sweep's fixed eval set).
+
+    One cache per embedder. Not thread-safe: the Evaluator uses it from its single encode thread.
+    20k entries of all-MiniLM-L6-v2 (384 floats) take ~30 MB.
+    """
+
+    def __init__(self, max_items: int = 20_000) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        self.max_items = max_items
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, text: str) -> np.ndarray | None:
+        emb = self._items.get(text)
+        if emb is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(text)
+        self.hits += 1
+        return emb
+
+    def put(self, text: str, emb: np.ndarray) -> None:
+        self._items[text] = emb
+        self._items.move_to_end(text)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+
+def _encode_unique(
+    embedder: SentenceTransformer, texts: list[str], batch_size: int, cache: EmbeddingCache | None = None
+) -> dict[str, np.ndarray]:
+    """Unit-norm embedding per distinct text: (d,) float32 each; only texts missing from ``cache`` are encoded."""
     unique = list(dict.fromkeys(texts))
-    if not unique:
-        return {}
-    emb = embedder.encode(
-        unique,
-        batch_size=batch_size,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    )  # (n_unique, d)
-    return dict(zip(unique, np.asarray(emb, dtype=np.float32), strict=True))
+    found: dict[str, np.ndarray] = {}
+    if cache is not None:
+        for text in unique:
+            emb = cache.get(text)
+            if emb is not None:
+                found[text] = emb
+    missing = [t for t in unique if t not in found]
+    if missing:
+        emb = embedder.encode(
+            missing,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )  # (n_missing, d)
+        for text, vec in zip(missing, np.asarray(emb, dtype=np.float32), strict=True):
+            found[text] = vec
+            if cache is not None:
+                cache.put(text, vec)
+    return found
 
 
 def _cos(emb: dict[str, np.ndarray], a: str, b: str) -> float:
@@ -282,16 +328,18 @@ def score_rows(
     predictions: Sequence[str],
     embedder: SentenceTransformer,
     batch_size: int = 64,
+    cache: EmbeddingCache | None = None,
 ) -> list[RowScore]:
     """Score each (source, reference, prediction) row. ``references=None`` leaves the reference fields None.
 
     Serve reranks with ``score_rows([src] * k, None, candidates, embedder)`` and sorts by ``objective``.
+    ``cache`` reuses embeddings of texts seen before (the Evaluator keeps one for the sweep's fixed sources).
     """
     validate_triples(sources, references, predictions)
     refs: Sequence[str | None] = references if references is not None else [None] * len(sources)
     # Empty predictions are not embedded: their similarities are 0 by definition (below).
     texts = [*sources, *(r for r in refs if r is not None), *(p for p in predictions if not is_empty(p))]
-    emb = _encode_unique(embedder, texts, batch_size)
+    emb = _encode_unique(embedder, texts, batch_size, cache)
 
     rows = []
     for src, ref, pred in zip(sources, refs, predictions, strict=True):
@@ -342,6 +390,7 @@ def score(
     predictions: Sequence[str],
     embedder: SentenceTransformer,
     batch_size: int = 64,
+    cache: EmbeddingCache | None = None,
 ) -> dict[str, float]:
     """``summarize(score_rows(...))``: the dict a Tune trial reports."""
-    return summarize(score_rows(sources, references, predictions, embedder, batch_size))
+    return summarize(score_rows(sources, references, predictions, embedder, batch_size, cache))

@@ -38,7 +38,8 @@ def ray_cluster():
         return
     # Ray >= 2.59 turns token auth on for new local clusters and writes a token to ~/.ray; that works as is
     # for a local test cluster, so no auth settings are needed here.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # num_gpus=1 is a logical GPU on a CPU machine: it lets a test place the actor on a fractional GPU.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -97,6 +98,7 @@ def test_concurrent_tasks_share_the_actor_and_get_batched(client, name):
     assert [len(rows) for rows in out] == [3] * 8
     assert out[-2][0].empty and out[0][0].ref_bleu is None
     after = client.info()
+    assert after["cache_hits"] > before["cache_hits"]  # the shared sources were embedded once
     assert after["requests"] - before["requests"] == 12
     assert after["batches"] - before["batches"] < 12 and after["max_batch_requests"] > 1
 
@@ -135,6 +137,19 @@ def test_unloadable_model_is_a_clear_error(ray_cluster):
     )
     with pytest.raises(ValueError, match="could not load embedder '/no/such/embedder'.*Fix:"):
         c.score(SOURCES, None, PREDICTIONS)
+
+
+def test_fractional_gpu_actor_falls_back_to_cpu_without_cuda(ray_cluster):
+    import torch
+
+    gpu_name = f"gpu-{uuid.uuid4().hex[:8]}"
+    c = EvaluatorClient(name=gpu_name, namespace=NAMESPACE, num_gpus=0.25, num_cpus=0)
+    try:
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert c.info()["device"] == expected
+        assert c.score(SOURCES, None, PREDICTIONS)["n"] == 3
+    finally:
+        shutdown_evaluator(gpu_name, NAMESPACE)
 
 
 def test_shutdown_evaluator_kills_a_detached_actor(ray_cluster):

@@ -9,6 +9,7 @@ import pytest
 from paraphrase_ray import metrics
 from paraphrase_ray.metrics import (
     SUMMARY_KEYS,
+    EmbeddingCache,
     RowScore,
     bert_ibleu,
     is_copy,
@@ -177,6 +178,23 @@ def test_summary_keys_means_and_missing_references(embedder):
     assert mixed[1].ref_bleu is None and summarize(mixed)["ref_bleu"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="at least one"):
         summarize([])
+
+
+def test_embedding_cache_reuses_and_evicts(embedder):
+    cache = EmbeddingCache(max_items=100)
+    preds = [REFERENCES[0], UNRELATED[1], SOURCES[2], ""]
+    plain = score_rows(SOURCES, REFERENCES, preds, embedder)
+    first = score_rows(SOURCES, REFERENCES, preds, embedder, cache=cache)
+    assert cache.hits == 0 and len(cache) == 9  # 4 sources + 4 references + 1 new prediction (no empty)
+    second = score_rows(SOURCES, REFERENCES, preds, embedder, cache=cache)
+    assert cache.hits == 9 and second == first
+    for a, b in zip(plain, first, strict=True):
+        assert a.objective == pytest.approx(b.objective, abs=1e-6)
+    small = EmbeddingCache(max_items=2)
+    score_rows(SOURCES[:2], None, REFERENCES[:2], embedder, cache=small)
+    assert len(small) == 2
+    with pytest.raises(ValueError, match="max_items"):
+        EmbeddingCache(0)
 
 
 def test_reranking_use_sorts_paraphrase_first(embedder):
