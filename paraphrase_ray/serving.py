@@ -23,11 +23,12 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
@@ -47,8 +48,11 @@ from .serve_schema import (
 
 APP_NAME = "paraphrase"
 DEPLOYMENT_NAME = "Paraphraser"
-OPEN_PATHS = frozenset({"/healthz"})  # everything else needs the API key when one is set
+# Everything else needs the API key when one is set. The playground page itself holds no data: it asks the
+# person for the key and sends it with every API call.
+OPEN_PATHS = frozenset({"/healthz", "/"})
 MAX_BODY_BYTES = 1 << 20
+PLAYGROUND_PATH = Path(__file__).parent / "resources" / "playground.html"
 
 
 @dataclass
@@ -183,7 +187,8 @@ class Paraphraser:
             ZERO_SHOT, None, first.template, first.gen, first.max_source_tokens, chat=self.loaded.is_chat
         )
         self._generate.set_max_batch_size(s.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self._batch_wait = s.batch_wait_timeout_s
+        self._generate.set_batch_wait_timeout_s(self._batch_wait)
         # One generation thread: the event loop keeps accepting (and queueing) rows while a batch runs.
         self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="rerank")
@@ -195,6 +200,25 @@ class Paraphraser:
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def playground(self) -> HTMLResponse:
+        """The self-contained playground page (no build step, no CDN)."""
+        return HTMLResponse(PLAYGROUND_PATH.read_text(encoding="utf-8"))
+
+    @api.get("/prompts/{name}/explain")
+    def explain(self, name: str, top_k: int = 5, metric: str = "cosine") -> dict[str, Any]:
+        """Nearest vocabulary tokens of each prompt vector, and norms (see ``paraphrase-ray explain``)."""
+        from .explain import explain_prompt
+
+        served = self.prompts.get(name)
+        if served is None or served.prompt is None:
+            names = [n for n, p in self.prompts.items() if p.prompt is not None]
+            raise HTTPException(404, f"unknown prompt {name!r}; available: {', '.join(names)}")
+        if not 1 <= top_k <= 50 or metric not in ("cosine", "l2"):
+            raise HTTPException(422, "top_k must be in 1..50 and metric 'cosine' or 'l2'")
+        table = self.loaded.model.get_input_embeddings().weight
+        return explain_prompt(served.prompt, table, self.loaded.tokenizer, top_k, metric)
 
     @api.get("/prompts")
     def list_prompts(self) -> dict[str, Any]:
@@ -239,6 +263,7 @@ class Paraphraser:
             "generate_seconds": round(st["gen_s"], 3),
             "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "rejected": {k[4:]: v for k, v in st.items() if k.startswith("rej_")},
+            "batch_wait_s": round(self._batch_wait, 3),
             "torch_threads": torch.get_num_threads(),
             "device": str(self.loaded.device),
         }
@@ -326,7 +351,7 @@ class Paraphraser:
         k, cap = req.num_candidates, self.settings.max_new_tokens
         if req.max_new_tokens is not None and req.max_new_tokens > cap:
             raise HTTPException(422, f"max_new_tokens: {req.max_new_tokens} exceeds the server cap of {cap}")
-        beams = req.num_beams if req.num_beams is not None else 1
+        beams = req.num_beams or served.gen.num_beams
         sample = req.do_sample
         if sample is None:
             sample = k > beams or req.temperature is not None or req.top_p is not None or served.gen.do_sample
@@ -355,7 +380,16 @@ class Paraphraser:
     async def _generate(self, items: list[_Item]) -> list[list[str] | Exception]:
         """Rows of any prompts, grouped only by decoding options; a failing group never fails the others."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._gen_pool, self._run_batch, items)
+        t0 = time.perf_counter()
+        out = await loop.run_in_executor(self._gen_pool, self._run_batch, items)
+        # Closed-loop callers resend the moment their batch returns; a fixed 10 ms wait then starts the next
+        # batch without them and the callers split into convoys of half-size batches. Waiting a small share of
+        # the last batch's time lets them rejoin, costing at most that share of throughput.
+        s = self.settings
+        wait = min(s.batch_wait_max_s, s.batch_wait_fraction * (time.perf_counter() - t0))
+        self._batch_wait = max(s.batch_wait_timeout_s, wait)
+        self._generate.set_batch_wait_timeout_s(self._batch_wait)
+        return out
 
     def _run_batch(self, items: list[_Item]) -> list[list[str] | Exception]:
         from .generate import generate_rows

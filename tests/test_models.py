@@ -17,7 +17,7 @@ def test_local_dir_loads_frozen_and_is_memoised(tiny_model_dir):
 
 
 def test_unknown_model_error_names_what_was_tried(tmp_path):
-    with pytest.raises(ModelLoadError, match="no-such/model.*hub id.*Fix"):
+    with pytest.raises(ModelLoadError, match="(?s)no-such/model.*hub id.*Fix"):
         load_model("no-such/model", cache=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
