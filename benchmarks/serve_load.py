@@ -40,9 +40,11 @@ async def phase(url: str, headers: dict, prompts: list[str], texts: list[str], c
 
         async def worker(c: int) -> None:
             nonlocal errors
-            i = c * 7
+            i, n = c * 7, 0
             while time.perf_counter() < stop:
-                body = {"text": texts[i % len(texts)], "prompt": prompts[(c + i) % len(prompts)]}
+                # client c's n-th request: neighbouring clients ask different prompts at every step
+                body = {"text": texts[i % len(texts)], "prompt": prompts[(c + n) % len(prompts)]}
+                n += 1
                 t0 = time.perf_counter()
                 r = await client.post("/paraphrase", json=body)
                 if r.status_code == 200:

@@ -31,7 +31,9 @@ class ServeSettings:
     max_chars: int = 2000  # characters per text
     max_new_tokens: int = 128  # server cap on generated tokens per row
     max_batch_size: int = 32  # rows x candidates per forward pass
-    batch_wait_timeout_s: float = 0.01  # how long the first row of a batch waits for company
+    batch_wait_timeout_s: float = 0.01  # least time the first row of a batch waits for company
+    batch_wait_fraction: float = 0.1  # ...or this share of the last batch's duration (see _generate)
+    batch_wait_max_s: float = 0.5  # ...but never longer than this
     embedder: str = "sentence-transformers/all-MiniLM-L6-v2"  # rerank scorer
 
     def __post_init__(self) -> None:
@@ -44,8 +46,10 @@ class ServeSettings:
                 raise ConfigError(f"serve {key} must be >= 1, got {getattr(self, key)}")
         if self.max_batch_size < MAX_CANDIDATES:
             raise ConfigError(f"serve max_batch_size must be >= {MAX_CANDIDATES} (one row's candidates)")
-        if not 0 <= self.batch_wait_timeout_s <= 5:
-            raise ConfigError("serve batch_wait_timeout_s must be in [0, 5] seconds")
+        if not 0 <= self.batch_wait_timeout_s <= self.batch_wait_max_s <= 5:
+            raise ConfigError("serve needs 0 <= batch_wait_timeout_s <= batch_wait_max_s <= 5 (seconds)")
+        if not 0 <= self.batch_wait_fraction <= 1:
+            raise ConfigError("serve batch_wait_fraction must be in [0, 1]")
         if self.precision not in (None, "auto", "bf16", "fp32"):
             raise ConfigError(f"serve precision must be auto, bf16 or fp32, got {self.precision!r}")
         parse_prompt_specs(self.prompts, self.default)
