@@ -364,7 +364,7 @@ def run_sweep(
         if stored is None or not has_state:
             raise ConfigError(f"nothing to resume at {store.uri}: no sweep named {name!r} was started there")
         spec = spec_from_dict(yaml.safe_load(stored), where=f"{store.display(SPACE_FILE)}: ")
-    elif has_state or store.exists(SPACE_FILE):
+    elif has_state:  # (a space.yaml without Tune state is a sweep that never started: start it afresh)
         raise ConfigError(
             f"sweep {name!r} already exists at {store.uri}: pass --resume to continue it, or a new --name"
         )
@@ -421,8 +421,16 @@ def run_sweep(
         if zs_refs:
             ready, _ = ray.wait(zs_refs, num_returns=len(zs_refs), timeout=0 if interrupted else None)
             if len(ready) == len(zs_refs):
-                zero_shot = [z for zs in ray.get(zs_refs) for z in zs]
-                store.write_bytes(ZERO_SHOT_FILE, json.dumps(zero_shot, indent=2).encode())
+                try:
+                    zero_shot = [z for zs in ray.get(zs_refs) for z in zs]
+                    store.write_bytes(ZERO_SHOT_FILE, json.dumps(zero_shot, indent=2).encode())
+                except (
+                    ray.exceptions.RayError
+                ) as e:  # a baseline that failed must not cost the sweep's results
+                    print(
+                        f"warning: zero-shot baseline failed: {str(e).strip().splitlines()[-1]}",
+                        file=sys.stderr,
+                    )
             else:  # interrupted first: --resume computes it
                 for ref in zs_refs:
                     ray.cancel(ref, force=True)

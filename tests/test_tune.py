@@ -278,7 +278,9 @@ def test_resume_and_name_clashes_are_user_errors(tmp_path, tiny_model_dir):
     spec = spec_from_dict(tiny_space(tiny_model_dir))
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_sweep(spec, "never", str(tmp_path), resume=True)
-    SweepStorage.parse(str(tmp_path), "taken").write_bytes(SPACE_FILE, b"{}")
+    taken = SweepStorage.parse(str(tmp_path), "taken")
+    taken.write_bytes(SPACE_FILE, b"{}")
+    taken.write_bytes("tuner.pkl", b"")  # what Tuner.can_restore looks for
     with pytest.raises(ConfigError, match="already exists.*--resume"):
         run_sweep(spec, "taken", str(tmp_path))
 
