@@ -1,6 +1,7 @@
 """Training throughput: our prompt-training step vs PEFT prompt tuning, one JSON line per measurement.
 
-Same model, batch, prompt length (20), rows (32 source + 32 target tokens, loss on the target half), optimizer
+Same model, batch, prompt length (20), rows (32 source + 32 target tokens, loss on the target half; or real
+pairs of mixed lengths with ``--data``, batched as ``train()`` batches them), optimizer
 (AdamW, lr 0.03, grad clip 1.0) and step (forward, backward, clip, update) for every path, in one process,
 alternating path by path so a busy machine slows all of them alike; medians over ``--repeats``.
 
@@ -18,6 +19,7 @@ peak memory of the path's own trial and its MFU (``mfu``: the matmul FLOPs the p
 ``mfu_6n``: the common 6 x params x tokens convention, as in docs/BENCHMARKS.md).
 
     python benchmarks/train_throughput.py --device cpu --repeats 5 --threads 1
+    python benchmarks/train_throughput.py --device cpu --data /path/mrpc/train.jsonl   # real, padded rows
     python benchmarks/train_throughput.py --device cuda          # OPT-125m, 350m, 1.3b shapes, random init
 """
 
@@ -91,10 +93,10 @@ def target_only_loss(model, prompt: SoftPrompt, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(model.get_output_embeddings()(h[sel]).float(), y[sel])
 
 
-def ours_step(model, prompt: SoftPrompt, batch: Batch, loss_fn):
+def ours_step(model, prompt: SoftPrompt, loss_fn):
     opt = torch.optim.AdamW([prompt.weight], lr=LR)
 
-    def step() -> float:
+    def step(batch: Batch) -> float:
         loss = loss_fn(model, prompt, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,7 +107,7 @@ def ours_step(model, prompt: SoftPrompt, batch: Batch, loss_fn):
     return step
 
 
-def peft_step(model, init: torch.Tensor, batch: Batch, autocast_dtype):
+def peft_step(model, init: torch.Tensor, autocast_dtype):
     """PEFT's defaults; token_dim is set by hand only where PEFT would crash (OPT-350m: 512 != hidden 1024)."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
@@ -119,10 +121,10 @@ def peft_step(model, init: torch.Tensor, batch: Batch, autocast_dtype):
         table.copy_(init)  # same starting prompt as ours, so the loss curves are comparable
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
-    dev = batch.input_ids.device.type
+    dev = init.device.type
     ctx = (lambda: torch.autocast(dev, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
 
-    def step() -> float:
+    def step(batch: Batch) -> float:
         with ctx():
             loss = pm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
         opt.zero_grad(set_to_none=True)
@@ -149,58 +151,80 @@ def matmul_flops(cfg, bsz: int, path: str) -> float:
     return 2 * (body * per_pos + heads * head)  # forward + input-gradient backward
 
 
-def time_paths(paths: dict, repeats: int, steps: int, cuda: bool) -> dict:
-    """Alternate paths; per path: wall and CPU seconds per step (one sample per repeat) and losses."""
+def time_paths(paths: dict, batches, repeats: int, steps: int, cuda: bool) -> dict:
+    """Alternate paths on the same batches; per path and repeat: tokens/s by wall and CPU time, and losses."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    out = {k: {"wall": [], "cpu": [], "losses": []} for k in paths}
+    out = {k: {"tps": [], "tps_cpu": [], "wall": [], "losses": []} for k in paths}
+    warm = next(batches)
     for name, fn in paths.items():  # warm-up: allocator, kernels, first-call overheads
-        out[name]["losses"].append(fn())
+        out[name]["losses"].append(fn(warm))
     for _ in range(repeats):
+        group = [next(batches) for _ in range(steps)]
+        tokens = sum(b.n_tokens + N_PROMPT * b.input_ids.shape[0] for b in group)  # as train() counts them
         for name, fn in paths.items():
             sync()
             w, c = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                out[name]["losses"].append(fn())
+            for b in group:
+                out[name]["losses"].append(fn(b))
             sync()
-            out[name]["wall"].append((time.perf_counter() - w) / steps)
-            out[name]["cpu"].append((time.process_time() - c) / steps)
+            w, c = time.perf_counter() - w, time.process_time() - c
+            out[name]["wall"].append(w / steps)
+            out[name]["tps"].append(tokens / w)
+            out[name]["tps_cpu"].append(tokens / c)
     return out
 
 
-def report(res: dict, tokens: int, extra: dict, flops: dict | None = None, peak: float | None = None) -> None:
+def report(res: dict, extra: dict, flops: dict | None = None, peak: float | None = None) -> None:
     base = res.get("peft") or next(iter(res.values()))  # (ratios are to the first path if PEFT could not run)
     for name, r in res.items():
-        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
-        line = {"bench": "train_throughput", "path": name, **extra, "tokens_per_step": tokens,
-                "step_s": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
-                "tokens_per_cpu_s": round(tokens / cpu, 1), "step_s_all": [round(x, 3) for x in r["wall"]],
-                "ratio": round(statistics.median(base["wall"]) / wall, 3),
-                "ratio_cpu": round(statistics.median(base["cpu"]) / cpu, 3),
+        tps, tps_cpu = statistics.median(r["tps"]), statistics.median(r["tps_cpu"])
+        line = {"bench": "train_throughput", "path": name, **extra,
+                "step_s": round(statistics.median(r["wall"]), 4), "tokens_per_s": round(tps, 1),
+                "tokens_per_cpu_s": round(tps_cpu, 1), "step_s_all": [round(x, 3) for x in r["wall"]],
+                "ratio": round(tps / statistics.median(base["tps"]), 3),
+                "ratio_cpu": round(tps_cpu / statistics.median(base["tps_cpu"]), 3),
                 "losses": [round(x, 5) for x in r["losses"]],
                 "max_loss_diff_vs_peft": round(max(abs(a - b) for a, b in zip(r["losses"], base["losses"])), 5)}
         if flops and peak:
-            line["mfu"] = round(flops[name] / wall / peak, 3)
-            line["mfu_6n"] = round(6 * extra["params"] * tokens / wall / peak, 3)
+            line["mfu"] = round(flops[name] / statistics.median(r["wall"]) / peak, 3)
+            line["mfu_6n"] = round(6 * extra["params"] * tps / peak, 3)
         if "peak_mem_gib" in r:
             line["peak_mem_gib"] = r["peak_mem_gib"]
         print(json.dumps(line), flush=True)
 
 
+def batches(args, tokenizer, vocab: int, bsz: int, device):
+    """Endless batches: the same fixed-shape rows (default), or real pairs from ``--data`` as train() makes them."""
+    if not args.data:
+        fixed = make_batch(vocab, bsz, device)
+        while True:
+            yield fixed
+    from paraphrase_ray.config import DataConfig, TemplateConfig
+    from paraphrase_ray.data import BatchStream, encode_pair, load_pairs
+
+    pairs, _, _ = load_pairs(DataConfig(sources=(args.data,), val_fraction=0.0))
+    enc = [encode_pair(tokenizer, p, TemplateConfig(), 64, 64) for p in pairs]
+    stream = BatchStream(enc, bsz, tokenizer.pad_token_id, seed=0)
+    while True:
+        yield stream.next().to(device)
+
+
 def run_cpu(args) -> None:
     dtype = resolve_dtype("auto", torch.device("cpu"))
-    ours_model = load_model(args.model, "auto", "cpu").model  # our defaults
+    loaded = load_model(args.model, "auto", "cpu")  # our defaults
+    ours_model = loaded.model
     peft_model = load_model(args.model, "fp32", "cpu", cache=False).model  # PEFT's defaults: fp32
-    batch = make_batch(ours_model.config.vocab_size, args.batch, "cpu")
     init = SoftPrompt.init(ours_model, None, PromptConfig(n_tokens=N_PROMPT, init="random_std")).weight
-    paths = {"peft": peft_step(peft_model, init, batch, None)[0]}
+    paths = {"peft": peft_step(peft_model, init, None)[0]}
     for name, fn in [("ours", prompt_loss), ("ours_full_logits", lambda m, p, b: prompt_loss(m, p, b, fast=False)),
                      ("ours_target_only", target_only_loss)]:
         if name == "ours" or args.breakdown:
-            paths[name] = ours_step(ours_model, SoftPrompt(init), batch, fn)
-    res = time_paths(paths, args.repeats, args.steps, cuda=False)
-    tokens = args.batch * (N_PROMPT + N_SOURCE + N_TARGET)
-    report(res, tokens, {"device": "cpu", "model": args.model, "batch": args.batch, "ours_dtype": str(dtype),
-                         "peft_dtype": "torch.float32", "machine": machine()})
+            paths[name] = ours_step(ours_model, SoftPrompt(init), fn)
+    data = batches(args, loaded.tokenizer, ours_model.config.vocab_size, args.batch, "cpu")
+    res = time_paths(paths, data, args.repeats, args.steps, cuda=False)
+    rows = args.data or f"fixed: {N_SOURCE} source + {N_TARGET} target tokens"
+    report(res, {"device": "cpu", "model": args.model, "batch": args.batch, "rows": rows, "prompt_tokens": N_PROMPT,
+                 "ours_dtype": str(dtype), "peft_dtype": "torch.float32", "machine": machine()})
 
 
 def run_cuda(args) -> None:
@@ -212,42 +236,43 @@ def run_cuda(args) -> None:
     peak = peak * 1e12 if peak else None
     for shape in args.shapes:
         spec = dict(OPT_SHAPES[shape])
-        bsz = args.batch or spec.pop("batch")
-        spec.pop("batch", None)
+        bsz = args.batch or spec["batch"]
+        del spec["batch"]
         cfg = OPTConfig(vocab_size=50272, max_position_embeddings=2048, dropout=0.0, attention_dropout=0.0, **spec)
         torch.manual_seed(0)
         with dev:
             base = OPTForCausalLM(cfg).eval().requires_grad_(False)  # fp32, for PEFT + autocast
         ours_model = copy.deepcopy(base).to(torch.bfloat16)  # our defaults on CUDA: bf16 frozen weights
-        batch = make_batch(cfg.vocab_size, bsz, dev)
+        data = batches(args, None, cfg.vocab_size, bsz, dev)
+        probe = make_batch(cfg.vocab_size, bsz, dev)
         init = SoftPrompt.init(ours_model, None, PromptConfig(n_tokens=N_PROMPT, init="random_std")).weight.to(dev)
         paths, mem = {}, {}
         bytes_of = {m: sum(p.numel() * p.element_size() for p in m.parameters()) for m in (base, ours_model)}
-        peft_fn, hand = peft_step(base, init, batch, torch.bfloat16)
-        candidates = [("peft", peft_fn, base), ("ours", ours_step(ours_model, SoftPrompt(init).to(dev), batch,
-                                                                    prompt_loss), ours_model)]
+        peft_fn, hand = peft_step(base, init, torch.bfloat16)
+        candidates = [("peft", peft_fn, base), ("ours", ours_step(ours_model, SoftPrompt(init), prompt_loss), ours_model)]
         if args.breakdown:
-            candidates.append(("ours_target_only", ours_step(ours_model, SoftPrompt(init).to(dev), batch,
-                                                             target_only_loss), ours_model))
-        for pname, fn, model in candidates:
+            candidates.append(("ours_target_only", ours_step(ours_model, SoftPrompt(init), target_only_loss), ours_model))
+        for pname, fn, model in candidates:  # one step alone per path: the memory its own trial would need
             try:
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                fn()
+                fn(probe)
                 torch.cuda.synchronize()
                 other = sum(b for m, b in bytes_of.items() if m is not model)
                 mem[pname] = round((torch.cuda.max_memory_allocated() - other) / 2**30, 2)
                 paths[pname] = fn
             except torch.OutOfMemoryError:
                 print(json.dumps({"bench": "train_throughput", "path": pname, "model": shape, "error": "OOM"}))
-        res = time_paths(paths, args.repeats, args.steps, cuda=True)
+                torch.cuda.empty_cache()
+        res = time_paths(paths, data, args.repeats, args.steps, cuda=True)
         for pname in res:
             res[pname]["peak_mem_gib"] = mem[pname]
         flops = {p: matmul_flops(cfg, bsz, p) for p in res}
         params = sum(p.numel() for p in base.parameters())
-        report(res, bsz * (N_PROMPT + N_SOURCE + N_TARGET),
-               {"device": name, "model": shape + " (random init)", "batch": bsz, "ours_dtype": "torch.bfloat16",
-                "peft_dtype": "fp32 weights + bf16 autocast", "peft_hand_settings": hand, "params": params,
-                "machine": machine()}, flops, peak)
+        report(res, {"device": name, "model": shape + " (random init)", "batch": bsz, "prompt_tokens": N_PROMPT,
+                     "rows": f"fixed: {N_SOURCE} source + {N_TARGET} target tokens", "ours_dtype": "torch.bfloat16",
+                     "peft_dtype": "fp32 weights + bf16 autocast", "peft_hand_settings": hand, "params": params,
+                     "machine": machine()}, flops, peak)
         del base, ours_model, paths, res
         torch.cuda.empty_cache()
 
@@ -258,6 +283,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="CPU model (alias, hub id or directory)")
     ap.add_argument("--batch", type=int, default=None, help="CPU default 8; CUDA default per shape")
     ap.add_argument("--shapes", nargs="+", default=list(OPT_SHAPES), choices=list(OPT_SHAPES))
+    ap.add_argument("--data", default=None, help="CPU: real pairs (file, hf: spec or 'sample') instead of fixed rows")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None, help="steps per timed sample (CPU 1, CUDA 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -272,6 +298,8 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
+        if args.data:
+            raise SystemExit("--data is for --device cpu (the CUDA runs use the fixed OPT-shaped rows)")
         args.steps = args.steps or 10
         run_cuda(args)
 

@@ -62,7 +62,8 @@ class TrainResult:
 def prompt_loss(model: torch.nn.Module, prompt: SoftPrompt, batch: Batch, fast: bool = True) -> torch.Tensor:
     """Mean cross-entropy over target tokens of ``[prompt][input_ids]``.
 
-    fast=True runs the prompt once for the whole batch (``_token_hidden``) and projects to the vocabulary only
+    fast=True runs the prompt once for the whole batch (``_token_hidden``), splits rows of very different
+    lengths into two groups each cut to its own width (``_length_groups``), and projects to the vocabulary only
     the hidden states that predict a target token; fast=False is the straightforward full-logits forward (kept
     as the reference in tests).
     """
@@ -74,13 +75,48 @@ def prompt_loss(model: torch.nn.Module, prompt: SoftPrompt, batch: Batch, fast: 
         labels = torch.cat([batch.labels.new_full((bsz, n_p), IGNORE), batch.labels], dim=1)
         logits = model(inputs_embeds=x, attention_mask=mask).logits.float()  # (B, P+S, vocab)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    groups = _length_groups(batch.attention_mask)
+    if len(groups) == 1:
+        return _target_ce(model, prompt, emb, mask, batch.labels, "mean")
+    # rows of very different lengths: each group is cut to its own longest row, so no position runs that is
+    # padding in every row of its group; sum over groups / count = the same mean over all target tokens
+    total, count = 0.0, 0
+    for rows, width in groups:
+        y = batch.labels[rows, :width]
+        total = total + _target_ce(model, prompt, emb[rows, :width], mask[rows, : n_p + width], y, "sum")
+        count += int((y[:, 1:] != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def _target_ce(model, prompt: SoftPrompt, emb, mask, labels, reduction: str) -> torch.Tensor:
+    """Cross-entropy over the target tokens of ``[prompt][emb]``, from logits at target positions only."""
     hidden = _token_hidden(model, prompt, emb, mask)  # (B, S, h)
     # hidden at token position j predicts token j+1: drop the last position.
     h = hidden[:, :-1]  # (B, S-1, h)
-    y = batch.labels[:, 1:]  # (B, S-1)
+    y = labels[:, 1:]  # (B, S-1)
     sel = y != IGNORE
     logits = model.get_output_embeddings()(h[sel]).float()  # (n_target, vocab)
-    return F.cross_entropy(logits, y[sel])
+    return F.cross_entropy(logits, y[sel], reduction=reduction)
+
+
+def _length_groups(attention_mask: torch.Tensor, min_saving: float = 0.1) -> list[tuple[Any, int]]:
+    """Split a right-padded batch into two groups by length when that skips >= ``min_saving`` of its positions.
+
+    Returns [(row index, width), ...]; ``[(slice(None), S)]`` keeps the batch whole. Each group keeps at
+    least a quarter of the rows, so the matmuls stay large.
+    """
+    bsz, width = attention_mask.shape
+    whole = [(slice(None), width)]
+    if bsz < 4:
+        return whole
+    lengths = attention_mask.sum(dim=1).tolist()
+    order = sorted(range(bsz), key=lengths.__getitem__)
+    ranked = [lengths[i] for i in order]
+    cost, k = min((ranked[k - 1] * k + ranked[-1] * (bsz - k), k) for k in range(bsz // 4, bsz - bsz // 4 + 1))
+    if cost > (1 - min_saving) * width * bsz:
+        return whole
+    idx = torch.tensor(order, device=attention_mask.device)
+    return [(idx[:k], int(ranked[k - 1])), (idx[k:], int(ranked[-1]))]
 
 
 def _token_hidden(model: torch.nn.Module, prompt: SoftPrompt, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

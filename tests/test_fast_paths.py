@@ -27,7 +27,7 @@ from paraphrase_ray.generate import (
     row_for,
 )
 from paraphrase_ray.prompt import SoftPrompt
-from paraphrase_ray.train import prompt_loss, train
+from paraphrase_ray.train import _length_groups, prompt_loss, train
 
 T = TemplateConfig()
 PAIRS = [Pair(r["source"], r["target"]) for r in map(json.loads, SAMPLE_PATH.read_text().splitlines()[:12])]
@@ -46,11 +46,17 @@ def _loss_and_grad(model, prompt, batch, fast):
     return loss.detach().float(), prompt.weight.grad.detach().clone()
 
 
-@pytest.mark.parametrize("n_rows", [1, 5])
-def test_fast_loss_and_grad_equal_full_logits_fp32(tiny, n_rows):
-    # rows of different lengths: right padding, and target-length truncation, are both exercised
-    batch = _batch(tiny, PAIRS[:n_rows], max_target=6 if n_rows == 1 else 64)
-    assert n_rows == 1 or bool((batch.attention_mask == 0).any())
+SHORT = [Pair("Hi.", "Hello."), Pair("Snow fell.", "It snowed."), Pair("He left.", "He went away."),
+         Pair("Yes.", "Indeed.")]
+
+
+@pytest.mark.parametrize("rows", ["one", "padded", "two-length-groups"])
+def test_fast_loss_and_grad_equal_full_logits_fp32(tiny, rows):
+    # right padding, target-length truncation, and the split of short and long rows are all exercised
+    pairs = {"one": PAIRS[:1], "padded": PAIRS[:5], "two-length-groups": PAIRS[:4] + SHORT}[rows]
+    batch = _batch(tiny, pairs, max_target=6 if rows == "one" else 64)
+    assert rows == "one" or bool((batch.attention_mask == 0).any())
+    assert len(_length_groups(batch.attention_mask)) == (2 if rows == "two-length-groups" else 1)
     prompt = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random_std"))
     full_loss, full_grad = _loss_and_grad(tiny.model, prompt, batch, fast=False)
     fast_loss, fast_grad = _loss_and_grad(tiny.model, prompt, batch, fast=True)
@@ -75,13 +81,13 @@ def test_fast_loss_within_bf16_tolerance_of_fp32(tiny):
 def test_training_loss_curves_match(tiny, monkeypatch):
     import paraphrase_ray.train as train_mod
 
-    cfg = RunConfig(train=TrainConfig(steps=4, batch_size=3, lr=0.1, warmup_steps=0, eval_every=1, progress=False,
+    cfg = RunConfig(train=TrainConfig(steps=4, batch_size=6, lr=0.1, warmup_steps=0, eval_every=1, progress=False,
                                       early_stop_patience=None, device="cpu", precision="fp32"),
                     prompt=PromptConfig(n_tokens=4))
     curves = {}
     for fast in (True, False):  # train() and its validation both go through the patched prompt_loss
         monkeypatch.setattr(train_mod, "prompt_loss", functools.partial(prompt_loss, fast=fast))
-        res = train(tiny, cfg, train_pairs=PAIRS[:9], val_pairs=PAIRS[9:11])
+        res = train(tiny, cfg, train_pairs=PAIRS[:5] + SHORT, val_pairs=PAIRS[9:11])
         curves[fast] = [(e["train_loss"], e["val_loss"]) for e in res.history]
     assert len(curves[True]) == 4
     torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-4, atol=1e-5)
