@@ -117,7 +117,8 @@ def timed(fn, cuda: bool):
     return time.perf_counter() - w, time.process_time() - c, res
 
 
-def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, repeats: int, prompt) -> dict:
+def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, repeats: int, prompt,
+          warmup: bool = True) -> dict:
     tok, cuda = loaded.tokenizer, loaded.device.type == "cuda"
     t = TemplateConfig()
     if scenario == "plain":
@@ -146,8 +147,9 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
     paths = {"hf": hf, "ours": ours}
     samples = {k: {"wall": [], "cpu": []} for k in paths}
     outputs = {}
-    for name, fn in paths.items():  # warm-up
-        outputs[name] = fn()
+    for name, fn in paths.items():  # warm-up (first-call overheads; the outputs checked if nothing else runs)
+        if warmup or not repeats:
+            outputs[name] = fn()
     for _ in range(repeats):
         for name, fn in paths.items():
             w, c, outputs[name] = timed(fn, cuda)
@@ -179,6 +181,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="cap on new tokens per row (CPU 16, CUDA 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run")
     ap.add_argument("--prompt", default=None, help="a trained prompt directory (default: an untrained one)")
     args = ap.parse_args()
     if args.threads:
@@ -197,10 +200,10 @@ def main() -> None:
     for b in args.batches:
         sources = [pool[i % len(pool)] for i in range(b)]
         for scenario in args.scenarios:
-            res = bench(loaded, sources, scenario, n_new, args.repeats, prompt)
+            res = bench(loaded, sources, scenario, n_new, args.repeats, prompt, args.warmup)
             print(json.dumps({"bench": "generate_throughput", "scenario": scenario, "batch": b, "model": name,
                               "device": info.get("gpu", "cpu"), "dtype": str(loaded.dtype), "max_new_tokens": n_new,
-                              "repeats": args.repeats, **res, "machine": info}), flush=True)
+                              "repeats": args.repeats, "prompt": args.prompt or "untrained (vocab init)", **res, "machine": info}), flush=True)
 
 
 if __name__ == "__main__":
