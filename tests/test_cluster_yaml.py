@@ -24,12 +24,11 @@ ray_util = pytest.importorskip("ray.autoscaler._private.util")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
-DOCS = ROOT / "docs" / "GCP.md"
 README = ROOT / "README.md"
 DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"
 DOCS_HEADING = "## Run on Google Cloud"
 
-# The default search space's per-trial share (documented in docs/GCP.md); used only if
+# The default search space's per-trial share (documented in README.md); used only if
 # search_spaces/default.yaml is absent or spells its resources differently.
 DEFAULT_TRIAL_GPU = 0.25
 DEFAULT_TRIAL_CPU = 1.0
@@ -86,15 +85,12 @@ def prepared(raw: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def docs_text() -> str:
-    """docs/GCP.md, plus the README's Google Cloud section once the README has one."""
-    text = DOCS.read_text()
-    if README.exists():
-        readme = README.read_text()
-        if DOCS_HEADING in readme:
-            section = readme.split(DOCS_HEADING, 1)[1]
-            # The section ends at the next second-level heading (### subsections belong to it).
-            text += "\n" + DOCS_HEADING + re.split(r"\n## ", section, maxsplit=1)[0]
-    return text
+    """The README's Google Cloud section (the one place these docs live)."""
+    readme = README.read_text()
+    assert DOCS_HEADING in readme, f"README.md has no {DOCS_HEADING!r} section"
+    section = readme.split(DOCS_HEADING, 1)[1]
+    # The section ends at the next second-level heading (### subsections belong to it).
+    return DOCS_HEADING + re.split(r"\n## ", section, maxsplit=1)[0]
 
 
 def node_types(config: dict) -> dict:
