@@ -82,25 +82,26 @@ def test_browser_compares_prompts_with_zero_shot(app_url):
         wait.until(ec.presence_of_element_located((By.ID, "p-known")))
         wait.until(lambda d: "position" in d.find_element(By.ID, "explain").text)
         text = driver.find_element(By.ID, "text")
+        # an oversized sentence shows the API's 413/422 as a readable message
+        driver.execute_script("document.getElementById('text').value = 'x'.repeat(3000);")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: any(code in d.find_element(By.ID, "error").text for code in ("413", "422")))
+        wait.until(lambda d: d.find_element(By.ID, "go").is_enabled())
         text.clear()
         text.send_keys("The bank raised its rates on Tuesday.")
         text.send_keys(Keys.CONTROL, Keys.ENTER)  # keyboard submit
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 3)
+        assert driver.find_element(By.ID, "error").text == ""
         cards = {c.get_attribute("data-prompt"): c for c in driver.find_elements(By.CSS_SELECTOR, "#results .card")}
         assert set(cards) == {"known", "other", "zero-shot"}
         for card in cards.values():
             assert "adequacy" in card.text and "novelty" in card.text
-        # an empty sentence is caught before any request; an oversized one shows the API's 413/422
-        text.clear()
-        text.send_keys("x" * 3000)
-        driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: any(code in d.find_element(By.ID, "error").text for code in ("413", "422")))
-        text.clear()
-        text.send_keys("The bank raised its rates on Tuesday.")
-        driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 3)
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "playground.png"))
         assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "playground-failure.png"))
+        raise
     finally:
         driver.quit()
