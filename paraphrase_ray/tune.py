@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -163,6 +164,7 @@ def run_trial(
 
     report = report or tune.report
     get_checkpoint = get_checkpoint or tune.get_checkpoint
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     start, t0 = time.time(), time.perf_counter()
     _WORKER["trials"] += 1
     cfg = trial_config(ctx, config)
@@ -358,7 +360,13 @@ def run_sweep(
     With ``resume`` the spec stored with the sweep (``space.yaml``) is used, not ``spec``.
     """
     store = SweepStorage.parse(storage, name)
-    has_state = store.exists() and tune.Tuner.can_restore(store.uri)
+    try:
+        has_state = store.exists() and tune.Tuner.can_restore(store.uri)
+    except OSError as e:  # unreachable bucket, missing credentials, permissions
+        raise ConfigError(
+            f"cannot read --storage {storage}: {str(e).strip().splitlines()[0]} "
+            "(gs:// needs credentials that can read and write the bucket: README.md, 'Run on Google Cloud')"
+        ) from e
     if resume:
         stored = store.read_bytes(SPACE_FILE)
         if stored is None or not has_state:
@@ -450,7 +458,9 @@ def _init_ray(address: str | None) -> bool:
     """Connect to ``address`` or start a local Ray (Ray 2.60's default token auth for local clusters stays on)."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # inherited by a local cluster's workers
+    # Inherited by a local cluster's workers: no tokenizer threads, no weight-loading progress bars per trial.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     except ConnectionError as e:
