@@ -37,7 +37,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     sweep_dir = Path(storage) / name
     _banner(f"1/3 quickstart sweep -> {sweep_dir}")
     args = ["tune", "--space", str(space), "--name", name, "--storage", storage]
-    if sweep_dir.exists():
+    if (sweep_dir / "tuner.pkl").exists():  # Tune saved state: reload (finished trials are not re-run)
         args.append("--resume")
     rc = cli_main(args)
     if rc != 0:
