@@ -74,8 +74,10 @@ def test_every_command_documents_every_flag():
 def test_issue_commands_on_the_embedded_model(tmp_path, mrpc_path, capsys):
     """The exact commands of the README on smollm2-135m (2 steps here to keep CI short)."""
     out = tmp_path / "p"
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("train:\n  eval_batches: 1\n")  # one validation batch: CI time, not coverage, is the cost
     assert main(["train", "--model", "smollm2-135m", "--data", str(mrpc_path), "--steps", "2", "--out", str(out),
-                 "--eval-every", "2", "--batch-size", "4"]) == 0
+                 "--eval-every", "2", "--batch-size", "4", "--config", str(cfg)]) == 0
     capsys.readouterr()
     assert main(["paraphrase", "--prompt", str(out), "--text",
                  "The weather was so cold that the lake froze overnight."]) == 0
