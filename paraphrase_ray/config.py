@@ -57,6 +57,9 @@ class TemplateConfig:
     prefix: str = ""
     separator: str = "\nParaphrase:"
     target_prefix: str = " "  # put before the target so its first word tokenizes as in running text
+    # chat: wrap prefix + source + separator as the user turn of the tokenizer's chat template; its assistant
+    # header then marks where the paraphrase begins (the soft prompt still goes first). Needs a chat model.
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class DataConfig:
     val_size: int | None = None  # absolute validation size; overrides val_fraction
     seed: int = 0
     both_directions: bool = False  # augmentation: also train target -> source
+    # drop *training* pairs whose target repeats the source (sentence BLEU of target vs source >= this, 0..100):
+    # near-copies teach a small LM to copy. Validation is never filtered. None keeps every pair.
+    max_train_self_bleu: float | None = None
     max_source_tokens: int = 64
     max_target_tokens: int = 64
     max_chars: int = 1000  # rows longer than this (either side) are dropped as over-long
@@ -88,6 +94,8 @@ class DataConfig:
             raise ConfigError("data.weights must be non-negative and not all zero")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_train_self_bleu is not None and not 0 < self.max_train_self_bleu <= 100:
+            raise ConfigError(f"data.max_train_self_bleu must be in (0, 100], got {self.max_train_self_bleu}")
         if self.max_source_tokens < 1 or self.max_target_tokens < 1:
             raise ConfigError("data.max_source_tokens and data.max_target_tokens must be >= 1")
 
@@ -148,6 +156,7 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # HF-style, over generated tokens
     source_repetition_penalty: float = 1.3  # same rule, over the *source's* tokens (anti-copy lever)
+    source_penalty_skip_common: bool = False  # leave punctuation and function words out of the source penalty
     no_repeat_ngram_size: int = 0
     num_return_sequences: int = 1
     stop_at_newline: bool = True

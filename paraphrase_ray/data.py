@@ -176,6 +176,8 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair], DataReport]:
         if not pairs:
             raise DataError(f"data source {spec!r} has no usable rows ({report.summary()})")
         train, val = split_pairs(pairs, cfg)
+        if cfg.max_train_self_bleu is not None:
+            train = drop_near_copies(train, cfg.max_train_self_bleu, report)
         trains.append(train)
         vals.append(val)
     train = interleave(trains, cfg.weights, cfg.seed)
@@ -185,6 +187,19 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair], DataReport]:
         train = train + [Pair(p.target, p.source) for p in train]
         random.Random(cfg.seed + 1).shuffle(train)
     return train, val, report
+
+
+def drop_near_copies(pairs: list[Pair], max_self_bleu: float, report: DataReport) -> list[Pair]:
+    """Pairs whose target is not a near-copy of its source (sentence BLEU < ``max_self_bleu``), counted."""
+    from .metrics import sentence_bleu
+
+    kept = [p for p in pairs if sentence_bleu(p.target, p.source) < max_self_bleu]
+    if len(kept) < len(pairs):
+        report.dropped[f"near-copy (train self-BLEU >= {max_self_bleu:g})"] += len(pairs) - len(kept)
+        report.kept -= len(pairs) - len(kept)
+    if not kept:
+        raise DataError(f"data.max_train_self_bleu={max_self_bleu:g} drops every training pair; raise it")
+    return kept
 
 
 def split_pairs(pairs: list[Pair], cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
@@ -224,9 +239,26 @@ def encode_source(tokenizer: Any, source: str, template: TemplateConfig, max_sou
 
     The source is truncated, never the separator: the model must always see where the paraphrase begins.
     """
+    if template.chat:
+        return encode_chat(tokenizer, template.prefix, source, template.separator, max_source_tokens)
     src_ids = tokenizer(template.prefix + source, add_special_tokens=True)["input_ids"]
     sep_ids = tokenizer(template.separator, add_special_tokens=False)["input_ids"] if template.separator else []
     return src_ids[:max_source_tokens] + sep_ids
+
+
+def encode_chat(tokenizer: Any, prefix: str, source: str, suffix: str = "", max_source_tokens: int = 64) -> list[int]:
+    """Ids of the chat template around one user turn ``prefix + source + suffix``, ending with the assistant
+    header (``add_generation_prompt``). The source is cut to ``max_source_tokens``; the rest is kept."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("template.chat is set but the tokenizer has no chat template; use a chat model or chat: false")
+    src_ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+    if len(src_ids) > max_source_tokens:
+        source = tokenizer.decode(src_ids[:max_source_tokens])
+    msgs = [{"role": "user", "content": prefix + source + suffix}]
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def encode_pair(

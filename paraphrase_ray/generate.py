@@ -27,12 +27,19 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig, TemplateConfig
-from .data import encode_source
+from .data import encode_chat, encode_source
 from .models import LoadedModel
 from .prompt import SoftPrompt
 
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
 _NEWLINE_IDS: dict[int, list[int]] = {}
+_COMMON_IDS: dict[int, frozenset[int]] = {}
+# English function words: every paraphrase needs them, so penalising them only forces odd wording.
+FUNCTION_WORDS = frozenset(
+    "a an the of to in on at by for from with as and or but nor so if than that this these those it its is are "
+    "was were be been being has have had do does did will would can could may might shall should must not no "
+    "he she they we i you his her their our my your him them us who which what when where there here".split()
+)
 
 
 @dataclass
@@ -86,6 +93,22 @@ def newline_token_ids(tokenizer) -> list[int]:
     return _NEWLINE_IDS[key]
 
 
+def common_token_ids(tokenizer) -> frozenset[int]:
+    """Ids the source penalty skips (``source_penalty_skip_common``): tokens without a letter or digit
+    (punctuation, spaces, newlines) and function words.
+
+    Penalising them does not stop copying (content words and their order do), but it does push down the final
+    period every source contains and the eos after it, so the model runs on past the end of its sentence.
+    """
+    key = id(tokenizer)
+    if key not in _COMMON_IDS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _COMMON_IDS[key] = frozenset(
+            i for i, t in enumerate(texts) if not any(c.isalnum() for c in t) or t.strip().lower() in FUNCTION_WORDS
+        )
+    return _COMMON_IDS[key]
+
+
 def row_for(
     loaded: LoadedModel,
     source: str,
@@ -99,15 +122,16 @@ def row_for(
     tok = loaded.tokenizer
     src_only = tok(source, add_special_tokens=False)["input_ids"]
     if chat:
-        msgs = [{"role": "user", "content": ZERO_SHOT_INSTRUCTION.format(source=source)}]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        # the baseline's source is never cut (Serve's zero-shot accepts any length)
+        ids = encode_chat(tok, ZERO_SHOT_INSTRUCTION.format(source=""), source, "", len(src_only))
     else:
         ids = encode_source(tok, source, template, max_source_tokens)
     limit = min(gen.max_new_tokens, int(gen.max_new_tokens_ratio * len(src_only)) + 8)
-    return Row(prompt, ids, src_only, max(1, limit))
+    penalised = src_only
+    if gen.source_penalty_skip_common and gen.source_repetition_penalty != 1.0:
+        common = common_token_ids(tok)
+        penalised = [t for t in src_only if t not in common]
+    return Row(prompt, ids, penalised, max(1, limit))
 
 
 def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:

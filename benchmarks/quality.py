@@ -1,0 +1,265 @@
+"""Quality: zero-shot baselines vs a soft prompt tuned on MRPC with a fixed CPU budget, on held-out rows.
+
+MRPC is read from ``../shared/data/mrpc/train.jsonl`` at run time (never copied into the repo). Its positive
+pairs are split exactly as ``paraphrase-ray train`` splits them (``DataConfig(val_fraction, seed)``); the
+first ``--eval-rows`` validation pairs are the test rows and the rest of the validation split (at most
+``--loss-rows``) pick the best checkpoint by validation loss, so no scored row is seen in training or model
+selection. Systems, all on the same rows with the same decoding and embedder:
+
+- ``zero-shot``:      no soft prompt, ``"{source}\\nParaphrase:"``
+- ``zero-shot-chat``: the chat template with an instruction (SmolLM2-135M-Instruct is instruction-tuned)
+- ``tuned``:          the trained soft prompt with the training template
+
+Prints one JSON line per system, then one for the budget and one for the machine, then the comparison.
+The same rows can be re-scored with the CLI::
+
+    paraphrase-ray evaluate --prompt runs/quality/prompt --zero-shot --data ../shared/data/mrpc/train.jsonl \\
+        --limit 100
+
+    python benchmarks/quality.py                       # the recorded run (docs/BENCHMARKS.md)
+    python benchmarks/quality.py --steps 20 --eval-rows 24 --no-zero-shot   # a quick look at one setting
+    python benchmarks/quality.py --prompt-dir runs/quality/prompt --eval-only --source-repetition-penalty 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# Before torch loads: on a shared CPU, spinning OpenMP workers wait on descheduled peers (2 threads measured
+# 7x slower than 1 thread per decode step at load average ~15); passive waiting removes that cliff.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from paraphrase_ray import report  # noqa: E402
+from paraphrase_ray.config import (
+    DataConfig,
+    GenerationConfig,
+    PromptConfig,
+    RunConfig,
+    TemplateConfig,
+    TrainConfig,
+)
+from paraphrase_ray.data import load_pairs
+from paraphrase_ray.generate import ZERO_SHOT_INSTRUCTION
+from paraphrase_ray.metrics import load_embedder
+from paraphrase_ray.models import load_model
+from paraphrase_ray.prompt import load_bundle
+from paraphrase_ray.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+MRPC = ROOT.parent / "shared" / "data" / "mrpc" / "train.jsonl"
+SHOWN = (
+    "n",
+    "objective",
+    "success_rate",
+    "adequacy",
+    "self_bleu",
+    "copy_rate",
+    "empty_rate",
+    "ref_bleu",
+    "ibleu",
+)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine is shared: timings are noisy
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = RunConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data", default=str(MRPC), help="paraphrase pairs (default: ../shared/data/mrpc/train.jsonl)"
+    )
+    p.add_argument("--model", default=d.model, help="base model (default: the embedded smollm2-135m)")
+    p.add_argument("--steps", type=int, default=d.train.steps, help="training steps (the budget)")
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size, help="pairs per step")
+    p.add_argument("--lr", type=float, default=d.train.lr, help="AdamW learning rate")
+    p.add_argument("--n-tokens", type=int, default=d.prompt.n_tokens, help="soft prompt length")
+    p.add_argument("--init", default=d.prompt.init, help="prompt init: vocab | text | random | random_std")
+    p.add_argument("--init-text", default=d.prompt.init_text, help="text for --init text")
+    p.add_argument("--schedule", default=d.train.schedule, help="lr schedule")
+    p.add_argument("--warmup-steps", type=int, default=d.train.warmup_steps, help="lr warm-up steps")
+    p.add_argument(
+        "--template",
+        choices=["plain", "chat"],
+        default="plain",
+        help="plain: '{source}\\nParaphrase:'; chat: the chat template around the zero-shot instruction",
+    )
+    p.add_argument(
+        "--max-train-self-bleu", type=float, help="drop near-copy training pairs (self-BLEU >= this)"
+    )
+    p.add_argument("--both-directions", action="store_true", help="also train target -> source")
+    p.add_argument("--val-fraction", type=float, default=d.data.val_fraction, help="held-out share of MRPC")
+    p.add_argument("--seed", type=int, default=0, help="split, init and data-order seed")
+    p.add_argument("--eval-rows", type=int, default=100, help="held-out pairs scored")
+    p.add_argument("--loss-rows", type=int, default=64, help="other held-out pairs for validation loss")
+    p.add_argument("--evals", type=int, default=3, help="validation-loss evaluations during training")
+    p.add_argument("--source-repetition-penalty", type=float, help="decoding override (default: config's)")
+    p.add_argument("--repetition-penalty", type=float, help="decoding override (default: config's)")
+    p.add_argument("--max-new-tokens-ratio", type=float, help="decoding override (default: config's)")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="decoding override (default: config's)")
+    p.add_argument("--no-zero-shot", action="store_true", help="score only the tuned prompt")
+    p.add_argument("--eval-only", action="store_true", help="skip training; score --prompt-dir as it is")
+    p.add_argument(
+        "--prompt-dir", default=str(ROOT / "runs" / "quality" / "prompt"), help="where the prompt goes"
+    )
+    p.add_argument("--report", help="also write the full report (every row) as JSON here")
+    p.add_argument("--examples", type=int, default=3, help="example rows to print (stderr)")
+    p.add_argument("--batch-size-generate", type=int, default=16, help="rows per generation batch")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not Path(args.data).is_file():
+        print(f"error: {args.data} not found (the benchmark reads MRPC from ../shared/data)", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    data_cfg = DataConfig(
+        sources=(args.data,),
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        both_directions=args.both_directions,
+        max_train_self_bleu=args.max_train_self_bleu,
+    )
+    train_pairs, val_pairs, data_report = load_pairs(data_cfg)
+    eval_pairs = val_pairs[: args.eval_rows]
+    loss_pairs = val_pairs[args.eval_rows : args.eval_rows + args.loss_rows]
+    # the CLI's --split validation --limit N must score exactly these rows
+    assert eval_pairs == report.eval_pairs(
+        [args.data], "validation", args.val_fraction, args.seed, args.eval_rows
+    )
+    print(
+        f"data: {data_report.summary()}; {len(train_pairs)} train, {len(eval_pairs)} scored, "
+        f"{len(loss_pairs)} for validation loss",
+        file=sys.stderr,
+    )
+
+    loaded = load_model(args.model, "auto", "auto")
+    gen_overrides = {
+        "source_repetition_penalty": args.source_repetition_penalty,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens_ratio": args.max_new_tokens_ratio,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+    }
+    gen_overrides = {k: v for k, v in gen_overrides.items() if v is not None}
+    template = TemplateConfig()
+    if args.template == "chat":  # the chat baseline's exact input, with the soft prompt in front
+        template = TemplateConfig(
+            prefix=ZERO_SHOT_INSTRUCTION.format(source=""), separator="", target_prefix="", chat=True
+        )
+    cfg = RunConfig(
+        model=args.model,
+        template=template,
+        prompt=PromptConfig(n_tokens=args.n_tokens, init=args.init, init_text=args.init_text, seed=args.seed),
+        data=data_cfg,
+        train=TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            schedule=args.schedule,
+            warmup_steps=min(args.warmup_steps, args.steps - 1),
+            eval_every=max(1, args.steps // max(1, args.evals)),
+            early_stop_patience=None,
+            seed=args.seed,
+        ),
+        generation=dataclasses.replace(GenerationConfig(), **gen_overrides),
+    )
+    train_s = 0.0
+    result = None
+    if not args.eval_only:
+        t0 = time.perf_counter()
+        result = train(loaded, cfg, out_dir=args.prompt_dir, train_pairs=train_pairs, val_pairs=loss_pairs)
+        train_s = time.perf_counter() - t0
+        if result.status == "nan":
+            print("error: training diverged (NaN loss); lower --lr", file=sys.stderr)
+            return 1
+
+    bundle = load_bundle(args.prompt_dir, expected_dim=loaded.embed_dim)
+    bundle.prompt.to(loaded.device)
+    tuned = report.prompt_system(bundle, "tuned")
+    if gen_overrides:  # --eval-only with decoding overrides: apply them to the saved prompt's config too
+        tuned = dataclasses.replace(tuned, generation=dataclasses.replace(tuned.generation, **gen_overrides))
+    systems = [tuned]
+    if not args.no_zero_shot:
+        systems += report.zero_shot_systems(loaded, tuned.generation)  # same decoding for every system
+
+    t0 = time.perf_counter()
+    embedder = load_embedder(device=None)
+    rep = report.evaluate_systems(loaded, systems, eval_pairs, embedder, args.batch_size_generate)
+    eval_s = time.perf_counter() - t0
+    total_s = time.perf_counter() - t_start
+
+    for name, s in rep["systems"].items():
+        line = {"system": name, **{k: s["summary"][k] for k in SHOWN}, "generate_s": s["generate_s"]}
+        print(json.dumps(report.jsonable(line)))
+    budget = {
+        "budget": {
+            "model": loaded.name,
+            "dtype": str(loaded.dtype).replace("torch.", ""),
+            "steps": cfg.train.steps,
+            "batch_size": cfg.train.batch_size,
+            "lr": cfg.train.lr,
+            "n_tokens": cfg.prompt.n_tokens,
+            "init": cfg.prompt.init,
+            "template": args.template,
+            "max_train_self_bleu": args.max_train_self_bleu,
+            "schedule": cfg.train.schedule,
+            "both_directions": args.both_directions,
+            "generation": {
+                k: getattr(tuned.generation, k)
+                for k in (
+                    "source_repetition_penalty",
+                    "repetition_penalty",
+                    "max_new_tokens_ratio",
+                    "no_repeat_ngram_size",
+                )
+            },
+            "train_pairs": len(train_pairs),
+            "eval_rows": len(eval_pairs),
+            "train_steps_run": result.steps if result else None,
+            "best_val_loss": round(result.best_val_loss, 4) if result and result.best_val_loss else None,
+            "train_s": round(train_s, 1),
+            "s_per_step": round(train_s / result.steps, 2) if result else None,
+            "eval_s": round(eval_s, 1),
+            "total_s": round(total_s, 1),
+        }
+    }
+    print(json.dumps(budget))
+    print(json.dumps({"machine": machine()}))
+    best = report.best_zero_shot(rep)
+    if best is not None:
+        print(
+            report.versus("tuned", rep["systems"]["tuned"]["summary"], best, rep["systems"][best]["summary"])
+        )
+    if args.examples:
+        print(report.format_examples(rep, args.examples), file=sys.stderr)
+    if args.report:
+        report.write_json(args.report, {"budget": budget["budget"], "machine": machine(), **rep})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
