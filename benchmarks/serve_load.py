@@ -3,8 +3,9 @@
 Both phases hit the same real HTTP endpoint in the same run (same replica, same machine), one text per
 request, cycling through the bundled sample's sources; with several prompts each client uses one of them in
 turn, so batches mix prompts. Mean batch size comes from the replica's ``/stats`` (rows per forward pass).
+The phases alternate ``--rounds`` times so that, on a shared machine, both see the same drift in load.
 
-    python benchmarks/serve_load.py --prompt a=runs/p1 --prompt b=runs/p2 --clients 16 --seconds 60
+    python benchmarks/serve_load.py --prompt a=runs/p1 --prompt b=runs/p2 --clients 16 --seconds 600
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 16   # an already running server
 """
 
@@ -30,9 +31,9 @@ def sample_texts() -> list[str]:
 
 
 async def phase(url: str, headers: dict, prompts: list[str], texts: list[str], clients: int, seconds: float):
-    """``clients`` closed-loop clients for ``seconds``; returns throughput, latency percentiles, batch stats."""
+    """``clients`` closed-loop clients for ``seconds`` (in-flight requests finish): raw latencies and counters."""
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=1800, limits=limits) as client:
         before = (await client.get("/stats")).json()
         latencies: list[float] = []
         errors = 0
@@ -57,19 +58,27 @@ async def phase(url: str, headers: dict, prompts: list[str], texts: list[str], c
         await asyncio.gather(*(worker(c) for c in range(clients)))
         wall = time.perf_counter() - t0
         after = (await client.get("/stats")).json()
-    batches = after["batches"] - before["batches"]
-    rows = after["rows"] - before["rows"]
-    lat = sorted(latencies)
+    delta = {k: after[k] - before[k] for k in ("rows", "batches", "mixed_prompt_batches")}
+    return {"wall": wall, "latencies": latencies, "errors": errors, "load_avg": os.getloadavg()[0], **delta}
+
+
+def summarize(clients: int, runs: list[dict]) -> dict:
+    """One phase's windows merged: throughput = paraphrases / total wall time."""
+    lat = sorted(x for r in runs for x in r["latencies"])
+    wall = sum(r["wall"] for r in runs)
+    batches, rows = sum(r["batches"] for r in runs), sum(r["rows"] for r in runs)
     return {
         "clients": clients,
         "seconds": round(wall, 1),
         "paraphrases": len(lat),
-        "errors": errors,
+        "errors": sum(r["errors"] for r in runs),
         "paraphrases_per_s": round(len(lat) / wall, 3),
         "p50_s": round(statistics.median(lat), 3) if lat else None,
         "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
         "mean_batch_size": round(rows / batches, 2) if batches else None,
-        "mixed_prompt_batches": after["mixed_prompt_batches"] - before["mixed_prompt_batches"],
+        "mixed_prompt_batches": sum(r["mixed_prompt_batches"] for r in runs),
+        "window_paraphrases_per_s": [round(len(r["latencies"]) / r["wall"], 3) for r in runs],
+        "window_load_avg": [round(r["load_avg"], 1) for r in runs],
     }
 
 
@@ -95,7 +104,10 @@ def main() -> int:
     p.add_argument("--url", help="benchmark an already running server instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("PARAPHRASE_RAY_API_KEY"), help="bearer key for --url")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients in the load phase")
-    p.add_argument("--seconds", type=float, default=60, help="duration of each phase")
+    p.add_argument("--seconds", type=float, default=120, help="total duration of each phase")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="alternate the phases this many times (shared machines)"
+    )
     p.add_argument("--max-batch-size", type=int, default=32, help="server batch cap (local run)")
     p.add_argument("--batch-wait", type=float, default=0.01, help="server batch_wait_timeout_s (local run)")
     p.add_argument("--output", help="write the results as JSON here")
@@ -121,10 +133,14 @@ def main() -> int:
         prompts = [x["name"] for x in info["prompts"] if x["name"] != serving.ZERO_SHOT]
         texts = sample_texts()
         asyncio.run(phase(url, headers, prompts, texts, 2, 5))  # warm-up: first-call costs, thread pools
-        base = asyncio.run(phase(url, headers, prompts, texts, 1, args.seconds))
-        print("one at a time:", json.dumps(base), file=sys.stderr)
-        load = asyncio.run(phase(url, headers, prompts, texts, args.clients, args.seconds))
-        print(f"{args.clients} clients:", json.dumps(load), file=sys.stderr)
+        window = args.seconds / args.rounds
+        base_runs, load_runs = [], []
+        for r in range(args.rounds):  # interleaved, so both phases see the machine's load drift alike
+            base_runs.append(asyncio.run(phase(url, headers, prompts, texts, 1, window)))
+            load_runs.append(asyncio.run(phase(url, headers, prompts, texts, args.clients, window)))
+            b, ld = summarize(1, base_runs[-1:]), summarize(args.clients, load_runs[-1:])
+            print(f"round {r + 1}: {b['paraphrases_per_s']} vs {ld['paraphrases_per_s']} /s", file=sys.stderr)
+        base, load = summarize(1, base_runs), summarize(args.clients, load_runs)
         stats = httpx.get(f"{url}/stats", headers=headers, timeout=60).json()
     finally:
         if args.url is None:
