@@ -320,20 +320,23 @@ def train(
         tokens_per_s=tokens / wall if wall > 0 else 0.0, wall_s=wall, history=history,
     )
     if out_dir is not None and status != "nan":
-        meta = {
-            "template": to_dict(cfg.template),
-            "generation": to_dict(cfg.generation),
-            "prompt_config": to_dict(cfg.prompt),
-            "init": cfg.prompt.init,
-            "train_config": to_dict(cfg.train),
-            "data": to_dict(cfg.data),
-            "max_source_tokens": cfg.data.max_source_tokens,
-            "metrics": result.metrics(),
-            **(extra_meta or {}),
-        }
+        meta = {**prompt_meta(cfg), "metrics": result.metrics(), **(extra_meta or {})}
         prompt.save(out_dir, loaded.name, model, meta)
         _log(f"saved prompt to {out_dir}", tcfg)
     return result
+
+
+def prompt_meta(cfg: RunConfig) -> dict[str, Any]:
+    """What a prompt directory records about how it was made; serving and evaluation read it back."""
+    return {
+        "template": to_dict(cfg.template),
+        "generation": to_dict(cfg.generation),
+        "prompt_config": to_dict(cfg.prompt),
+        "init": cfg.prompt.init,
+        "train_config": to_dict(cfg.train),
+        "data": to_dict(cfg.data),
+        "max_source_tokens": cfg.data.max_source_tokens,
+    }
 
 
 def _log(msg: str, tcfg) -> None:

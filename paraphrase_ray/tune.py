@@ -101,19 +101,6 @@ def trial_config(ctx: TrialContext, params: dict[str, Any]) -> RunConfig:
     )
 
 
-def prompt_meta(cfg: RunConfig) -> dict[str, Any]:
-    """The metadata ``train --out`` writes, so a sweep's prompt directory serves like a trained one."""
-    return {
-        "template": to_dict(cfg.template),
-        "generation": to_dict(cfg.generation),
-        "prompt_config": to_dict(cfg.prompt),
-        "init": cfg.prompt.init,
-        "train_config": to_dict(cfg.train),
-        "data": to_dict(cfg.data),
-        "max_source_tokens": cfg.data.max_source_tokens,
-    }
-
-
 def score_prompt(
     loaded, prompt, cfg: RunConfig, ctx: TrialContext, client, timings: dict | None = None, chat: bool = False
 ) -> dict[str, float]:
@@ -160,7 +147,7 @@ def run_trial(
     from .data import Pair
     from .models import load_model
     from .prompt import update_meta
-    from .train import train
+    from .train import prompt_meta, train
 
     report = report or tune.report
     get_checkpoint = get_checkpoint or tune.get_checkpoint
