@@ -187,12 +187,12 @@ def main(argv=None) -> int:
         ),
         generation=dataclasses.replace(GenerationConfig(), **gen_overrides),
     )
-    train_s = 0.0
+    train_s = train_cpu_s = 0.0
     result = None
     if not args.eval_only:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = train(loaded, cfg, out_dir=args.prompt_dir, train_pairs=train_pairs, val_pairs=loss_pairs)
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         if result.status == "nan":
             print("error: training diverged (NaN loss); lower --lr", file=sys.stderr)
             return 1
@@ -242,6 +242,7 @@ def main(argv=None) -> int:
             "train_steps_run": result.steps if result else None,
             "best_val_loss": round(result.best_val_loss, 4) if result and result.best_val_loss else None,
             "train_s": round(train_s, 1),
+            "train_cpu_s": round(train_cpu_s, 1),  # all threads; wall is noisy on a shared machine
             "s_per_step": round(train_s / result.steps, 2) if result else None,
             "eval_s": round(eval_s, 1),
             "total_s": round(total_s, 1),
