@@ -10,9 +10,9 @@ worker thread so the event loop keeps accepting (and batching) requests meanwhil
     client = EvaluatorClient()                  # validates locally, re-creates a dead actor, retries once
     client.score(sources, references, predictions)  # -> metrics.summarize() dict
 
-Ownership: a named actor that is not detached dies with the process that created it. Create it in the Tune
-driver before trials start (then trials only look it up); a trial that creates it takes it down when the
-trial's worker exits, which the client survives by re-creating it. ``lifetime="detached"`` outlives the
+Ownership: a named actor that is not detached dies with the process that created it, and also when its last
+handle goes (``get_if_exists`` does not keep it alive). So the Tune driver creates it before trials start and
+holds its handle for the whole sweep (trials only look it up); if it dies anyway, the client re-creates it. ``lifetime="detached"`` outlives the
 driver: call ``shutdown_evaluator`` when done. This is the only module of the scoring path that imports Ray.
 """
 
