@@ -223,14 +223,6 @@ def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cac
     )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
 
 
-# GenerationConfig fields that make ``model.generate`` add logits processors in greedy mode; the fast loop
-# implements none of them, so any of these set on the model's own generation config routes to ``generate``.
-_HF_PROCESSOR_FIELDS = (
-    "sequence_bias", "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id",
-    "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-)
-
-
 def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
     """True when ``greedy_decode`` gives exactly what ``model.generate`` would for this config."""
     if gen.do_sample or gen.num_beams != 1 or gen.num_return_sequences != 1:
@@ -241,12 +233,25 @@ def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
         return False  # without eos HF keeps emitting tokens after a stop; not worth mirroring
     if model.config.is_encoder_decoder or _cache_kwarg(model) is None:
         return False
-    hf = getattr(model, "generation_config", None)
-    if hf is not None and any(getattr(hf, f, None) not in (None, 0, [], {}) for f in _HF_PROCESSOR_FIELDS):
+    return not _hf_adds_processors(getattr(model, "generation_config", None))
+
+
+def _hf_adds_processors(hf) -> bool:
+    """True when the model's own generation config makes greedy ``generate`` add logits processors (the
+    conditions of transformers' ``_get_logits_processor``); the fast loop implements none of them."""
+    if hf is None:
         return False
-    if hf is not None and getattr(hf, "remove_invalid_values", False):
-        return False
-    return True
+
+    def g(name):
+        return getattr(hf, name, None)
+
+    return bool(
+        g("guidance_scale") not in (None, 1) or (g("min_length") or 0) > 0 or (g("min_new_tokens") or 0) > 0
+        or g("remove_invalid_values") is True
+        or any(g(f) is not None for f in ("sequence_bias", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
+                                          "exponential_decay_length_penalty", "suppress_tokens",
+                                          "begin_suppress_tokens", "watermarking_config"))
+    )
 
 
 def greedy_decode(
