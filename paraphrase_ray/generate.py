@@ -20,6 +20,7 @@ go through ``model.generate`` unchanged.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ def generate_rows(
     if use_cache and fast_greedy_applies(model, gen, tok):
         out = greedy_decode(
             model, x, mask, [r.max_new_tokens for r in rows], src_mask, gen.source_repetition_penalty,
-            stop_ids, nl_ids, tok.pad_token_id,
+            stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
         )
     else:
         out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache)
@@ -203,32 +204,35 @@ def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cac
     max_new = max(r.max_new_tokens for r in rows)
     if gen.do_sample:
         torch.manual_seed(gen.seed)
-    return model.generate(
-        inputs_embeds=x,
-        attention_mask=mask,
-        max_new_tokens=max_new,
-        do_sample=gen.do_sample,
-        num_beams=gen.num_beams,
-        num_return_sequences=gen.num_return_sequences,
-        temperature=gen.temperature if gen.do_sample else None,
-        top_p=gen.top_p if gen.do_sample else None,
-        top_k=None,
-        repetition_penalty=gen.repetition_penalty,
-        no_repeat_ngram_size=gen.no_repeat_ngram_size,
-        logits_processor=processors,
-        stopping_criteria=stopping,
-        eos_token_id=stop_ids or None,
-        pad_token_id=tok.pad_token_id,
-        use_cache=use_cache,
-    )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
+    with warnings.catch_warnings():
+        # n-gram bans over the generated tokens only are what we want (the source is penalised separately)
+        warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+        return model.generate(
+            inputs_embeds=x,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=gen.do_sample,
+            num_beams=gen.num_beams,
+            num_return_sequences=gen.num_return_sequences,
+            temperature=gen.temperature if gen.do_sample else None,
+            top_p=gen.top_p if gen.do_sample else None,
+            top_k=None,
+            repetition_penalty=gen.repetition_penalty,
+            no_repeat_ngram_size=gen.no_repeat_ngram_size,
+            logits_processor=processors,
+            stopping_criteria=stopping,
+            eos_token_id=stop_ids or None,
+            pad_token_id=tok.pad_token_id,
+            use_cache=use_cache,
+        )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
 
 
 def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
     """True when ``greedy_decode`` gives exactly what ``model.generate`` would for this config."""
     if gen.do_sample or gen.num_beams != 1 or gen.num_return_sequences != 1:
         return False
-    if gen.repetition_penalty != 1.0 or gen.no_repeat_ngram_size:
-        return False  # HF's own generated-token penalties stay on HF's path
+    if gen.repetition_penalty != 1.0:
+        return False  # HF's generated-token penalty stays on HF's path
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         return False  # without eos HF keeps emitting tokens after a stop; not worth mirroring
     if model.config.is_encoder_decoder or _cache_kwarg(model) is None:
@@ -264,6 +268,7 @@ def greedy_decode(
     stop_ids: Sequence[int] = (),
     newline_ids: Sequence[int] = (),
     pad_id: int = 0,
+    no_repeat_ngram: int = 0,
 ) -> torch.Tensor:
     """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
 
@@ -271,7 +276,9 @@ def greedy_decode(
     dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
     and stops each row on its own: at a ``stop_ids`` token (kept, like HF keeps eos), at a ``newline_ids``
     token after some text (``StopAtLineEnd``), or after ``max_new[i]`` tokens. A stopped row leaves the batch
-    (its cache rows are dropped), so the work per step shrinks as rows finish.
+    (its cache rows are dropped), so the work per step shrinks as rows finish. ``no_repeat_ngram`` n > 0
+    bans any token that would repeat an n-gram of the row's own generated tokens (transformers'
+    ``NoRepeatNGramLogitsProcessor``, which with ``inputs_embeds`` sees only the generated tokens too).
     """
     bsz, dev = x.shape[0], x.device
     cache_key = _cache_kwarg(model)
@@ -294,9 +301,15 @@ def greedy_decode(
     cache = res.get(cache_key)
     prunable = hasattr(cache, "batch_select_indices")
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+    seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
     n_steps = 0
     for step in range(steps):
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
+        if no_repeat_ngram and step + 1 >= no_repeat_ngram:
+            for k, r in enumerate(active.tolist()):
+                banned = _ngram_bans(seqs[r], no_repeat_ngram)
+                if banned:
+                    scores[k, banned] = -float("inf")
         if src is not None:
             scores = SourceRepetitionPenalty(src, penalty)(None, scores)
         nxt = scores.argmax(dim=-1)  # (rows in batch,)
@@ -305,6 +318,9 @@ def greedy_decode(
         else:
             out[active[~done], step] = nxt[~done]
         n_steps = step + 1
+        if no_repeat_ngram:
+            for r, t in zip(active.tolist(), nxt.tolist()):
+                seqs[r].append(t)
         stop = lim <= n_steps
         if stop_t.numel():
             stop |= torch.isin(nxt, stop_t)
@@ -329,6 +345,14 @@ def greedy_decode(
         kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
         res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
     return out[:, :n_steps]
+
+
+def _ngram_bans(seq: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already in ``seq`` (the last n-1 tokens as its prefix)."""
+    if len(seq) + 1 < n:
+        return []
+    prefix = seq[len(seq) - n + 1 :]
+    return [seq[j + n - 1] for j in range(len(seq) - n + 1) if seq[j : j + n - 1] == prefix]
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str | None:

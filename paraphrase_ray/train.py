@@ -297,6 +297,10 @@ def train(
                     if tcfg.schedule == "plateau" and state["bad_evals"] % tcfg.plateau_patience == 0:
                         state["lr_scale"] *= tcfg.plateau_factor
             history.append(event)
+            if bar.disable:  # no live bar (log file, CI, Ray worker): one line per evaluation instead
+                vl_txt = f" val {event['val_loss']:.3f}" if "val_loss" in event else ""
+                s_step = (time.perf_counter() - t0) / max(1, step - start_step)
+                _log(f"step {step}/{tcfg.steps} loss {last_loss:.3f}{vl_txt} lr {event['lr']:.3g} ({s_step:.1f} s/step)", tcfg)
             bar.set_postfix(loss=f"{last_loss:.3f}", val=f"{event.get('val_loss', float('nan')):.3f}")
             state.update(step=step, history=history)
             if ckpt_dir is not None and (tcfg.checkpoint_every is None or step % tcfg.checkpoint_every == 0):

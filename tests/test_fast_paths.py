@@ -104,8 +104,11 @@ GREEDY = GenerationConfig(max_new_tokens=12, source_repetition_penalty=1.0, stop
         (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "real"),  # defaults
         (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "frequent"),
         (dataclasses.replace(GREEDY, source_repetition_penalty=3.0, max_new_tokens_ratio=0.5), "frequent"),
+        (dataclasses.replace(GREEDY, no_repeat_ngram_size=2), "real"),
+        (dataclasses.replace(GREEDY, no_repeat_ngram_size=3, source_repetition_penalty=1.3), "frequent"),
     ],
-    ids=["plain", "paraphrase-defaults", "rows-stop-early", "strong-penalty-short-limits"],
+    ids=["plain", "paraphrase-defaults", "rows-stop-early", "strong-penalty-short-limits", "no-repeat-2",
+         "no-repeat-3-rows-stop-early"],
 )
 def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
     prompts = [SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=n, init="random", seed=n))
@@ -126,11 +129,11 @@ def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
             # a random tiny model never says eos or newline: stand in its two most frequent tokens, so rows
             # stop at different steps and leave the batch (the pruning path)
             free = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty,
-                                 pad_id=tok.pad_token_id)
+                                 pad_id=tok.pad_token_id, no_repeat_ngram=gen.no_repeat_ngram_size)
             common = torch.bincount(free.flatten()).argsort(descending=True)[:2].tolist()
             eos, nl = common[:1], common[1:] if gen.stop_at_newline else []
         ours = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty, eos, nl,
-                             tok.pad_token_id)
+                             tok.pad_token_id, gen.no_repeat_ngram_size)
         ref = _hf_generate(tiny, x, mask, rows, gen, src_mask, eos, nl, use_cache=True)
     lengths = []
     for i, r in enumerate(rows):  # token for token, up to each row's own limit
@@ -155,7 +158,8 @@ def test_generate_rows_fast_path_equals_uncached_generate(tiny):
 def test_fast_path_routes_other_configs_to_hf_generate(tiny):
     tok = tiny.tokenizer
     assert fast_greedy_applies(tiny.model, GenerationConfig(), tok)
-    for other in (dict(do_sample=True), dict(num_beams=2), dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=3)):
+    assert fast_greedy_applies(tiny.model, GenerationConfig(no_repeat_ngram_size=3), tok)
+    for other in (dict(do_sample=True), dict(num_beams=2), dict(repetition_penalty=1.2)):
         assert not fast_greedy_applies(tiny.model, GenerationConfig(**other), tok), other
     tiny.model.generation_config.suppress_tokens = [5]
     assert not fast_greedy_applies(tiny.model, GenerationConfig(), tok)
@@ -180,3 +184,21 @@ def test_auto_precision_picks_bf16_only_where_the_cpu_does_bf16(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)  # AVX2 only: bf16 is emulated, far slower
     assert models.resolve_dtype("auto", cpu) == torch.float32
     assert models.resolve_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice is kept
+
+
+def test_no_repeat_ngram_bans_what_the_free_run_repeats(tiny):
+    # a random tiny model loops; with n-gram bans its greedy output has no repeated bigram at all
+    gen = dataclasses.replace(GREEDY, max_new_tokens=24, max_new_tokens_ratio=10.0)
+    rows = [row_for(tiny, s, None, T, gen) for s in SOURCES]
+    x, mask = build_batch(tiny, rows)
+    limits = [r.max_new_tokens for r in rows]
+    with torch.no_grad():
+        free = greedy_decode(tiny.model, x, mask, limits, pad_id=tiny.tokenizer.pad_token_id)
+        banned = greedy_decode(tiny.model, x, mask, limits, pad_id=tiny.tokenizer.pad_token_id, no_repeat_ngram=2)
+
+    def repeats(ids):
+        bigrams = list(zip(ids, ids[1:]))
+        return len(bigrams) - len(set(bigrams))
+
+    assert sum(repeats(r.tolist()) for r in free) > 0  # the free run does repeat, so the ban is exercised
+    assert all(repeats(r.tolist()) == 0 for r in banned)
