@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--max-train-self-bleu", type=float, help="drop near-copy training pairs (self-BLEU >= this)"
     )
+    p.add_argument(
+        "--min-train-self-bleu", type=float, help="drop free-rewrite training pairs (self-BLEU < this)"
+    )
     p.add_argument("--both-directions", action="store_true", help="also train target -> source")
     p.add_argument("--val-fraction", type=float, default=d.data.val_fraction, help="held-out share of MRPC")
     p.add_argument("--seed", type=int, default=0, help="split, init and data-order seed")
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         both_directions=args.both_directions,
         max_train_self_bleu=args.max_train_self_bleu,
+        min_train_self_bleu=args.min_train_self_bleu,
     )
     train_pairs, val_pairs, data_report = load_pairs(data_cfg)
     eval_pairs = val_pairs[: args.eval_rows]
@@ -242,6 +246,7 @@ def main(argv=None) -> int:
             "init": cfg.prompt.init,
             "template": args.template,
             "max_train_self_bleu": args.max_train_self_bleu,
+            "min_train_self_bleu": args.min_train_self_bleu,
             "schedule": cfg.train.schedule,
             "both_directions": args.both_directions,
             "generation": {

@@ -78,6 +78,9 @@ class DataConfig:
     # drop *training* pairs whose target repeats the source (sentence BLEU of target vs source >= this, 0..100):
     # near-copies teach a small LM to copy. Validation is never filtered. None keeps every pair.
     max_train_self_bleu: float | None = None
+    # drop *training* pairs rewritten so freely that they often change the meaning (self-BLEU < this). On MRPC
+    # positives only 56% of pairs under self-BLEU 20 keep MiniLM adequacy >= 0.75, vs 68-90% between 20 and 60.
+    min_train_self_bleu: float | None = None
     max_source_tokens: int = 64
     max_target_tokens: int = 64
     max_chars: int = 1000  # rows longer than this (either side) are dropped as over-long
@@ -96,6 +99,11 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_train_self_bleu is not None and not 0 < self.max_train_self_bleu <= 100:
             raise ConfigError(f"data.max_train_self_bleu must be in (0, 100], got {self.max_train_self_bleu}")
+        if self.min_train_self_bleu is not None and not 0 <= self.min_train_self_bleu < 100:
+            raise ConfigError(f"data.min_train_self_bleu must be in [0, 100), got {self.min_train_self_bleu}")
+        lo, hi = self.min_train_self_bleu, self.max_train_self_bleu
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"data.min_train_self_bleu ({lo:g}) must be below data.max_train_self_bleu ({hi:g})")
         if self.max_source_tokens < 1 or self.max_target_tokens < 1:
             raise ConfigError("data.max_source_tokens and data.max_target_tokens must be >= 1")
 

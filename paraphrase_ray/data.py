@@ -176,8 +176,8 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair], DataReport]:
         if not pairs:
             raise DataError(f"data source {spec!r} has no usable rows ({report.summary()})")
         train, val = split_pairs(pairs, cfg)
-        if cfg.max_train_self_bleu is not None:
-            train = drop_near_copies(train, cfg.max_train_self_bleu, report)
+        if cfg.max_train_self_bleu is not None or cfg.min_train_self_bleu is not None:
+            train = filter_self_bleu(train, cfg.min_train_self_bleu, cfg.max_train_self_bleu, report)
         trains.append(train)
         vals.append(val)
     train = interleave(trains, cfg.weights, cfg.seed)
@@ -189,16 +189,32 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair], DataReport]:
     return train, val, report
 
 
-def drop_near_copies(pairs: list[Pair], max_self_bleu: float, report: DataReport) -> list[Pair]:
-    """Pairs whose target is not a near-copy of its source (sentence BLEU < ``max_self_bleu``), counted."""
+def filter_self_bleu(
+    pairs: list[Pair], min_self_bleu: float | None, max_self_bleu: float | None, report: DataReport
+) -> list[Pair]:
+    """Training pairs whose sentence BLEU of target vs source is in [min, max), each side's drops counted:
+    near-copies (>= max) teach a small LM to copy, free rewrites (< min) often change the meaning."""
     from .metrics import sentence_bleu
 
-    kept = [p for p in pairs if sentence_bleu(p.target, p.source) < max_self_bleu]
-    if len(kept) < len(pairs):
-        report.dropped[f"near-copy (train self-BLEU >= {max_self_bleu:g})"] += len(pairs) - len(kept)
-        report.kept -= len(pairs) - len(kept)
+    kept, near_copy, free = [], 0, 0
+    for p in pairs:
+        b = sentence_bleu(p.target, p.source)
+        if max_self_bleu is not None and b >= max_self_bleu:
+            near_copy += 1
+        elif min_self_bleu is not None and b < min_self_bleu:
+            free += 1
+        else:
+            kept.append(p)
+    if near_copy:
+        report.dropped[f"near-copy (train self-BLEU >= {max_self_bleu:g})"] += near_copy
+    if free:
+        report.dropped[f"free rewrite (train self-BLEU < {min_self_bleu:g})"] += free
+    report.kept -= near_copy + free
     if not kept:
-        raise DataError(f"data.max_train_self_bleu={max_self_bleu:g} drops every training pair; raise it")
+        raise DataError(
+            f"data.min_train_self_bleu={min_self_bleu} / data.max_train_self_bleu={max_self_bleu} drop every "
+            "training pair; widen the range"
+        )
     return kept
 
 

@@ -283,6 +283,23 @@ def test_near_copy_training_pairs_are_dropped_from_training_only():
         DataConfig(max_train_self_bleu=0)
 
 
+def test_self_bleu_band_keeps_only_moderate_rewrites_for_training():
+    from paraphrase_ray.metrics import sentence_bleu
+
+    train, val, rep = load_pairs(DataConfig(sources=("sample",)))
+    b_train, b_val, b_rep = load_pairs(DataConfig(sources=("sample",), min_train_self_bleu=10, max_train_self_bleu=50))
+    assert b_val == val
+    bleu = {p: sentence_bleu(p.target, p.source) for p in train}
+    assert set(b_train) == {p for p in train if 10 <= bleu[p] < 50}
+    free = sum(b < 10 for b in bleu.values())
+    assert free and b_rep.dropped["free rewrite (train self-BLEU < 10)"] == free  # each side counted by name
+    assert b_rep.kept == rep.kept - (len(train) - len(b_train))
+    with pytest.raises(ValueError, match="must be below"):
+        DataConfig(min_train_self_bleu=60, max_train_self_bleu=40)
+    with pytest.raises(ValueError, match="drop every training pair"):
+        load_pairs(DataConfig(sources=("sample",), min_train_self_bleu=99.9))
+
+
 def test_source_penalty_can_skip_punctuation_and_function_words(tiny):
     from paraphrase_ray.config import TemplateConfig
     from paraphrase_ray.generate import FUNCTION_WORDS, common_token_ids, row_for
