@@ -99,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-tokens", type=int, default=d.prompt.n_tokens, help="soft prompt length")
     p.add_argument("--init", default=d.prompt.init, help="prompt init: vocab | text | random | random_std")
     p.add_argument("--init-text", default=d.prompt.init_text, help="text for --init text")
+    p.add_argument(
+        "--copy-token-weight", type=float, default=d.train.copy_token_weight,
+        help="loss weight of target tokens found in the input (1.0: plain cross-entropy)",
+    )
     p.add_argument("--schedule", default=d.train.schedule, help="lr schedule")
     p.add_argument("--warmup-steps", type=int, default=d.train.warmup_steps, help="lr warm-up steps")
     p.add_argument(
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            copy_token_weight=args.copy_token_weight,
             schedule=args.schedule,
             warmup_steps=min(args.warmup_steps, args.steps - 1),
             eval_every=max(1, args.steps // max(1, args.evals)),
@@ -242,6 +247,7 @@ def main(argv=None) -> int:
             "steps": cfg.train.steps,
             "batch_size": cfg.train.batch_size,
             "lr": cfg.train.lr,
+            "copy_token_weight": cfg.train.copy_token_weight,
             "n_tokens": cfg.prompt.n_tokens,
             "init": cfg.prompt.init,
             "template": args.template,

@@ -124,6 +124,10 @@ class TrainConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 2  # evaluations without improvement before the plateau schedule cuts lr
     grad_clip: float = 1.0
+    # loss weight of target tokens that also occur in the input (source and template). Paraphrase pairs are
+    # mostly copied tokens, so plain cross-entropy teaches a small LM to copy; < 1 makes the prompt learn from
+    # the rewritten tokens. 1.0 is plain cross-entropy.
+    copy_token_weight: float = 1.0
     eval_every: int = 50
     eval_batches: int | None = 8  # cap on validation batches (of 2 x batch_size rows) per evaluation; None: all
     early_stop_patience: int | None = 5  # evaluations without improvement before stopping
@@ -148,6 +152,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.eval_every < 1:
             raise ConfigError("train.eval_every must be >= 1")
+        if not 0 < self.copy_token_weight <= 1:
+            raise ConfigError(f"train.copy_token_weight must be in (0, 1], got {self.copy_token_weight}")
         if self.warmup_steps < 0:
             raise ConfigError("train.warmup_steps must be >= 0")
 

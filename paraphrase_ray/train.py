@@ -59,44 +59,71 @@ class TrainResult:
         }
 
 
-def prompt_loss(model: torch.nn.Module, prompt: SoftPrompt, batch: Batch, fast: bool = True) -> torch.Tensor:
-    """Mean cross-entropy over target tokens of ``[prompt][input_ids]``.
+def prompt_loss(
+    model: torch.nn.Module, prompt: SoftPrompt, batch: Batch, fast: bool = True, copy_weight: float = 1.0
+) -> torch.Tensor:
+    """Mean cross-entropy over target tokens of ``[prompt][input_ids]``; with ``copy_weight`` < 1 a weighted
+    mean in which target tokens that also occur in the row's input count ``copy_weight`` (see ``TrainConfig``).
 
     fast=True runs the prompt once for the whole batch (``_token_hidden``), splits rows of very different
     lengths into two groups each cut to its own width (``_length_groups``), and projects to the vocabulary only
     the hidden states that predict a target token; fast=False is the straightforward full-logits forward (kept
     as the reference in tests).
     """
+    total, weight = loss_terms(model, prompt, batch, fast, copy_weight)
+    return total / weight
+
+
+def loss_terms(
+    model: torch.nn.Module, prompt: SoftPrompt, batch: Batch, fast: bool = True, copy_weight: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted sum of target-token cross-entropies, sum of their weights): sums add up across batches."""
     emb = model.get_input_embeddings()(batch.input_ids)  # (B, S, d_embed), model dtype
     bsz, n_p = emb.shape[0], prompt.n_tokens
     mask = torch.cat([batch.attention_mask.new_ones(bsz, n_p), batch.attention_mask], dim=1)  # (B, P+S)
+    w = token_weights(batch, copy_weight)  # (B, S), 0 outside targets
     if not fast:
         x = torch.cat([prompt.expand(bsz, emb.dtype), emb], dim=1)  # (B, P+S, d_embed)
         labels = torch.cat([batch.labels.new_full((bsz, n_p), IGNORE), batch.labels], dim=1)
         logits = model(inputs_embeds=x, attention_mask=mask).logits.float()  # (B, P+S, vocab)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-    groups = _length_groups(batch.attention_mask)
-    if len(groups) == 1:
-        return _target_ce(model, prompt, emb, mask, batch.labels, "mean")
+        ce = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="none"
+        )  # (B * (P+S-1),), 0 where ignored
+        wf = torch.cat([w.new_zeros(bsz, n_p), w], dim=1)[:, 1:]  # (B, P+S-1), aligned with the labels
+        return (ce * wf.flatten()).sum(), wf.sum()
     # rows of very different lengths: each group is cut to its own longest row, so no position runs that is
-    # padding in every row of its group; sum over groups / count = the same mean over all target tokens
-    total, count = 0.0, 0
-    for rows, width in groups:
-        y = batch.labels[rows, :width]
-        total = total + _target_ce(model, prompt, emb[rows, :width], mask[rows, : n_p + width], y, "sum")
-        count += int((y[:, 1:] != IGNORE).sum())
-    return total / max(count, 1)
+    # padding in every row of its group; the sums over groups are the sums over the batch
+    total, weight = 0.0, 0.0
+    for rows, width in _length_groups(batch.attention_mask):
+        y, wy = batch.labels[rows, :width], w[rows, :width]
+        total = total + _target_ce(model, prompt, emb[rows, :width], mask[rows, : n_p + width], y, wy)
+        weight = weight + wy[:, 1:].sum()
+    return total, weight
 
 
-def _target_ce(model, prompt: SoftPrompt, emb, mask, labels, reduction: str) -> torch.Tensor:
-    """Cross-entropy over the target tokens of ``[prompt][emb]``, from logits at target positions only."""
+def token_weights(batch: Batch, copy_weight: float) -> torch.Tensor:
+    """(B, S) loss weights: 1 on target tokens, ``copy_weight`` on target tokens found in the row's input
+    (positions with labels IGNORE and attention 1), 0 off the target."""
+    is_target = batch.labels != IGNORE
+    w = is_target.float()
+    if copy_weight != 1.0:
+        for b in range(w.shape[0]):
+            inp = batch.input_ids[b][~is_target[b] & (batch.attention_mask[b] == 1)]
+            copied = is_target[b] & torch.isin(batch.labels[b], inp)
+            w[b, copied] = copy_weight
+    return w
+
+
+def _target_ce(model, prompt: SoftPrompt, emb, mask, labels, weights) -> torch.Tensor:
+    """Weighted sum of cross-entropies over the target tokens of ``[prompt][emb]``, from logits at target
+    positions only."""
     hidden = _token_hidden(model, prompt, emb, mask)  # (B, S, h)
     # hidden at token position j predicts token j+1: drop the last position.
     h = hidden[:, :-1]  # (B, S-1, h)
     y = labels[:, 1:]  # (B, S-1)
     sel = y != IGNORE
     logits = model.get_output_embeddings()(h[sel]).float()  # (n_target, vocab)
-    return F.cross_entropy(logits, y[sel], reduction=reduction)
+    return (F.cross_entropy(logits, y[sel], reduction="none") * weights[:, 1:][sel]).sum()
 
 
 def _length_groups(attention_mask: torch.Tensor, min_saving: float = 0.1) -> list[tuple[Any, int]]:
@@ -149,17 +176,18 @@ def _cache_kwarg(module: torch.nn.Module) -> str | None:
 
 
 @torch.inference_mode()
-def validation_loss(model, prompt: SoftPrompt, encoded, batch_size: int, device, pad_id: int, max_batches=None):
-    """Token-weighted mean loss over the validation examples."""
-    total, count = 0.0, 0
+def validation_loss(
+    model, prompt: SoftPrompt, encoded, batch_size: int, device, pad_id: int, max_batches=None, copy_weight=1.0
+):
+    """Token-weighted mean loss over the validation examples (the training loss's weighting)."""
+    total, count = 0.0, 0.0
     for i, start in enumerate(range(0, len(encoded), batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         batch = collate(encoded[start : start + batch_size], pad_id).to(device)
-        n = int((batch.labels[:, 1:] != IGNORE).sum())
-        total += prompt_loss(model, prompt, batch).item() * n
-        count += n
-    return total / max(count, 1)
+        t, w = loss_terms(model, prompt, batch, copy_weight=copy_weight)
+        total, count = total + float(t), count + float(w)
+    return total / max(count, 1e-9)
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -266,7 +294,7 @@ def train(
     step = start_step
     while step < tcfg.steps:
         batch = stream.next().to(device)
-        loss = prompt_loss(model, prompt, batch)
+        loss = prompt_loss(model, prompt, batch, copy_weight=tcfg.copy_token_weight)
         if not torch.isfinite(loss):
             status = "nan"
             _log(f"loss became {loss.item()} at step {step + 1}; stopping without saving (try a lower lr)", tcfg)
@@ -287,7 +315,10 @@ def train(
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
             event: dict[str, Any] = {"step": step, "train_loss": last_loss, "lr": opt.param_groups[0]["lr"]}
             if val_enc:
-                vl = validation_loss(model, prompt, val_enc, tcfg.batch_size * 2, device, tok.pad_token_id, tcfg.eval_batches)
+                vl = validation_loss(
+                    model, prompt, val_enc, tcfg.batch_size * 2, device, tok.pad_token_id, tcfg.eval_batches,
+                    tcfg.copy_token_weight,
+                )
                 event["val_loss"] = vl
                 if state["best_val_loss"] is None or vl < state["best_val_loss"] - 1e-4:
                     state["best_val_loss"], state["bad_evals"] = vl, 0

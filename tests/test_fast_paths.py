@@ -8,7 +8,6 @@ of training follow the same loss curve. Generation: the greedy decode loop equal
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import pytest
@@ -27,7 +26,7 @@ from paraphrase_ray.generate import (
     row_for,
 )
 from paraphrase_ray.prompt import SoftPrompt
-from paraphrase_ray.train import _length_groups, prompt_loss, train
+from paraphrase_ray.train import _length_groups, loss_terms, prompt_loss, token_weights, train
 
 T = TemplateConfig()
 PAIRS = [Pair(r["source"], r["target"]) for r in map(json.loads, SAMPLE_PATH.read_text().splitlines()[:12])]
@@ -39,9 +38,9 @@ def _batch(loaded, pairs, max_target=64):
     return collate(enc, loaded.tokenizer.pad_token_id)
 
 
-def _loss_and_grad(model, prompt, batch, fast):
+def _loss_and_grad(model, prompt, batch, fast, copy_weight=1.0):
     prompt.weight.grad = None
-    loss = prompt_loss(model, prompt, batch, fast=fast)
+    loss = prompt_loss(model, prompt, batch, fast=fast, copy_weight=copy_weight)
     loss.backward()
     return loss.detach().float(), prompt.weight.grad.detach().clone()
 
@@ -50,19 +49,37 @@ SHORT = [Pair("Hi.", "Hello."), Pair("Snow fell.", "It snowed."), Pair("He left.
          Pair("Yes.", "Indeed.")]
 
 
+@pytest.mark.parametrize("copy_weight", [1.0, 0.3])
 @pytest.mark.parametrize("rows", ["one", "padded", "two-length-groups"])
-def test_fast_loss_and_grad_equal_full_logits_fp32(tiny, rows):
+def test_fast_loss_and_grad_equal_full_logits_fp32(tiny, rows, copy_weight):
     # right padding, target-length truncation, and the split of short and long rows are all exercised
     pairs = {"one": PAIRS[:1], "padded": PAIRS[:5], "two-length-groups": PAIRS[:4] + SHORT}[rows]
     batch = _batch(tiny, pairs, max_target=6 if rows == "one" else 64)
     assert rows == "one" or bool((batch.attention_mask == 0).any())
     assert len(_length_groups(batch.attention_mask)) == (2 if rows == "two-length-groups" else 1)
     prompt = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random_std"))
-    full_loss, full_grad = _loss_and_grad(tiny.model, prompt, batch, fast=False)
-    fast_loss, fast_grad = _loss_and_grad(tiny.model, prompt, batch, fast=True)
+    full_loss, full_grad = _loss_and_grad(tiny.model, prompt, batch, False, copy_weight)
+    fast_loss, fast_grad = _loss_and_grad(tiny.model, prompt, batch, True, copy_weight)
     torch.testing.assert_close(fast_loss, full_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast_grad, full_grad, rtol=1e-4, atol=1e-7)
     assert full_grad.abs().sum() > 0
+
+
+def test_copy_token_weight_discounts_target_tokens_found_in_the_input(tiny):
+    batch = _batch(tiny, [Pair("the cat sat", "the cat slept"), Pair("Snow fell.", "It snowed.")])
+    w = token_weights(batch, 0.25)
+    tgt = batch.labels != -100
+    assert (w[~tgt] == 0).all() and set(w[tgt].tolist()) == {0.25, 1.0}
+    for b in range(2):
+        inp = set(batch.input_ids[b][~tgt[b] & (batch.attention_mask[b] == 1)].tolist())
+        for j in tgt[b].nonzero().flatten().tolist():
+            assert w[b, j] == (0.25 if int(batch.labels[b, j]) in inp else 1.0)
+    assert torch.equal(token_weights(batch, 1.0), tgt.float())  # 1.0 is plain cross-entropy
+    prompt = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=3, init="random_std"))
+    with torch.no_grad():
+        plain = prompt_loss(tiny.model, prompt, batch)
+        weighted = prompt_loss(tiny.model, prompt, batch, copy_weight=0.25)
+    assert not torch.isclose(plain, weighted)
 
 
 def test_fast_loss_within_bf16_tolerance_of_fp32(tiny):
@@ -85,8 +102,8 @@ def test_training_loss_curves_match(tiny, monkeypatch):
                                       early_stop_patience=None, device="cpu", precision="fp32"),
                     prompt=PromptConfig(n_tokens=4))
     curves = {}
-    for fast in (True, False):  # train() and its validation both go through the patched prompt_loss
-        monkeypatch.setattr(train_mod, "prompt_loss", functools.partial(prompt_loss, fast=fast))
+    for fast in (True, False):  # train() and its validation both go through the patched loss_terms
+        monkeypatch.setattr(train_mod, "loss_terms", lambda *a, fast=fast, **k: loss_terms(*a[:3], fast=fast, **k))
         res = train(tiny, cfg, train_pairs=PAIRS[:5] + SHORT, val_pairs=PAIRS[9:11])
         curves[fast] = [(e["train_loss"], e["val_loss"]) for e in res.history]
     assert len(curves[True]) == 4
