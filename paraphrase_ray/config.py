@@ -172,6 +172,10 @@ class GenerationConfig:
     source_repetition_penalty: float = 1.3  # same rule, over the *source's* tokens (anti-copy lever)
     source_penalty_skip_common: bool = False  # leave punctuation and function words out of the source penalty
     no_repeat_ngram_size: int = 0
+    # n > 0: never copy n consecutive source tokens (HF's encoder_no_repeat_ngram_size, which decoder-only
+    # generation from inputs_embeds lacks; "dynamic blocking" in unsupervised paraphrasing). Unlike the source
+    # penalty it leaves every source word available -- names and numbers survive -- and only breaks long runs.
+    source_no_repeat_ngram_size: int = 0
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0
@@ -191,6 +195,8 @@ class GenerationConfig:
             raise ConfigError("generation.temperature must be > 0 and top_p in (0, 1]")
         if self.repetition_penalty <= 0 or self.source_repetition_penalty <= 0:
             raise ConfigError("repetition penalties must be > 0 (1.0 disables)")
+        if self.no_repeat_ngram_size < 0 or self.source_no_repeat_ngram_size < 0:
+            raise ConfigError("generation.no_repeat_ngram_size and source_no_repeat_ngram_size must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Row:
     ids: list[int]
     source_ids: list[int]
     max_new_tokens: int
+    # source (n-1)-gram -> the tokens that follow it in the source: what ``source_no_repeat_ngram_size`` bans
+    source_ngrams: dict[tuple[int, ...], list[int]] | None = None
 
 
 class SourceRepetitionPenalty(LogitsProcessor):
@@ -132,7 +134,41 @@ def row_for(
     if gen.source_penalty_skip_common and gen.source_repetition_penalty != 1.0:
         common = common_token_ids(tok)
         penalised = [t for t in src_only if t not in common]
-    return Row(prompt, ids, penalised, max(1, limit))
+    ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size) if gen.source_no_repeat_ngram_size else None
+    return Row(prompt, ids, penalised, max(1, limit), ngrams)
+
+
+def source_ngrams(ids: Sequence[int], n: int) -> dict[tuple[int, ...], list[int]]:
+    """{(n-1)-gram of ``ids``: [tokens that follow it]}: a generated run matching a key may not go on with them."""
+    out: dict[tuple[int, ...], list[int]] = {}
+    for j in range(len(ids) - n + 1):
+        out.setdefault(tuple(ids[j : j + n - 1]), []).append(ids[j + n - 1])
+    return out
+
+
+class SourceNgramBlock(LogitsProcessor):
+    """Ban each row's source n-grams: -inf on a token that would end an n-gram copied from its source.
+
+    ``input_ids`` are the generated tokens only (``inputs_embeds`` generation); HF expands rows for beams /
+    num_return_sequences with repeat_interleave, so row r of the scores belongs to source row r // k.
+    """
+
+    def __init__(self, ngrams: list[dict[tuple[int, ...], list[int]]], n: int):
+        self.ngrams, self.n = ngrams, n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        k = scores.shape[0] // len(self.ngrams)
+        for r, seq in enumerate(input_ids.tolist()):
+            banned = _source_bans(seq, self.ngrams[r // k], self.n)
+            if banned:
+                scores[r, banned] = -float("inf")
+        return scores
+
+
+def _source_bans(seq: list[int], ngrams: dict[tuple[int, ...], list[int]], n: int) -> list[int]:
+    if len(seq) < n - 1:
+        return []
+    return ngrams.get(tuple(seq[len(seq) - n + 1 :]), [])
 
 
 def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +214,8 @@ def generate_rows(
         out = greedy_decode(
             model, x, mask, [r.max_new_tokens for r in rows], src_mask, gen.source_repetition_penalty,
             stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
+            [r.source_ngrams for r in rows] if gen.source_no_repeat_ngram_size else None,
+            gen.source_no_repeat_ngram_size,
         )
     else:
         out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache)
@@ -198,6 +236,8 @@ def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cac
     processors = LogitsProcessorList()
     if src_mask is not None:
         processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
+    if gen.source_no_repeat_ngram_size:
+        processors.append(SourceNgramBlock([r.source_ngrams or {} for r in rows], gen.source_no_repeat_ngram_size))
     stopping = StoppingCriteriaList()
     if nl_ids:
         stopping.append(StopAtLineEnd(nl_ids, loaded.device))
@@ -269,6 +309,8 @@ def greedy_decode(
     newline_ids: Sequence[int] = (),
     pad_id: int = 0,
     no_repeat_ngram: int = 0,
+    source_ngrams: Sequence[dict[tuple[int, ...], list[int]] | None] | None = None,
+    source_ngram_n: int = 0,
 ) -> torch.Tensor:
     """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
 
@@ -278,7 +320,9 @@ def greedy_decode(
     token after some text (``StopAtLineEnd``), or after ``max_new[i]`` tokens. A stopped row leaves the batch
     (its cache rows are dropped), so the work per step shrinks as rows finish. ``no_repeat_ngram`` n > 0
     bans any token that would repeat an n-gram of the row's own generated tokens (transformers'
-    ``NoRepeatNGramLogitsProcessor``, which with ``inputs_embeds`` sees only the generated tokens too).
+    ``NoRepeatNGramLogitsProcessor``, which with ``inputs_embeds`` sees only the generated tokens too);
+    ``source_ngrams`` (one ``source_ngrams()`` map per row) with ``source_ngram_n`` bans copying a source n-gram
+    (``SourceNgramBlock``).
     """
     bsz, dev = x.shape[0], x.device
     cache_key = _cache_kwarg(model)
@@ -302,12 +346,18 @@ def greedy_decode(
     prunable = hasattr(cache, "batch_select_indices")
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
+    block = bool(source_ngram_n and source_ngrams is not None)
     n_steps = 0
     for step in range(steps):
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
         if no_repeat_ngram and step + 1 >= no_repeat_ngram:
             for k, r in enumerate(active.tolist()):
                 banned = _ngram_bans(seqs[r], no_repeat_ngram)
+                if banned:
+                    scores[k, banned] = -float("inf")
+        if block:
+            for k, r in enumerate(active.tolist()):
+                banned = _source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
                 if banned:
                     scores[k, banned] = -float("inf")
         if src is not None:
@@ -318,7 +368,7 @@ def greedy_decode(
         else:
             out[active[~done], step] = nxt[~done]
         n_steps = step + 1
-        if no_repeat_ngram:
+        if no_repeat_ngram or block:
             for r, t in zip(active.tolist(), nxt.tolist()):
                 seqs[r].append(t)
         stop = lim <= n_steps

@@ -123,9 +123,11 @@ GREEDY = GenerationConfig(max_new_tokens=12, source_repetition_penalty=1.0, stop
         (dataclasses.replace(GREEDY, source_repetition_penalty=3.0, max_new_tokens_ratio=0.5), "frequent"),
         (dataclasses.replace(GREEDY, no_repeat_ngram_size=2), "real"),
         (dataclasses.replace(GREEDY, no_repeat_ngram_size=3, source_repetition_penalty=1.3), "frequent"),
+        (dataclasses.replace(GREEDY, source_no_repeat_ngram_size=1), "real"),
+        (dataclasses.replace(GREEDY, source_no_repeat_ngram_size=2, no_repeat_ngram_size=2), "frequent"),
     ],
     ids=["plain", "paraphrase-defaults", "rows-stop-early", "strong-penalty-short-limits", "no-repeat-2",
-         "no-repeat-3-rows-stop-early"],
+         "no-repeat-3-rows-stop-early", "source-block-1", "source-block-2-rows-stop-early"],
 )
 def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
     prompts = [SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=n, init="random", seed=n))
@@ -141,16 +143,18 @@ def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
         for i, r in enumerate(rows):
             src_mask[i, r.source_ids] = True
     eos, nl = [tok.eos_token_id], newline_token_ids(tok) if gen.stop_at_newline else []
+    ngrams = [r.source_ngrams for r in rows]
     with torch.no_grad():
         if stops == "frequent":
             # a random tiny model never says eos or newline: stand in its two most frequent tokens, so rows
             # stop at different steps and leave the batch (the pruning path)
             free = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty,
-                                 pad_id=tok.pad_token_id, no_repeat_ngram=gen.no_repeat_ngram_size)
+                                 pad_id=tok.pad_token_id, no_repeat_ngram=gen.no_repeat_ngram_size,
+                                 source_ngrams=ngrams, source_ngram_n=gen.source_no_repeat_ngram_size)
             common = torch.bincount(free.flatten()).argsort(descending=True)[:2].tolist()
             eos, nl = common[:1], common[1:] if gen.stop_at_newline else []
         ours = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty, eos, nl,
-                             tok.pad_token_id, gen.no_repeat_ngram_size)
+                             tok.pad_token_id, gen.no_repeat_ngram_size, ngrams, gen.source_no_repeat_ngram_size)
         ref = _hf_generate(tiny, x, mask, rows, gen, src_mask, eos, nl, use_cache=True)
     lengths = []
     for i, r in enumerate(rows):  # token for token, up to each row's own limit
@@ -219,3 +223,29 @@ def test_no_repeat_ngram_bans_what_the_free_run_repeats(tiny):
 
     assert sum(repeats(r.tolist()) for r in free) > 0  # the free run does repeat, so the ban is exercised
     assert all(repeats(r.tolist()) == 0 for r in banned)
+
+
+def test_source_ngram_block_never_copies_a_source_ngram(tiny):
+    from paraphrase_ray.generate import generate_rows, source_ngrams
+
+    assert source_ngrams([1, 2, 3, 1, 2, 4], 3) == {(1, 2): [3, 4], (2, 3): [1], (3, 1): [2]}
+    # make the free greedy output itself the "source": unblocked, the model would copy it token for token
+    free_gen = dataclasses.replace(GREEDY, max_new_tokens=12)
+    free = generate_rows(tiny, [row_for(tiny, SOURCES[0], None, T, free_gen)], free_gen)[0][0]
+    ids = tiny.tokenizer(free, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 4
+    for n in (1, 2):
+        gen = dataclasses.replace(free_gen, source_no_repeat_ngram_size=n)
+        row = row_for(tiny, SOURCES[0], None, T, gen)
+        row = dataclasses.replace(row, source_ngrams=source_ngrams(ids, n))  # penalise the free run's n-grams
+        x, mask = build_batch(tiny, [row])
+        with torch.no_grad():
+            unblocked = greedy_decode(tiny.model, x, mask, [12], pad_id=tiny.tokenizer.pad_token_id)[0].tolist()
+            out = greedy_decode(tiny.model, x, mask, [12], pad_id=tiny.tokenizer.pad_token_id,
+                                source_ngrams=[row.source_ngrams], source_ngram_n=n)[0].tolist()
+
+        def grams(t, n=n):
+            return {tuple(t[j : j + n]) for j in range(len(t) - n + 1)}
+
+        assert grams(unblocked) & grams(ids), n  # unblocked, it does copy them
+        assert not grams(out) & grams(ids), n
