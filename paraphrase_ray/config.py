@@ -169,13 +169,15 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # HF-style, over generated tokens
-    source_repetition_penalty: float = 1.3  # same rule, over the *source's* tokens (anti-copy lever)
+    # HF's repetition-penalty rule over the *source's* tokens: a blunt anti-copy lever (it also pushes the model
+    # off names and numbers it should keep), so off by default; source_no_repeat_ngram_size does the job better
+    source_repetition_penalty: float = 1.0
     source_penalty_skip_common: bool = False  # leave punctuation and function words out of the source penalty
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int = 3  # no 3-gram twice in the output: stops the loops small models fall into
     # n > 0: never copy n consecutive source tokens (HF's encoder_no_repeat_ngram_size, which decoder-only
     # generation from inputs_embeds lacks; "dynamic blocking" in unsupervised paraphrasing). Unlike the source
     # penalty it leaves every source word available -- names and numbers survive -- and only breaks long runs.
-    source_no_repeat_ngram_size: int = 0
+    source_no_repeat_ngram_size: int = 4
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0

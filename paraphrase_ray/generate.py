@@ -4,17 +4,19 @@ Rows are built as ``[prompt_i][prefix + source_i + separator]`` in embedding spa
 last position of every row is real and one ``generate(inputs_embeds=...)`` call serves many prompts at once
 (what lets one Serve deployment host many prompts in one forward pass).
 
-Copy control: with ``inputs_embeds`` Hugging Face's repetition penalty sees only generated tokens, never the
-source. ``SourceRepetitionPenalty`` applies the same rule to each row's own source tokens, which cuts
-copying sharply (see docs/ARCHITECTURE.md).
+Copy control: with ``inputs_embeds`` Hugging Face's generated-token rules see only generated tokens, never the
+source. Two rules see each row's own source: ``SourceNgramBlock`` (the default, n = 4) bans copying n
+consecutive source tokens, so every source word stays available but long verbatim runs cannot happen; and
+``SourceRepetitionPenalty`` (off by default) applies HF's repetition-penalty rule to the source's tokens, a
+blunter lever that pushes the model off the source's names and numbers too (docs/BENCHMARKS.md, "Quality").
 
 Fast path (the default): greedy decoding with the KV cache runs our own loop (``greedy_decode``) instead of
 ``model.generate``. It makes the same forward calls HF greedy makes (same position ids, mask and cache, logits
 of the last position only) and applies the same source penalty and stopping rules, so the output is the same,
 but it drops each row from the batch once it stops (at eos, at the end of its line, or at its own
 ``max_new_tokens``), where ``generate`` keeps computing every row until the slowest one ends, and it skips
-``generate``'s per-step bookkeeping. Sampling, beams, HF's generated-token penalties and ``use_cache=False``
-go through ``model.generate`` unchanged.
+``generate``'s per-step bookkeeping; it implements the same no-repeat n-gram bans too. Sampling, beams, HF's
+generated-token repetition penalty and ``use_cache=False`` go through ``model.generate`` unchanged.
 """
 
 from __future__ import annotations

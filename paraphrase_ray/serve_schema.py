@@ -105,6 +105,9 @@ class ParaphraseRequest(BaseModel):
     source_repetition_penalty: float | None = Field(
         None, gt=0, le=5, description="penalty on the source's tokens"
     )
+    source_no_repeat_ngram_size: int | None = Field(
+        None, ge=0, le=16, description="never copy this many consecutive source tokens (0: off)"
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="at most the server cap (see GET /prompts)")
     seed: int | None = Field(None, ge=0, description="sampling seed")
     rerank: bool = Field(False, description="score candidates; the best non-copy comes first")

@@ -367,6 +367,7 @@ class Paraphraser:
             "top_p": req.top_p or (0.95 if sample and k > 1 else None),
             "repetition_penalty": req.repetition_penalty,
             "source_repetition_penalty": req.source_repetition_penalty,
+            "source_no_repeat_ngram_size": req.source_no_repeat_ngram_size,
             "seed": req.seed,
             "max_new_tokens": min(req.max_new_tokens or served.gen.max_new_tokens, cap),
         }

@@ -118,16 +118,17 @@ GREEDY = GenerationConfig(max_new_tokens=12, source_repetition_penalty=1.0, stop
     ("gen", "stops"),
     [
         (GREEDY, "real"),
-        (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "real"),  # defaults
+        (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "real"),  # old defaults
         (dataclasses.replace(GREEDY, source_repetition_penalty=1.3, stop_at_newline=True), "frequent"),
         (dataclasses.replace(GREEDY, source_repetition_penalty=3.0, max_new_tokens_ratio=0.5), "frequent"),
         (dataclasses.replace(GREEDY, no_repeat_ngram_size=2), "real"),
         (dataclasses.replace(GREEDY, no_repeat_ngram_size=3, source_repetition_penalty=1.3), "frequent"),
+        (GenerationConfig(max_new_tokens=12), "real"),  # the defaults
         (dataclasses.replace(GREEDY, source_no_repeat_ngram_size=1), "real"),
         (dataclasses.replace(GREEDY, source_no_repeat_ngram_size=2, no_repeat_ngram_size=2), "frequent"),
     ],
-    ids=["plain", "paraphrase-defaults", "rows-stop-early", "strong-penalty-short-limits", "no-repeat-2",
-         "no-repeat-3-rows-stop-early", "source-block-1", "source-block-2-rows-stop-early"],
+    ids=["plain", "penalty-1.3", "rows-stop-early", "strong-penalty-short-limits", "no-repeat-2",
+         "no-repeat-3-rows-stop-early", "defaults", "source-block-1", "source-block-2-rows-stop-early"],
 )
 def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
     prompts = [SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=n, init="random", seed=n))
@@ -169,7 +170,7 @@ def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
 
 def test_generate_rows_fast_path_equals_uncached_generate(tiny):
     p = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=5, init="random", seed=2))
-    gen = GenerationConfig(max_new_tokens=16)  # the defaults: source penalty 1.3, stop at the newline
+    gen = GenerationConfig(max_new_tokens=16)  # the defaults: source 4-gram block, no-repeat 3-grams, stop at the newline
     rows = [row_for(tiny, s, p, T, gen) for s in SOURCES]
     assert generate_rows(tiny, rows, gen) == generate_rows(tiny, rows, gen, use_cache=False)
     one_by_one = [generate_rows(tiny, [r], gen)[0] for r in rows]
