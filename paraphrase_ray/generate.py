@@ -352,14 +352,11 @@ def greedy_decode(
     n_steps = 0
     for step in range(steps):
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
-        if no_repeat_ngram and step + 1 >= no_repeat_ngram:
-            for k, r in enumerate(active.tolist()):
-                banned = _ngram_bans(seqs[r], no_repeat_ngram)
-                if banned:
-                    scores[k, banned] = -float("inf")
-        if block:
-            for k, r in enumerate(active.tolist()):
-                banned = _source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
+        if block or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
+            for k, r in enumerate(active.tolist()):  # HF's processors: -inf, so their order does not matter
+                banned = _ngram_bans(seqs[r], no_repeat_ngram) if no_repeat_ngram else []
+                if block:
+                    banned += _source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
                 if banned:
                     scores[k, banned] = -float("inf")
         if src is not None:
