@@ -37,6 +37,8 @@ from .prompt import SoftPrompt
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
 _NEWLINE_IDS: dict[int, list[int]] = {}
 _COMMON_IDS: dict[int, frozenset[int]] = {}
+_CONTINUATION_IDS: dict[int, frozenset[int]] = {}
+_WORD_START_MARKERS = frozenset("Ġ▁Ċĉ")  # byte-level BPE space / newline / tab, SentencePiece space
 # English function words: every paraphrase needs them, so penalising them only forces odd wording.
 FUNCTION_WORDS = frozenset(
     "a an the of to in on at by for from with as and or but nor so if than that this these those it its is are "
@@ -136,16 +138,38 @@ def row_for(
     if gen.source_penalty_skip_common and gen.source_repetition_penalty != 1.0:
         common = common_token_ids(tok)
         penalised = [t for t in src_only if t not in common]
-    ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size) if gen.source_no_repeat_ngram_size else None
+    ngrams = None
+    if gen.source_no_repeat_ngram_size:
+        ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size, word_continuation_ids(tok))
     return Row(prompt, ids, penalised, max(1, limit), ngrams)
 
 
-def source_ngrams(ids: Sequence[int], n: int) -> dict[tuple[int, ...], list[int]]:
-    """{(n-1)-gram of ``ids``: [tokens that follow it]}: a generated run matching a key may not go on with them."""
+def source_ngrams(
+    ids: Sequence[int], n: int, exempt: frozenset[int] = frozenset()
+) -> dict[tuple[int, ...], list[int]]:
+    """{(n-1)-gram of ``ids``: [tokens that follow it]}: a generated run matching a key may not go on with them.
+
+    ``exempt`` tokens are never banned: with ``word_continuation_ids`` a word the model has started to copy
+    is finished whole, and the ban falls on the next word ("Gary Nicklaus" no longer comes out "Gary Nicklup").
+    """
     out: dict[tuple[int, ...], list[int]] = {}
     for j in range(len(ids) - n + 1):
-        out.setdefault(tuple(ids[j : j + n - 1]), []).append(ids[j + n - 1])
+        if ids[j + n - 1] not in exempt:
+            out.setdefault(tuple(ids[j : j + n - 1]), []).append(ids[j + n - 1])
     return out
+
+
+def word_continuation_ids(tokenizer) -> frozenset[int]:
+    """Ids of tokens that continue a word: their vocabulary string starts with a letter or digit, where a
+    word-initial token carries the tokenizer's space marker ("Ġ" in byte-level BPE, "▁" in SentencePiece)."""
+    key = id(tokenizer)
+    if key not in _CONTINUATION_IDS:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        # the markers are letters to str.isalnum() ("Ġ" is U+0120), so they are named
+        _CONTINUATION_IDS[key] = frozenset(
+            i for i, t in enumerate(pieces) if t and t[0].isalnum() and t[0] not in _WORD_START_MARKERS
+        )
+    return _CONTINUATION_IDS[key]
 
 
 class SourceNgramBlock(LogitsProcessor):

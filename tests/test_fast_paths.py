@@ -250,3 +250,19 @@ def test_source_ngram_block_never_copies_a_source_ngram(tiny):
 
         assert grams(unblocked) & grams(ids), n  # unblocked, it does copy them
         assert not grams(out) & grams(ids), n
+
+
+def test_source_block_never_cuts_a_word_in_half(smollm):
+    from paraphrase_ray.generate import source_ngrams, word_continuation_ids
+
+    tok = smollm.tokenizer
+    cont = word_continuation_ids(tok)
+    ids = tok("Gary Nicklaus, the 34-year-old son", add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    # 'ĠNick' starts a word; 'laus' and the digits continue one (the space marker is a letter to isalnum)
+    assert ids[pieces.index("ĠNick")] not in cont and ids[pieces.index("laus")] in cont
+    grams = source_ngrams(ids, 2, cont)
+    banned = {t for follow in grams.values() for t in follow}
+    assert ids[pieces.index("laus")] not in banned  # "Nick" may always be finished as "Nicklaus"
+    assert ids[pieces.index(",")] in banned and ids[pieces.index("Ġthe")] in banned
+    assert source_ngrams(ids, 2) != grams  # without the exemption, continuations are banned too
