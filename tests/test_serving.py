@@ -232,6 +232,9 @@ def test_single_text_default_prompt_and_zero_shot(client, offline):
     assert r.json()["results"][0]["paraphrase"] == offline["a"][TEXTS[0]]
     r = client.post("/paraphrase", json={"text": TEXTS[0], "prompt": ZERO_SHOT})
     assert r.status_code == 200, r.text and r.json()["prompt"] == ZERO_SHOT
+    # copy control per request: n = 1 bans every source token that starts a word
+    r = client.post("/paraphrase", json={"text": TEXTS[0], "source_no_repeat_ngram_size": 1})
+    assert r.status_code == 200, r.text
 
 
 def test_candidates_sampling_and_rerank(client):
@@ -280,6 +283,7 @@ BAD = [
     ({"text": 5}, 422, "text"),
     ({"text": "hi", "num_candidates": 9}, 422, "num_candidates"),
     ({"text": "hi", "temperature": -1}, 422, "temperature"),
+    ({"text": "hi", "source_no_repeat_ngram_size": -1}, 422, "source_no_repeat_ngram_size"),
     ({"text": "hi", "colour": "red"}, 422, "colour"),
     ({}, 422, "text"),
     ({"text": "hi", "texts": ["hi"]}, 422, "text"),
