@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,6 @@ from pathlib import Path
 # 7x slower than 1 thread per decode step at load average ~15); passive waiting removes that cliff.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
 
 from paraphrase_ray import report  # noqa: E402
 from paraphrase_ray.config import (
@@ -62,6 +60,9 @@ from paraphrase_ray.metrics import load_embedder
 from paraphrase_ray.models import load_model
 from paraphrase_ray.prompt import load_bundle
 from paraphrase_ray.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import machine as train_throughput_machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MRPC = ROOT.parent / "shared" / "data" / "mrpc" / "train.jsonl"
@@ -99,20 +100,8 @@ def parse_overrides(spec: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine is shared: timings are noisy
-    }
+    # this machine is shared: record the load next to the timings
+    return {**train_throughput_machine(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -294,6 +283,7 @@ def main(argv=None) -> int:
                     "repetition_penalty",
                     "max_new_tokens_ratio",
                     "no_repeat_ngram_size",
+                    "source_no_repeat_ngram_size",
                 )
             },
             "train_pairs": len(train_pairs),

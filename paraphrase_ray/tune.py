@@ -419,9 +419,7 @@ def run_sweep(
                 try:
                     zero_shot = [z for zs in ray.get(zs_refs) for z in zs]
                     store.write_bytes(ZERO_SHOT_FILE, json.dumps(zero_shot, indent=2).encode())
-                except (
-                    ray.exceptions.RayError
-                ) as e:  # a baseline that failed must not cost the sweep's results
+                except ray.exceptions.RayError as e:  # a failed baseline must not cost the sweep's results
                     print(
                         f"warning: zero-shot baseline failed: {str(e).strip().splitlines()[-1]}",
                         file=sys.stderr,
