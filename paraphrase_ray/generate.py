@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -35,9 +36,7 @@ from .models import LoadedModel
 from .prompt import SoftPrompt
 
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
-_NEWLINE_IDS: dict[int, list[int]] = {}
-_COMMON_IDS: dict[int, frozenset[int]] = {}
-_CONTINUATION_IDS: dict[int, frozenset[int]] = {}
+_PER_TOKENIZER: dict[tuple[str, int], Any] = {}  # (what, id(tokenizer)) -> vocabulary scans, made once
 _WORD_START_MARKERS = frozenset("Ġ▁Ċĉ")  # byte-level BPE space / newline / tab, SentencePiece space
 # English function words: every paraphrase needs them, so penalising them only forces odd wording.
 FUNCTION_WORDS = frozenset(
@@ -93,11 +92,23 @@ class StopAtLineEnd(StoppingCriteria):
 
 def newline_token_ids(tokenizer) -> list[int]:
     """Ids of every token whose text contains a newline: generation stops at the end of the line."""
-    key = id(tokenizer)
-    if key not in _NEWLINE_IDS:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _NEWLINE_IDS[key] = [i for i, t in enumerate(texts) if "\n" in t]
-    return _NEWLINE_IDS[key]
+    return _per_tokenizer(
+        "newline", tokenizer, lambda: [i for i, t in enumerate(_vocab_texts(tokenizer)) if "\n" in t]
+    )
+
+
+def _per_tokenizer(what: str, tokenizer, build: Callable[[], Any]) -> Any:
+    key = (what, id(tokenizer))
+    if key not in _PER_TOKENIZER:
+        _PER_TOKENIZER[key] = build()
+    return _PER_TOKENIZER[key]
+
+
+def _vocab_texts(tokenizer) -> list[str]:
+    """Each vocabulary id decoded on its own (one pass over the vocabulary, shared by the scans below)."""
+    return _per_tokenizer(
+        "texts", tokenizer, lambda: tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    )
 
 
 def common_token_ids(tokenizer) -> frozenset[int]:
@@ -107,13 +118,10 @@ def common_token_ids(tokenizer) -> frozenset[int]:
     Penalising them does not stop copying (content words and their order do), but it does push down the final
     period every source contains and the eos after it, so the model runs on past the end of its sentence.
     """
-    key = id(tokenizer)
-    if key not in _COMMON_IDS:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _COMMON_IDS[key] = frozenset(
-            i for i, t in enumerate(texts) if not any(c.isalnum() for c in t) or t.strip().lower() in FUNCTION_WORDS
-        )
-    return _COMMON_IDS[key]
+    return _per_tokenizer("common", tokenizer, lambda: frozenset(
+        i for i, t in enumerate(_vocab_texts(tokenizer))
+        if not any(c.isalnum() for c in t) or t.strip().lower() in FUNCTION_WORDS
+    ))
 
 
 def row_for(
@@ -162,14 +170,14 @@ def source_ngrams(
 def word_continuation_ids(tokenizer) -> frozenset[int]:
     """Ids of tokens that continue a word: their vocabulary string starts with a letter or digit, where a
     word-initial token carries the tokenizer's space marker ("Ġ" in byte-level BPE, "▁" in SentencePiece)."""
-    key = id(tokenizer)
-    if key not in _CONTINUATION_IDS:
+    def build() -> frozenset[int]:
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         # the markers are letters to str.isalnum() ("Ġ" is U+0120), so they are named
-        _CONTINUATION_IDS[key] = frozenset(
+        return frozenset(
             i for i, t in enumerate(pieces) if t and t[0].isalnum() and t[0] not in _WORD_START_MARKERS
         )
-    return _CONTINUATION_IDS[key]
+
+    return _per_tokenizer("continuation", tokenizer, build)
 
 
 class SourceNgramBlock(LogitsProcessor):
