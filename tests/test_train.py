@@ -61,11 +61,43 @@ def test_early_stop_on_no_improvement(tiny):
 
 
 def test_best_prompt_is_returned_not_the_last(tiny, tmp_path):
-    result = train(tiny, cfg(steps=12, eval_every=4, early_stop_patience=None), out_dir=tmp_path / "p")
-    best_val = min(h["val_loss"] for h in result.history)
-    assert result.best_val_loss == pytest.approx(best_val)
+    # One training pair at a high lr: the prompt over-fits it, so validation loss on other pairs bottoms out at
+    # the second evaluation (step 8) and rises after it. The saved prompt must be step 8's, not the last step's.
+    from paraphrase_ray.config import DataConfig
+    from paraphrase_ray.data import Pair, load_pairs
+
+    val = load_pairs(DataConfig(sources=("sample",)))[1][:16]
+    snapshots = {}
+
+    def keep(event, prompt):
+        snapshots[event["step"]] = prompt.weight.detach().clone().cpu()
+
+    result = train(tiny, cfg(steps=24, eval_every=4, lr=3.0, batch_size=1, schedule="constant",
+                             early_stop_patience=None),
+                   out_dir=tmp_path / "p", train_pairs=[Pair("Hi.", "Hi.")], val_pairs=val, callback=keep)
+    losses = {h["step"]: h["val_loss"] for h in result.history}
+    best_step = min(losses, key=losses.get)
+    assert list(losses) == [4, 8, 12, 16, 20, 24] and result.steps == 24
+    assert best_step not in (4, 24) and losses[24] > losses[best_step] + 5e-3, losses  # best is not the last
+    assert result.best_val_loss == pytest.approx(losses[best_step])
+    assert not torch.equal(snapshots[best_step], snapshots[24])
     saved = SoftPrompt.load(tmp_path / "p")
-    assert torch.equal(saved.weight, result.prompt.weight.detach().cpu())
+    assert torch.equal(saved.weight, snapshots[best_step])  # the best evaluation's weights were restored
+    assert torch.equal(result.prompt.weight.detach().cpu(), snapshots[best_step])
+    meta = json.loads((tmp_path / "p" / "paraphrase_ray.json").read_text())
+    assert meta["metrics"]["best_val_loss"] == pytest.approx(losses[best_step])
+
+
+def test_plateau_schedule_cuts_lr_after_patience_evals_without_improvement(tiny):
+    # lr so small that validation loss never improves by the 1e-4 margin: every eval after the first is "bad";
+    # each `plateau_patience` bad evals halve the lr of the steps that follow
+    lr = 1e-9
+    result = train(tiny, cfg(steps=7, eval_every=1, lr=lr, schedule="plateau", plateau_patience=2,
+                             plateau_factor=0.5, early_stop_patience=None))
+    lrs = [h["lr"] / lr for h in result.history]
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    constant = train(tiny, cfg(steps=7, eval_every=1, lr=lr, schedule="constant", early_stop_patience=None))
+    assert [h["lr"] / lr for h in constant.history] == pytest.approx([1.0] * 7)  # the cuts are plateau's own
 
 
 def test_lr_schedule_shapes():
