@@ -115,7 +115,7 @@ def main() -> int:
     if not args.url and not args.prompt:
         p.error("give --prompt DIR (one or more) to start a local server, or --url of a running one")
 
-    from paraphrase_ray import serving
+    from paraphrase_ray import serve_runner, serving
 
     url = args.url
     if url is None:
@@ -125,7 +125,7 @@ def main() -> int:
             batch_wait_timeout_s=args.batch_wait,
         )
         t0 = time.perf_counter()
-        url = serving.run_local(settings, "127.0.0.1", free_port(), device="cpu")
+        url = serve_runner.run_local(settings, "127.0.0.1", free_port(), device="cpu")
         print(f"server ready in {time.perf_counter() - t0:.0f} s at {url}", file=sys.stderr)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
@@ -144,7 +144,7 @@ def main() -> int:
         stats = httpx.get(f"{url}/stats", headers=headers, timeout=60).json()
     finally:
         if args.url is None:
-            serving.shutdown()
+            serve_runner.shutdown()
     result = {
         "date": date.today().isoformat(),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",

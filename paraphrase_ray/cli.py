@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, from_dict, load_yaml, replace_nested
+from .config import (
+    INIT_STRATEGIES,
+    PRECISIONS,
+    ConfigError,
+    PromptConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+    replace_nested,
+)
+from .metrics import DEFAULT_EMBEDDER
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -61,70 +74,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_prompt(prompt_dir: str, model: str | None, device: str):
-    """Load the prompt's base model (or ``model``) and the prompt, checking they fit together."""
-    from .models import load_model
-    from .prompt import load_bundle, read_meta
-
-    meta = read_meta(prompt_dir)
-    name = model or meta.get("base_model")
-    if not name:
-        raise ConfigError(f"{prompt_dir} does not record its base model; pass --model")
-    precision = (meta.get("train_config") or {}).get("precision", "auto")
-    loaded = load_model(name, precision, device)
-    bundle = load_bundle(prompt_dir, expected_dim=loaded.embed_dim)
-    bundle.prompt.to(loaded.device)
-    return loaded, bundle
-
-
-def generation_from_meta(meta: dict, **overrides):
-    """Template and generation config recorded at training time, with CLI overrides applied."""
-    import dataclasses
-
-    from .config import GenerationConfig, TemplateConfig
-
-    template = from_dict(TemplateConfig, meta.get("template") or {})
-    gen = from_dict(GenerationConfig, meta.get("generation") or {})
-    gen = dataclasses.replace(gen, **{k: v for k, v in overrides.items() if v is not None})
-    return template, gen
-
-
 def cmd_paraphrase(args: argparse.Namespace) -> int:
     from .data import read_source_file
+    from .files import atomic_write
     from .generate import paraphrase
+    from .prompt import load_prompt
 
     if (args.text is None) == (args.input is None):
         raise ConfigError("give exactly one of --text or --input")
     if args.input and not args.output:
         raise ConfigError("--input needs --output FILE.jsonl")
-    loaded, bundle = _load_for_prompt(args.prompt, args.model, args.device)
-    k = args.num_candidates
-    template, gen = generation_from_meta(
-        bundle.meta, max_new_tokens=args.max_new_tokens, num_return_sequences=k,
+    loaded, bundle = load_prompt(args.prompt, args.model, args.device)
+    k, info = args.num_candidates, bundle.info
+    gen = info.decoding(
+        max_new_tokens=args.max_new_tokens, num_return_sequences=k,
         do_sample=True if k > 1 else None, temperature=0.8 if k > 1 else None, top_p=0.95 if k > 1 else None,
     )
-    max_src = int(bundle.meta.get("max_source_tokens", 64))
     rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
     if args.text is not None and not args.text.strip():
         raise ConfigError("--text is empty")
     cands = paraphrase(
-        loaded, [r["source"] for r in rows], bundle.prompt, template, gen, args.batch_size, max_src,
+        loaded, [r["source"] for r in rows], bundle.prompt, info.template, gen, args.batch_size, info.max_source_tokens,
         progress=args.input is not None and sys.stderr.isatty(),
     )
     if args.text is not None:
         for c in cands[0]:
             print(c)
         return 0
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row, c in zip(rows, cands):
-            rec = {**row, "prediction": c[0]}
-            if k > 1:
-                rec["candidates"] = c
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(out)  # never leave a half-written output file
+    def write(tmp: Path) -> None:  # never leave a half-written output file
+        with tmp.open("w", encoding="utf-8") as f:
+            for row, c in zip(rows, cands):
+                rec = {**row, "prediction": c[0]}
+                if k > 1:
+                    rec["candidates"] = c
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    out = atomic_write(args.output, write)
     print(f"wrote {len(rows)} paraphrases to {out}", file=sys.stderr)
     return 0
 
@@ -143,19 +128,25 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _add_common_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="hub id (facebook/opt-125m), local model dir, or 'smollm2-135m' (default, offline)")
-    p.add_argument("--data", nargs="+", help="data sources: file.jsonl|csv|tsv|parquet, hf:glue/mrpc, or 'sample' (default)")
-    p.add_argument("--n-tokens", type=int, help="soft prompt length (default 20)")
-    p.add_argument("--init", choices=["vocab", "random", "random_std", "text"], help="prompt init strategy (default vocab)")
+    run, pc, tc = RunConfig(), PromptConfig(), TrainConfig()
+    p.add_argument("--model", help=f"hub id (facebook/opt-125m), local model dir, or {run.model!r} (default, offline)")
+    p.add_argument("--data", nargs="+", help="data sources: file.jsonl|csv|tsv|parquet, hf:glue/mrpc, or 'sample' "
+                   f"(default {' '.join(run.data.sources)})")
+    p.add_argument("--n-tokens", type=int, help=f"soft prompt length (default {pc.n_tokens})")
+    p.add_argument("--init", choices=INIT_STRATEGIES, help=f"prompt init strategy (default {pc.init})")
     p.add_argument("--init-text", help="text whose embeddings initialise the prompt when --init text")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 0.03)")
-    p.add_argument("--steps", type=int, help="training steps (default 200)")
-    p.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
-    p.add_argument("--eval-every", type=int, help="steps between validation-loss evaluations (default 50)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="frozen-weight dtype (default auto: bf16 where fast)")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {tc.lr})")
+    p.add_argument("--steps", type=int, help=f"training steps (default {tc.steps})")
+    p.add_argument("--batch-size", type=int, help=f"pairs per step (default {tc.batch_size})")
+    p.add_argument("--eval-every", type=int, help=f"steps between validation-loss evaluations (default {tc.eval_every})")
+    p.add_argument("--device", choices=DEVICES, help=f"where to train (default {tc.device})")
+    p.add_argument("--precision", choices=PRECISIONS, help=f"frozen-weight dtype (default {tc.precision}: bf16 where fast)")
     p.add_argument("--seed", type=int, help="seed for init, data order and split")
     p.add_argument("--config", help="YAML file with model/prompt/template/data/train/generation sections; flags override it")
+
+
+def _add_device_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help=f"{what} (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
     p.add_argument("--model", help="override the prompt's recorded base model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
+    _add_device_flag(p, "where to run")
     p.set_defaults(func=cmd_paraphrase)
 
     p = sub.add_parser("data", help="inspect a data source", description="Load, clean and split data; print counts and examples.")
@@ -207,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="score at most N rows")
     p.add_argument("--examples", type=int, default=3, help="example rows to print")
     p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
-    p.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2", help="sentence-transformers model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model")
+    _add_device_flag(p, "where to run")
     p.add_argument("--output", help="write the full report (summary + rows) as JSON")
     p.set_defaults(func=_lazy("report", "cmd_evaluate"))
 
@@ -234,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PARAPHRASE_RAY_API_KEY)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the replica runs")
+    _add_device_flag(p, "where the replica runs")
     p.add_argument("--address", help="Ray cluster address; default: start a local Ray")
-    p.set_defaults(func=_lazy("serving", "cmd_serve"))
+    p.set_defaults(func=_lazy("serve_runner", "cmd_serve"))
 
     p = sub.add_parser(
         "explain", help="nearest vocabulary tokens of each prompt vector",
@@ -261,8 +252,32 @@ def _lazy(module: str, func: str):
     return run
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test capture swaps it between calls)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The library logs to "paraphrase_ray"; the command line shows those lines on stderr as plain text."""
+    logger = logging.getLogger("paraphrase_ray")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except _user_errors() as e:

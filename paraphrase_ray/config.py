@@ -19,6 +19,8 @@ T = TypeVar("T")
 INIT_STRATEGIES = ("vocab", "random", "random_std", "text")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "plateau")
+# The name of the base model run with no soft prompt: a report's baseline system and Serve's reserved prompt.
+ZERO_SHOT = "zero-shot"
 
 
 class ConfigError(ValueError):

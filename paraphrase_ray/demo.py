@@ -32,13 +32,15 @@ def _banner(text: str) -> None:
 
 
 def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
+    from ray import tune
+
     t0 = time.perf_counter()
     space = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
     sweep_dir = Path(storage) / name
     _banner(f"1/3 quickstart sweep -> {sweep_dir}")
     args = ["tune", "--space", str(space), "--name", name, "--storage", storage]
-    if (sweep_dir / "tuner.pkl").exists():  # Tune saved state: reload (finished trials are not re-run)
-        args.append("--resume")
+    if sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir.resolve())):
+        args.append("--resume")  # Tune saved state: reload (finished trials are not re-run)
     rc = cli_main(args)
     if rc != 0:
         return rc
@@ -60,7 +62,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
         print(f"  {row['source']}\n    -> {row['prediction']}")
 
     _banner("3/3 Ray Serve over HTTP")
-    rc = subprocess.call([sys.executable, "-m", "paraphrase_ray.serving", "--demo", f"best={best}"])
+    rc = subprocess.call([sys.executable, "-m", "paraphrase_ray.serve_runner", "--demo", f"best={best}"])
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return rc
 

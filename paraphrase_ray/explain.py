@@ -87,9 +87,9 @@ def format_explanation(exp: dict) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .cli import _load_for_prompt
+    from .prompt import load_prompt
 
-    loaded, bundle = _load_for_prompt(args.prompt, args.model, "cpu")
+    loaded, bundle = load_prompt(args.prompt, args.model, "cpu")
     exp = explain_prompt(bundle.prompt, loaded.model.get_input_embeddings().weight, loaded.tokenizer, args.top_k, args.metric)
     print(json.dumps(exp, indent=2, ensure_ascii=False) if args.json else format_explanation(exp))
     return 0

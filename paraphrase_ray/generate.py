@@ -4,8 +4,8 @@ Rows are built as ``[prompt_i][prefix + source_i + separator]`` in embedding spa
 last position of every row is real and one ``generate(inputs_embeds=...)`` call serves many prompts at once
 (what lets one Serve deployment host many prompts in one forward pass).
 
-Copy control: with ``inputs_embeds`` Hugging Face's generated-token rules see only generated tokens, never the
-source. Two rules see each row's own source: ``SourceNgramBlock`` (the default, n = 4) bans copying n
+Copy control (the rules live in ``decoding.py``): with ``inputs_embeds`` Hugging Face's generated-token rules
+see only generated tokens, never the source. Two rules see each row's own source: ``SourceNgramBlock`` (the default, n = 4) bans copying n
 consecutive source tokens, so every source word stays available but long verbatim runs cannot happen; and
 ``SourceRepetitionPenalty`` (off by default) applies HF's repetition-penalty rule to the source's tokens, a
 blunter lever that pushes the model off the source's names and numbers too (docs/BENCHMARKS.md, "Quality").
@@ -23,27 +23,29 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from .config import GenerationConfig, TemplateConfig
 from .data import encode_chat, encode_source
-from .models import LoadedModel
+from .decoding import (
+    SourceNgramBlock,
+    SourceRepetitionPenalty,
+    StopAtLineEnd,
+    newline_token_ids,
+    ngram_bans,
+    skip_penalty_ids,
+    source_bans,
+    source_ngrams,
+    word_continuation_ids,
+)
+from .models import LoadedModel, cache_kwarg
 from .prompt import SoftPrompt
 
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
-_PER_TOKENIZER: dict[tuple[str, int], Any] = {}  # (what, id(tokenizer)) -> vocabulary scans, made once
-_WORD_START_MARKERS = frozenset("Ġ▁Ċĉ")  # byte-level BPE space / newline / tab, SentencePiece space
-# English function words: every paraphrase needs them, so penalising them only forces odd wording.
-FUNCTION_WORDS = frozenset(
-    "a an the of to in on at by for from with as and or but nor so if than that this these those it its is are "
-    "was were be been being has have had do does did will would can could may might shall should must not no "
-    "he she they we i you his her their our my your him them us who which what when where there here".split()
-)
 
 
 @dataclass
@@ -56,72 +58,6 @@ class Row:
     max_new_tokens: int
     # source (n-1)-gram -> the tokens that follow it in the source: what ``source_no_repeat_ngram_size`` bans
     source_ngrams: dict[tuple[int, ...], list[int]] | None = None
-
-
-class SourceRepetitionPenalty(LogitsProcessor):
-    """HF's repetition-penalty rule applied to each row's *source* token ids.
-
-    ``mask`` is (batch, vocab) bool; HF expands rows for beams / num_return_sequences with repeat_interleave,
-    so the mask is expanded the same way on first use.
-    """
-
-    def __init__(self, mask: torch.Tensor, penalty: float):
-        self.mask, self.penalty = mask, penalty
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        mask = self.mask
-        if mask.shape[0] != scores.shape[0]:
-            mask = mask.repeat_interleave(scores.shape[0] // mask.shape[0], dim=0)
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        return torch.where(mask[:, : scores.shape[1]], penalised, scores)
-
-
-class StopAtLineEnd(StoppingCriteria):
-    """Stop a row at a newline token once it has produced some text (leading newlines are skipped).
-
-    With ``inputs_embeds`` generation, ``input_ids`` holds only the generated tokens: (rows, new_tokens).
-    """
-
-    def __init__(self, newline_ids: list[int], device: torch.device):
-        self.nl = torch.tensor(newline_ids, dtype=torch.long, device=device)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        is_nl = torch.isin(input_ids, self.nl)  # (rows, new)
-        return is_nl[:, -1] & (~is_nl[:, :-1]).any(dim=1)
-
-
-def newline_token_ids(tokenizer) -> list[int]:
-    """Ids of every token whose text contains a newline: generation stops at the end of the line."""
-    return _per_tokenizer(
-        "newline", tokenizer, lambda: [i for i, t in enumerate(_vocab_texts(tokenizer)) if "\n" in t]
-    )
-
-
-def _per_tokenizer(what: str, tokenizer, build: Callable[[], Any]) -> Any:
-    key = (what, id(tokenizer))
-    if key not in _PER_TOKENIZER:
-        _PER_TOKENIZER[key] = build()
-    return _PER_TOKENIZER[key]
-
-
-def _vocab_texts(tokenizer) -> list[str]:
-    """Each vocabulary id decoded on its own (one pass over the vocabulary, shared by the scans below)."""
-    return _per_tokenizer(
-        "texts", tokenizer, lambda: tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    )
-
-
-def common_token_ids(tokenizer) -> frozenset[int]:
-    """Ids the source penalty skips (``source_penalty_skip_common``): tokens without a letter or digit
-    (punctuation, spaces, newlines) and function words.
-
-    Penalising them does not stop copying (content words and their order do), but it does push down the final
-    period every source contains and the eos after it, so the model runs on past the end of its sentence.
-    """
-    return _per_tokenizer("common", tokenizer, lambda: frozenset(
-        i for i, t in enumerate(_vocab_texts(tokenizer))
-        if not any(c.isalnum() for c in t) or t.strip().lower() in FUNCTION_WORDS
-    ))
 
 
 def row_for(
@@ -144,65 +80,12 @@ def row_for(
     limit = min(gen.max_new_tokens, int(gen.max_new_tokens_ratio * len(src_only)) + 8)
     penalised = src_only
     if gen.source_penalty_skip_common and gen.source_repetition_penalty != 1.0:
-        common = common_token_ids(tok)
+        common = skip_penalty_ids(tok)
         penalised = [t for t in src_only if t not in common]
     ngrams = None
     if gen.source_no_repeat_ngram_size:
         ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size, word_continuation_ids(tok))
     return Row(prompt, ids, penalised, max(1, limit), ngrams)
-
-
-def source_ngrams(
-    ids: Sequence[int], n: int, exempt: frozenset[int] = frozenset()
-) -> dict[tuple[int, ...], list[int]]:
-    """{(n-1)-gram of ``ids``: [tokens that follow it]}: a generated run matching a key may not go on with them.
-
-    ``exempt`` tokens are never banned: with ``word_continuation_ids`` a word the model has started to copy
-    is finished whole, and the ban falls on the next word ("Gary Nicklaus" no longer comes out "Gary Nicklup").
-    """
-    out: dict[tuple[int, ...], list[int]] = {}
-    for j in range(len(ids) - n + 1):
-        if ids[j + n - 1] not in exempt:
-            out.setdefault(tuple(ids[j : j + n - 1]), []).append(ids[j + n - 1])
-    return out
-
-
-def word_continuation_ids(tokenizer) -> frozenset[int]:
-    """Ids of tokens that continue a word: their vocabulary string starts with a letter or digit, where a
-    word-initial token carries the tokenizer's space marker ("Ġ" in byte-level BPE, "▁" in SentencePiece)."""
-    def build() -> frozenset[int]:
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        # the markers are letters to str.isalnum() ("Ġ" is U+0120), so they are named
-        return frozenset(
-            i for i, t in enumerate(pieces) if t and t[0].isalnum() and t[0] not in _WORD_START_MARKERS
-        )
-
-    return _per_tokenizer("continuation", tokenizer, build)
-
-
-class SourceNgramBlock(LogitsProcessor):
-    """Ban each row's source n-grams: -inf on a token that would end an n-gram copied from its source.
-
-    ``input_ids`` are the generated tokens only (``inputs_embeds`` generation); HF expands rows for beams /
-    num_return_sequences with repeat_interleave, so row r of the scores belongs to source row r // k.
-    """
-
-    def __init__(self, ngrams: list[dict[tuple[int, ...], list[int]]], n: int):
-        self.ngrams, self.n = ngrams, n
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        k = scores.shape[0] // len(self.ngrams)
-        for r, seq in enumerate(input_ids.tolist()):
-            banned = _source_bans(seq, self.ngrams[r // k], self.n)
-            if banned:
-                scores[r, banned] = -float("inf")
-        return scores
-
-
-def _source_bans(seq: list[int], ngrams: dict[tuple[int, ...], list[int]], n: int) -> list[int]:
-    if len(seq) < n - 1:
-        return []
-    return ngrams.get(tuple(seq[len(seq) - n + 1 :]), [])
 
 
 def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +192,7 @@ def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
         return False  # HF's generated-token penalty stays on HF's path
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         return False  # without eos HF keeps emitting tokens after a stop; not worth mirroring
-    if model.config.is_encoder_decoder or _cache_kwarg(model) is None:
+    if model.config.is_encoder_decoder or cache_kwarg(model) is None:
         return False
     return not _hf_adds_processors(getattr(model, "generation_config", None))
 
@@ -359,7 +242,7 @@ def greedy_decode(
     (``SourceNgramBlock``).
     """
     bsz, dev = x.shape[0], x.device
-    cache_key = _cache_kwarg(model)
+    cache_key = cache_kwarg(model)
     fwd_params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
     pass_pos = "position_ids" in fwd_params
@@ -386,9 +269,9 @@ def greedy_decode(
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
         if block or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
             for k, r in enumerate(active.tolist()):  # HF's processors: -inf, so their order does not matter
-                banned = _ngram_bans(seqs[r], no_repeat_ngram) if no_repeat_ngram else []
+                banned = ngram_bans(seqs[r], no_repeat_ngram) if no_repeat_ngram else []
                 if block:
-                    banned += _source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
+                    banned += source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
                 if banned:
                     scores[k, banned] = -float("inf")
         if src is not None:
@@ -426,20 +309,6 @@ def greedy_decode(
         kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
         res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
     return out[:, :n_steps]
-
-
-def _ngram_bans(seq: list[int], n: int) -> list[int]:
-    """Tokens that would complete an n-gram already in ``seq`` (the last n-1 tokens as its prefix)."""
-    if len(seq) + 1 < n:
-        return []
-    prefix = seq[len(seq) - n + 1 :]
-    return [seq[j + n - 1] for j in range(len(seq) - n + 1) if seq[j : j + n - 1] == prefix]
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str | None:
-    """The KV-cache keyword of a Hugging Face forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def clean_text(text: str) -> str:

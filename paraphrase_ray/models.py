@@ -192,3 +192,11 @@ def freeze(model: nn.Module) -> None:
 def clear_cache() -> None:
     with _LOCK:
         _LOADED.clear()
+
+
+def cache_kwarg(module: nn.Module) -> str | None:
+    """The KV-cache keyword of a Hugging Face forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)

@@ -9,6 +9,10 @@ Saved as a directory that PEFT can load (``PeftModel.from_pretrained(base, dir)`
     adapter_model.safetensors   one tensor "prompt_embeddings", (n_tokens, d_embed), fp32
     paraphrase_ray.json         base model, template, generation defaults, training config, metrics
 
+The directory is the unit every stage exchanges, and this module is its only reader: ``PromptBundle`` (the
+vectors + ``PromptMeta``, the typed view of ``paraphrase_ray.json``), ``load_prompt`` (the prompt with its base
+model) and ``System`` (a prompt, or none, with the template and decoding to run it; reports and Serve use it).
+
 Example::
 
     sp = SoftPrompt.init(model, tokenizer, PromptConfig(n_tokens=20, init="vocab"))
@@ -17,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import PromptConfig
+from .config import GenerationConfig, PromptConfig, RunConfig, TemplateConfig, from_dict, to_dict
+from .files import atomic_write
 
 TENSOR_NAME = "prompt_embeddings"
 META_FILE = "paraphrase_ray.json"
@@ -69,7 +75,7 @@ class SoftPrompt(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)
         n, d = cfg.n_tokens, table.shape[1]
         if cfg.init == "vocab":
-            ids = common_token_ids(tokenizer, table.shape[0], cfg.vocab_top_k)
+            ids = frequent_token_ids(tokenizer, table.shape[0], cfg.vocab_top_k)
             pick = ids[torch.randint(len(ids), (n,), generator=gen)]
             weight = table[pick].clone()
         elif cfg.init == "random":
@@ -110,10 +116,11 @@ class SoftPrompt(nn.Module):
             "modules_to_save": None,
             "auto_mapping": None,
         }
-        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file({TENSOR_NAME: self.weight.detach().float().cpu().contiguous()}, str(p)))
-        _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(adapter_cfg, indent=2)))
-        full_meta = {"base_model": base_model, "n_tokens": self.n_tokens, "embed_dim": self.dim, **(meta or {})}
-        _atomic_write(out / META_FILE, lambda p: p.write_text(json.dumps(full_meta, indent=2, default=str)))
+        weight = self.weight.detach().float().cpu().contiguous()
+        atomic_write(out / WEIGHTS_FILE, lambda p: save_file({TENSOR_NAME: weight}, str(p)))
+        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(adapter_cfg, indent=2)))
+        # the prompt's shape lives in the tensor (and adapter_config.json); the meta never repeats it
+        _write_meta(out, {"base_model": base_model, **(meta or {})})
         return out
 
     @classmethod
@@ -144,17 +151,121 @@ class SoftPrompt(nn.Module):
         return cls(weight)
 
 
+@dataclass(frozen=True)
+class PromptMeta:
+    """The typed view of ``paraphrase_ray.json``: what a prompt needs to be run as it was trained.
+
+    Missing keys take the defaults a prompt saved by PEFT (no meta file at all) needs; every other key of the
+    file stays readable in ``raw`` (sweep, trial, params, zero-shot baselines...).
+    """
+
+    base_model: str | None = None
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_source_tokens: int = 64
+    precision: str = "auto"  # the frozen weights' dtype at training time
+    init: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any]) -> PromptMeta:
+        prompt_cfg = meta.get("prompt_config") or {}
+        return cls(
+            base_model=meta.get("base_model"),
+            template=from_dict(TemplateConfig, meta.get("template") or {}),
+            generation=from_dict(GenerationConfig, meta.get("generation") or {}),
+            max_source_tokens=int(meta.get("max_source_tokens", 64)),
+            precision=(meta.get("train_config") or {}).get("precision", "auto"),
+            init=meta.get("init") or prompt_cfg.get("init"),
+            metrics=dict(meta.get("metrics") or {}),
+            raw=dict(meta),
+        )
+
+    @classmethod
+    def read(cls, prompt_dir: str | Path) -> PromptMeta:
+        return cls.from_dict(read_meta(prompt_dir))
+
+    @staticmethod
+    def record(cfg: RunConfig) -> dict[str, Any]:
+        """What a prompt directory records about how it was made (``train``, tune trials, ``best/``)."""
+        return {
+            "template": to_dict(cfg.template),
+            "generation": to_dict(cfg.generation),
+            "prompt_config": to_dict(cfg.prompt),
+            "init": cfg.prompt.init,
+            "train_config": to_dict(cfg.train),
+            "data": to_dict(cfg.data),
+            "max_source_tokens": cfg.data.max_source_tokens,
+        }
+
+    def decoding(self, **overrides: Any) -> GenerationConfig:
+        """The recorded generation config with the non-None ``overrides`` on top."""
+        return dataclasses.replace(self.generation, **{k: v for k, v in overrides.items() if v is not None})
+
+
 @dataclass
 class PromptBundle:
-    """A loaded prompt directory: the vectors plus its metadata."""
+    """A loaded prompt directory: the vectors plus its metadata (``meta`` as read, ``info`` typed)."""
 
     prompt: SoftPrompt
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     @property
+    def info(self) -> PromptMeta:
+        return PromptMeta.from_dict(self.meta)
+
+    @property
     def base_model(self) -> str | None:
         return self.meta.get("base_model")
+
+
+@dataclass(frozen=True)
+class System:
+    """One way of producing paraphrases: a soft prompt (or None) + template + decoding (+ chat wrapping).
+
+    Reports compare systems on the same rows; Serve holds one per served prompt name.
+    """
+
+    name: str
+    prompt: SoftPrompt | None  # None: zero-shot
+    template: TemplateConfig
+    generation: GenerationConfig
+    chat: bool = False  # wrap the source in the tokenizer's chat template (the zero-shot-chat baseline)
+    max_source_tokens: int = 64
+    kind: str = "prompt"  # prompt | zero-shot | zero-shot-chat
+    path: str | None = None
+    meta: PromptMeta = field(default_factory=PromptMeta, compare=False)
+
+    @classmethod
+    def from_bundle(cls, bundle: PromptBundle, name: str | None = None) -> System:
+        """The system a prompt directory describes: the template and decoding recorded at training time."""
+        info, path = bundle.info, str(bundle.path) if bundle.path is not None else None
+        return cls(
+            name or (Path(path).name if path else "prompt"),
+            bundle.prompt,
+            info.template,
+            info.generation,
+            max_source_tokens=info.max_source_tokens,
+            path=path,
+            meta=info,
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return self.prompt.n_tokens if self.prompt is not None else 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "chat": self.chat,
+            "n_tokens": self.n_tokens,
+            "template": to_dict(self.template),
+            "generation": to_dict(self.generation),
+            "max_source_tokens": self.max_source_tokens,
+        }
 
 
 def read_meta(prompt_dir: str | Path) -> dict[str, Any]:
@@ -174,17 +285,37 @@ def load_bundle(prompt_dir: str | Path, expected_dim: int | None = None) -> Prom
     return PromptBundle(SoftPrompt.load(prompt_dir, expected_dim), read_meta(prompt_dir), Path(prompt_dir))
 
 
+def load_prompt(prompt_dir: str | Path, model: str | None = None, device: str = "auto", precision: str | None = None):
+    """(LoadedModel, PromptBundle): the prompt's recorded base model (or ``model``) and the prompt on its device.
+
+    Raises ``ConfigError`` when neither names a base model, ``PromptFileError`` when the prompt does not fit it.
+    """
+    from .config import ConfigError
+    from .models import load_model
+
+    info = PromptMeta.read(prompt_dir)
+    name = model or info.base_model
+    if not name:
+        raise ConfigError(f"{prompt_dir} does not record its base model; pass --model")
+    loaded = load_model(name, precision or info.precision, device)
+    bundle = load_bundle(prompt_dir, expected_dim=loaded.embed_dim)
+    bundle.prompt.to(loaded.device)
+    return loaded, bundle
+
+
 def update_meta(prompt_dir: str | Path, **updates: Any) -> None:
     """Merge keys into ``paraphrase_ray.json`` without touching the weights."""
-    meta = read_meta(prompt_dir)
-    meta.update(updates)
-    _atomic_write(Path(prompt_dir) / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    _write_meta(Path(prompt_dir), {**read_meta(prompt_dir), **updates})
 
 
-def common_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Tensor:
-    """The ``top_k`` most common non-special token ids.
+def _write_meta(prompt_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write(prompt_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
 
-    BPE vocabularies are built by merge frequency, so low ids approximate the most common tokens -- the
+
+def frequent_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Tensor:
+    """The ``top_k`` most frequent non-special token ids (what ``init: vocab`` samples from).
+
+    BPE vocabularies are built by merge frequency, so low ids approximate the most frequent tokens -- the
     same proxy Lester et al. used with SentencePiece's frequency-ordered vocabulary. Byte-level single
     characters at the very bottom are kept; special tokens are removed.
     """
@@ -193,13 +324,6 @@ def common_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Tenso
     if not ids:
         raise ValueError("tokenizer has no non-special tokens to initialise the prompt from")
     return torch.tensor(ids[:top_k])
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a sibling temp file then rename, so a crash never leaves a half-written prompt file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def trainable_parameters(*modules: nn.Module) -> int:

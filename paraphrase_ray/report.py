@@ -22,19 +22,18 @@ config recorded at training time) and the same embedder. Library entry points::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DataConfig, GenerationConfig, TemplateConfig, to_dict
+from .config import ZERO_SHOT, ConfigError, DataConfig, GenerationConfig, TemplateConfig
 from .data import DataReport, Pair, clean, load_pairs, read_rows
+from .files import jsonable, write_json  # noqa: F401  (jsonable: part of this module's report API)
+from .prompt import System
 
-ZERO_SHOT = "zero-shot"
 ZERO_SHOT_CHAT = "zero-shot-chat"
 # Fixed on purpose (not TemplateConfig()): the baseline must not move when the training default does.
 ZERO_SHOT_TEMPLATE = TemplateConfig(prefix="", separator="\nParaphrase:", target_prefix=" ")
@@ -55,31 +54,6 @@ _TABLE_ROWS = (
 )
 
 
-@dataclass(frozen=True)
-class System:
-    """One way of producing paraphrases: a soft prompt (or None) + template + decoding (+ chat wrapping)."""
-
-    name: str
-    prompt: Any  # SoftPrompt | None
-    template: TemplateConfig
-    generation: GenerationConfig
-    chat: bool = False
-    max_source_tokens: int = 64
-    kind: str = "prompt"  # prompt | zero-shot | zero-shot-chat
-    path: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "chat": self.chat,
-            "n_tokens": self.prompt.n_tokens if self.prompt is not None else 0,
-            "template": to_dict(self.template),
-            "generation": to_dict(self.generation),
-            "max_source_tokens": self.max_source_tokens,
-        }
-
-
 def zero_shot_systems(loaded, generation: GenerationConfig | None = None) -> list[System]:
     """The plain hard-prompt baseline, plus the chat-instruction one when the tokenizer has a chat template."""
     gen = generation or GenerationConfig()
@@ -91,18 +65,7 @@ def zero_shot_systems(loaded, generation: GenerationConfig | None = None) -> lis
 
 def prompt_system(bundle, name: str | None = None) -> System:
     """A System for a loaded prompt directory, with the template and decoding recorded at training time."""
-    from .cli import generation_from_meta
-
-    template, gen = generation_from_meta(bundle.meta)
-    path = str(bundle.path) if bundle.path is not None else None
-    return System(
-        name or (Path(path).name if path else "prompt"),
-        bundle.prompt,
-        template,
-        gen,
-        max_source_tokens=int(bundle.meta.get("max_source_tokens", 64)),
-        path=path,
-    )
+    return System.from_bundle(bundle, name)
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------
@@ -329,26 +292,6 @@ def format_examples(report: dict[str, Any], k: int = 3) -> str:
     return "\n\n".join(blocks)
 
 
-def jsonable(obj: Any) -> Any:
-    """NaN/inf become null, so the report is strict JSON that any reader accepts."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out)  # never leave a half-written report
-    return out
-
-
 # -- the command -----------------------------------------------------------------------------------------------
 def _unique_name(name: str, taken: set[str]) -> str:
     candidate, i = name, 2
@@ -361,7 +304,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``paraphrase-ray evaluate``: score prompts and/or the zero-shot baseline on the same held-out rows."""
     from .metrics import load_embedder
     from .models import DEFAULT_MODEL, load_model
-    from .prompt import load_bundle
+    from .prompt import load_bundle, load_prompt
 
     dirs = ([args.prompt] if args.prompt else []) + list(args.compare or [])
     if not dirs and not args.zero_shot:
@@ -375,9 +318,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     systems: list[System] = []
     metas: dict[str, dict] = {}
     if dirs:
-        from .cli import _load_for_prompt
-
-        loaded, first = _load_for_prompt(dirs[0], args.model, args.device)
+        loaded, first = load_prompt(dirs[0], args.model, args.device)
         bundles = [first] + [load_bundle(d, expected_dim=loaded.embed_dim) for d in dirs[1:]]
         taken: set[str] = {ZERO_SHOT, ZERO_SHOT_CHAT}
         for d, b in zip(dirs, bundles, strict=True):

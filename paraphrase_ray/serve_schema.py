@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import ConfigError
+from .config import ZERO_SHOT, ConfigError  # ZERO_SHOT: reserved prompt name, the base model with no prompt
+from .metrics import DEFAULT_EMBEDDER
 
 ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
-ZERO_SHOT = "zero-shot"  # reserved prompt name: the base model with no soft prompt (chat template if any)
 MAX_CANDIDATES = 8
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -34,7 +34,7 @@ class ServeSettings:
     batch_wait_timeout_s: float = 0.01  # least time the first row of a batch waits for company
     batch_wait_fraction: float = 0.1  # ...or this share of the last batch's duration (see _generate)
     batch_wait_max_s: float = 0.5  # ...but never longer than this
-    embedder: str = "sentence-transformers/all-MiniLM-L6-v2"  # rerank scorer
+    embedder: str = DEFAULT_EMBEDDER  # rerank scorer
 
     def __post_init__(self) -> None:
         if not self.prompts:

@@ -9,8 +9,8 @@ losses and gradients match the straightforward full-logits forward (tests/test_f
 
 from __future__ import annotations
 
-import inspect
 import json
+import logging
 import math
 import random
 import sys
@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, to_dict
+from .config import RunConfig
 from .data import IGNORE, Batch, BatchStream, Pair, collate, encode_pair, load_pairs
-from .models import LoadedModel
-from .prompt import SoftPrompt, _atomic_write, trainable_parameters
+from .files import atomic_write
+from .models import LoadedModel, cache_kwarg
+from .prompt import PromptMeta, SoftPrompt, trainable_parameters
+
+log = logging.getLogger("paraphrase_ray")
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -158,7 +161,7 @@ def _token_hidden(model: torch.nn.Module, prompt: SoftPrompt, emb: torch.Tensor,
     """
     base = model.base_model
     bsz, n_p = emb.shape[0], prompt.n_tokens
-    key = _cache_kwarg(base)
+    key = cache_kwarg(base)
     if key is not None:
         cache = base(inputs_embeds=prompt.expand(1, emb.dtype), use_cache=True).get(key)  # prompt, once
         if cache is not None and hasattr(cache, "batch_repeat_interleave"):
@@ -167,12 +170,6 @@ def _token_hidden(model: torch.nn.Module, prompt: SoftPrompt, emb: torch.Tensor,
             return base(inputs_embeds=emb, attention_mask=mask, use_cache=True, **{key: cache}).last_hidden_state
     x = torch.cat([prompt.expand(bsz, emb.dtype), emb], dim=1)  # (B, P+S, d_embed)
     return base(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n_p:]
-
-
-def _cache_kwarg(module: torch.nn.Module) -> str | None:
-    """The KV-cache keyword of a Hugging Face forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    params = inspect.signature(module.forward).parameters
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 @torch.inference_mode()
@@ -214,8 +211,8 @@ def save_checkpoint(ckpt_dir: Path, prompt: SoftPrompt, opt, state: dict[str, An
             tensors[k] = v.detach().cpu().contiguous().reshape(v.shape if v.dim() else (1,))
     if "best_weight" in state:
         tensors["best_weight"] = state.pop("best_weight").detach().cpu().contiguous()
-    _atomic_write(ckpt_dir / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
-    _atomic_write(ckpt_dir / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=2)))
+    atomic_write(ckpt_dir / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    atomic_write(ckpt_dir / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=2)))
     return ckpt_dir
 
 
@@ -280,10 +277,9 @@ def train(
     start_step = state["step"]
     for _ in range(start_step):  # keep the data order identical to an uninterrupted run
         stream.next()
-    best_weight = state.pop("best_weight", None)
-    if best_weight is not None:
-        best_weight = best_weight.to(device)
-    history: list[dict[str, Any]] = state.get("history", [])
+    if state.get("best_weight") is not None:
+        state["best_weight"] = state["best_weight"].to(device)
+    state.setdefault("history", [])
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (Path(out_dir) / "checkpoint" if out_dir else None)
 
     status, last_loss, tokens, t0 = "completed", None, 0, time.perf_counter()
@@ -313,32 +309,12 @@ def train(
         bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
 
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
-            event: dict[str, Any] = {"step": step, "train_loss": last_loss, "lr": opt.param_groups[0]["lr"]}
-            if val_enc:
-                vl = validation_loss(
-                    model, prompt, val_enc, tcfg.batch_size * 2, device, tok.pad_token_id, tcfg.eval_batches,
-                    tcfg.copy_token_weight,
-                )
-                event["val_loss"] = vl
-                if state["best_val_loss"] is None or vl < state["best_val_loss"] - 1e-4:
-                    state["best_val_loss"], state["bad_evals"] = vl, 0
-                    best_weight = prompt.weight.detach().clone()
-                else:
-                    state["bad_evals"] += 1
-                    if tcfg.schedule == "plateau" and state["bad_evals"] % tcfg.plateau_patience == 0:
-                        state["lr_scale"] *= tcfg.plateau_factor
-            history.append(event)
+            event = evaluate_step(loaded, prompt, val_enc, state, tcfg, step, last_loss, opt.param_groups[0]["lr"])
             if bar.disable:  # no live bar (log file, CI, Ray worker): one line per evaluation instead
-                vl_txt = f" val {event['val_loss']:.3f}" if "val_loss" in event else ""
-                s_step = (time.perf_counter() - t0) / max(1, step - start_step)
-                _log(f"step {step}/{tcfg.steps} loss {last_loss:.3f}{vl_txt} lr {event['lr']:.3g} ({s_step:.1f} s/step)", tcfg)
+                _log(_eval_line(event, tcfg, (time.perf_counter() - t0) / max(1, step - start_step)), tcfg)
             bar.set_postfix(loss=f"{last_loss:.3f}", val=f"{event.get('val_loss', float('nan')):.3f}")
-            state.update(step=step, history=history)
             if ckpt_dir is not None and (tcfg.checkpoint_every is None or step % tcfg.checkpoint_every == 0):
-                st = dict(state)
-                if best_weight is not None:
-                    st["best_weight"] = best_weight
-                save_checkpoint(ckpt_dir, prompt, opt, st, loaded.name)
+                save_checkpoint(ckpt_dir, prompt, opt, dict(state), loaded.name)
             if callback is not None and callback(event, prompt):
                 status = "stopped"
                 break
@@ -347,33 +323,53 @@ def train(
                 break
     bar.close()
     wall = time.perf_counter() - t0
-    if best_weight is not None and status != "nan":
+    if state.get("best_weight") is not None and status != "nan":
         with torch.no_grad():
-            prompt.weight.copy_(best_weight)
+            prompt.weight.copy_(state["best_weight"])
     result = TrainResult(
         status=status, steps=step, prompt=prompt, best_val_loss=state["best_val_loss"], final_train_loss=last_loss,
-        tokens_per_s=tokens / wall if wall > 0 else 0.0, wall_s=wall, history=history,
+        tokens_per_s=tokens / wall if wall > 0 else 0.0, wall_s=wall, history=state["history"],
     )
     if out_dir is not None and status != "nan":
-        meta = {**prompt_meta(cfg), "metrics": result.metrics(), **(extra_meta or {})}
+        meta = {**PromptMeta.record(cfg), "metrics": result.metrics(), **(extra_meta or {})}
         prompt.save(out_dir, loaded.name, model, meta)
         _log(f"saved prompt to {out_dir}", tcfg)
     return result
 
 
-def prompt_meta(cfg: RunConfig) -> dict[str, Any]:
-    """What a prompt directory records about how it was made; serving and evaluation read it back."""
-    return {
-        "template": to_dict(cfg.template),
-        "generation": to_dict(cfg.generation),
-        "prompt_config": to_dict(cfg.prompt),
-        "init": cfg.prompt.init,
-        "train_config": to_dict(cfg.train),
-        "data": to_dict(cfg.data),
-        "max_source_tokens": cfg.data.max_source_tokens,
-    }
+def evaluate_step(
+    loaded: LoadedModel, prompt: SoftPrompt, val_enc, state: dict[str, Any], tcfg, step: int, loss: float, lr: float
+) -> dict[str, Any]:
+    """One evaluation: validation loss, best-prompt bookkeeping, the plateau lr cut; returns the event.
+
+    Updates ``state`` in place (``best_val_loss``, ``best_weight``, ``bad_evals``, ``lr_scale``, ``history``,
+    ``step``): everything a checkpoint must carry for a resumed run to continue exactly.
+    """
+    event: dict[str, Any] = {"step": step, "train_loss": loss, "lr": lr}
+    if val_enc:
+        tok = loaded.tokenizer
+        vl = validation_loss(
+            loaded.model, prompt, val_enc, tcfg.batch_size * 2, loaded.device, tok.pad_token_id,
+            tcfg.eval_batches, tcfg.copy_token_weight,
+        )
+        event["val_loss"] = vl
+        if state["best_val_loss"] is None or vl < state["best_val_loss"] - 1e-4:
+            state.update(best_val_loss=vl, bad_evals=0, best_weight=prompt.weight.detach().clone())
+        else:
+            state["bad_evals"] += 1
+            if tcfg.schedule == "plateau" and state["bad_evals"] % tcfg.plateau_patience == 0:
+                state["lr_scale"] *= tcfg.plateau_factor
+    state["history"].append(event)
+    state["step"] = step
+    return event
+
+
+def _eval_line(event: dict[str, Any], tcfg, s_per_step: float) -> str:
+    vl = f" val {event['val_loss']:.3f}" if "val_loss" in event else ""
+    return f"step {event['step']}/{tcfg.steps} loss {event['train_loss']:.3f}{vl} lr {event['lr']:.3g} ({s_per_step:.1f} s/step)"
 
 
 def _log(msg: str, tcfg) -> None:
+    """Library output goes through ``logging`` ("paraphrase_ray"); the CLI prints it to stderr."""
     if tcfg.progress:
-        print(msg, file=sys.stderr)
+        log.info(msg)

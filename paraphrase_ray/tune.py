@@ -1,13 +1,13 @@
 """Ray Tune sweeps over soft-prompt training: a search space (``paraphrase_ray.sweep``) -> trials -> best prompt.
 
+This is the driver (open or resume, build the tuner, collect baselines, export the best prompt); one trial's
+work lives in ``trial.py``.
+
     paraphrase-ray tune --space search_spaces/quickstart.yaml            # local Ray, CPU
     paraphrase-ray tune --space search_spaces/default.yaml --storage gs://BUCKET/prefix --address auto
 
 Searcher: Optuna TPE (``OptunaSearch``, starting points first); scheduler: ``ASHAScheduler`` on the training
-step. Each trial (``run_trial``) is a plain function that calls ``train.train``; at every eval interval it
-paraphrases the sweep's held-out rows with the current prompt, scores them on the sweep's shared Evaluator actor,
-and reports train/validation loss, the objective and its components with a prompt-only checkpoint (prompt +
-AdamW moments, safetensors; no base-model weights). ``CheckpointConfig`` keeps each trial's best-scoring one.
+step. ``CheckpointConfig`` keeps each trial's best-scoring checkpoint.
 
 Base model once per worker process: ``TuneConfig(reuse_actors=True)`` hands a finished trial's actor (one
 process) to the next trial with the same resources, and ``models.load_model`` memoises per process. Tune
@@ -31,9 +31,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -45,8 +43,8 @@ import ray
 import yaml
 from ray import tune
 
-from .config import ConfigError, RunConfig, from_dict, replace_nested, to_dict
-from .evaluator import DEFAULT_NAMESPACE, EvaluatorClient, get_evaluator, shutdown_evaluator
+from .config import ConfigError
+from .evaluator import DEFAULT_NAMESPACE, get_evaluator, shutdown_evaluator
 from .leaderboard import (
     LEADERBOARD_FILE,
     PLOT_FILE,
@@ -68,181 +66,11 @@ from .sweep import (
     spec_from_dict,
     spec_to_dict,
 )
+from .trial import TrialContext, _zero_shot, run_trial
+
+log = logging.getLogger("paraphrase_ray")
 
 SPACE_FILE, ZERO_SHOT_FILE, BEST_DIR = "space.yaml", "zero_shot.json", "best"
-PROMPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "paraphrase_ray.json")
-
-
-# -------------------------------------------------------------------------------------------------- trials
-@dataclass
-class TrialContext:
-    """What every trial shares, put in the object store once (``tune.with_parameters``)."""
-
-    sweep: str
-    run: dict[str, Any]  # to_dict(RunConfig), local paths made absolute (Tune runs trials in their own cwd)
-    train_pairs: list[tuple[str, str]]
-    val_pairs: list[tuple[str, str]]
-    eval_sources: list[str]  # the held-out rows every trial and the zero-shot baseline are scored on
-    eval_refs: list[str]
-    evaluator: dict[str, Any]  # EvaluatorClient kwargs: the sweep's named actor
-    gen_batch_size: int
-    metric: str
-    mode: str
-
-
-_WORKER: dict[str, Any] = {"trials": 0, "models": set()}  # per process: trials run here, models loaded here
-
-
-def trial_config(ctx: TrialContext, params: dict[str, Any]) -> RunConfig:
-    cfg = replace_nested(from_dict(RunConfig, ctx.run), params)
-    # Tune's checkpoint is the one train() writes at each eval interval; no progress bars from workers.
-    return dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, checkpoint_every=None, progress=False)
-    )
-
-
-def score_prompt(
-    loaded, prompt, cfg: RunConfig, ctx: TrialContext, client, timings: dict | None = None, chat: bool = False
-) -> dict[str, float]:
-    """Paraphrase the held-out rows with ``prompt`` (None: zero-shot) and score them on the Evaluator actor.
-
-    ``timings`` (if given) receives ``generate_s`` and ``score_s``.
-    """
-    from .generate import paraphrase
-
-    t0 = time.perf_counter()
-
-    cands = paraphrase(
-        loaded,
-        ctx.eval_sources,
-        prompt,
-        cfg.template,
-        cfg.generation,
-        ctx.gen_batch_size,
-        cfg.data.max_source_tokens,
-        chat=chat,
-    )
-    t1 = time.perf_counter()
-    scores = client.score(ctx.eval_sources, ctx.eval_refs, [c[0] for c in cands])
-    if timings is not None:
-        timings.update(generate_s=round(t1 - t0, 3), score_s=round(time.perf_counter() - t1, 3))
-    return scores
-
-
-def worst(metric: str, mode: str) -> float:
-    """What a NaN trial reports: the objective and the rates live in [0, 1]."""
-    if mode == "max" and metric in ("objective", "success_rate", "adequacy", "ref_similarity"):
-        return 0.0
-    return -math.inf if mode == "max" else math.inf
-
-
-def run_trial(
-    config: dict[str, Any], ctx: TrialContext, report=None, get_checkpoint=None, client=None
-) -> None:
-    """One Tune trial: train with ``config``'s overrides; report and checkpoint at every eval interval.
-
-    ``report(metrics, checkpoint=None)``, ``get_checkpoint()`` and the evaluator ``client`` default to Tune's
-    and the sweep's actor; tests pass their own to run a trial in-process.
-    """
-    from .data import Pair
-    from .models import load_model
-    from .prompt import update_meta
-    from .train import prompt_meta, train
-
-    report = report or tune.report
-    get_checkpoint = get_checkpoint or tune.get_checkpoint
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
-    start, t0 = time.time(), time.perf_counter()
-    _WORKER["trials"] += 1
-    cfg = trial_config(ctx, config)
-    key = (cfg.model, cfg.train.precision, cfg.train.device)
-    fresh = key not in _WORKER["models"]
-    loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)  # memoised per process
-    _WORKER["models"].add(key)
-    client = client or EvaluatorClient(**ctx.evaluator)
-    info = {
-        "worker_pid": os.getpid(),
-        "worker_trial": _WORKER["trials"],
-        "model_fresh_load": fresh,
-        "trial_start": start,
-    }
-    meta = {**prompt_meta(cfg), "sweep": ctx.sweep, "trial_id": _trial_id(), "params": dict(config)}
-    work = Path(tempfile.mkdtemp(prefix="paraphrase-ray-trial-"))
-    ckpt_dir = work / "checkpoint"
-    last: dict[str, Any] = {}
-    try:
-        ckpt = get_checkpoint()
-        # Tune restarted this trial (--resume, or a retry after an error): continue from its last eval.
-        resume = Path(ckpt.to_directory(str(work / "resume"))) if ckpt is not None else None
-        info["setup_s"] = round(time.perf_counter() - t0, 3)
-
-        def on_eval(event: dict[str, Any], prompt) -> None:
-            t = time.perf_counter()
-            scores = score_prompt(loaded, prompt, cfg, ctx, client, timings := {})
-            metrics = {**event, **scores, **info, **timings, "eval_s": round(time.perf_counter() - t, 3)}
-            update_meta(ckpt_dir, **meta, step=event["step"], metrics={k: scores[k] for k in SUMMARY_KEYS})
-            last.clear()
-            last.update(metrics)
-            report(
-                {**metrics, "report_time": time.time()},
-                checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)),
-            )
-
-        result = train(
-            loaded,
-            cfg,
-            train_pairs=[Pair(*p) for p in ctx.train_pairs],
-            val_pairs=[Pair(*p) for p in ctx.val_pairs],
-            callback=on_eval,
-            resume_from=resume,
-            checkpoint_dir=ckpt_dir,
-        )
-        final = {
-            **last,
-            **info,
-            "step": result.steps,
-            "train_status": result.status,
-            "report_time": time.time(),
-        }
-        if result.status == "nan":  # diverged: the searcher learns this region is bad; nothing to retry
-            final.update({ctx.metric: worst(ctx.metric, ctx.mode), "train_loss": math.nan})
-        report(final)  # no checkpoint: the last eval's stays the trial's latest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _trial_id() -> str:
-    try:
-        return tune.get_context().get_trial_id() or ""
-    except Exception:  # outside a Tune session (unit tests)
-        return ""
-
-
-@ray.remote
-def _zero_shot(model: str, ctx: TrialContext) -> list[dict[str, Any]]:
-    """Baselines without a soft prompt on the sweep's held-out rows, as ``paraphrase-ray evaluate`` has them:
-    ``zero-shot`` (the trials' template minus the learned vectors) and, for chat models, ``zero-shot-chat``
-    (the chat template around an instruction)."""
-    from .models import load_model
-
-    cfg = trial_config(ctx, {"model": model})
-    loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)
-    client = EvaluatorClient(**ctx.evaluator)
-    out = []
-    for chat in (False, True) if loaded.is_chat else (False,):
-        t0 = time.perf_counter()
-        scores = score_prompt(loaded, None, cfg, ctx, client, chat=chat)
-        system = "zero-shot-chat" if chat else "zero-shot"
-        out.append(
-            {
-                "system": system,
-                "model": model,
-                "chat": chat,
-                **scores,
-                "wall_s": round(time.perf_counter() - t0, 2),
-            }
-        )
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -315,7 +143,7 @@ def build_context(spec: SweepSpec, name: str, evaluator_name: str) -> TrialConte
         raise ConfigError("no held-out rows to score: set run.data.val_size (or val_fraction) above 0")
     return TrialContext(
         sweep=name,
-        run=to_dict(run),
+        run=run,
         train_pairs=[(p.source, p.target) for p in train_pairs],
         val_pairs=[(p.source, p.target) for p in val_pairs],
         eval_sources=[p.source for p in rows],
@@ -420,10 +248,7 @@ def run_sweep(
                     zero_shot = [z for zs in ray.get(zs_refs) for z in zs]
                     store.write_bytes(ZERO_SHOT_FILE, json.dumps(zero_shot, indent=2).encode())
                 except ray.exceptions.RayError as e:  # a failed baseline must not cost the sweep's results
-                    print(
-                        f"warning: zero-shot baseline failed: {str(e).strip().splitlines()[-1]}",
-                        file=sys.stderr,
-                    )
+                    log.warning("warning: zero-shot baseline failed: %s", str(e).strip().splitlines()[-1])
             else:  # interrupted first: --resume computes it
                 for ref in zs_refs:
                     ray.cancel(ref, force=True)
@@ -446,31 +271,45 @@ def _init_ray(address: str | None) -> bool:
     # Inherited by a local cluster's workers: no tokenizer threads, no weight-loading progress bars per trial.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    try:  # address "local": a fresh Ray of our own, never one RAY_ADDRESS or `ray start` left on this machine
+        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
     except ConnectionError as e:
         raise ConfigError(f"could not connect to Ray at --address {address}: {e}") from e
     return True
 
 
 def trial_records(grid) -> list[TrialRecord]:
-    """Tune's results as plain records. Tune statuses live on the Trial objects, in the ResultGrid's order."""
+    """Tune's results as plain records, through the public ``Result`` API.
+
+    Status: ``ERROR`` when the result carries an error, ``TERMINATED`` when Tune marked its last report
+    ``done`` (finished, or stopped by ASHA), else ``RUNNING`` (reported, then interrupted) or ``PENDING``.
+    """
     records = []
-    for result, trial in zip(grid, grid._experiment_analysis.trials, strict=True):
+    for result in grid:
         df = result.metrics_dataframe
         reports = df.to_dict("records") if df is not None and len(df) else []
+        last = result.metrics or {}
         error = ""
         if result.error:
             lines = [ln.strip() for ln in str(result.error).strip().splitlines() if ln.strip()]
             error = (lines[-1] if lines else type(result.error).__name__)[:300]
-        config = {k: v for k, v in trial.config.items() if not k.startswith("_")}
-        records.append(TrialRecord(trial.trial_id, trial.status, config, reports, error))
+            status = "ERROR"
+        else:
+            status = "TERMINATED" if last.get("done") else "RUNNING" if reports else "PENDING"
+        config = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
+        records.append(TrialRecord(_result_trial_id(result), status, config, reports, error))
     return records
+
+
+def _result_trial_id(result) -> str:
+    """Tune stamps ``trial_id`` on every report; a trial that never reported is named by its directory."""
+    last = result.metrics or {}
+    return str(last.get("trial_id") or Path(str(result.path)).name)
 
 
 def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> dict[str, Any] | None:
     """Copy the best trial's best-scoring prompt to ``<storage>/<name>/best`` with its metrics and the sweep."""
-    from .prompt import update_meta
+    from .prompt import CONFIG_FILE, META_FILE, WEIGHTS_FILE, update_meta
 
     metric, sign = spec.objective.metric, (1 if spec.objective.mode == "max" else -1)
     ranked = [
@@ -479,11 +318,7 @@ def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> 
     if not ranked:
         return None
     best_row = ranked[0]
-    result = next(
-        res
-        for res, t in zip(grid, grid._experiment_analysis.trials, strict=True)
-        if t.trial_id == best_row["trial_id"]
-    )
+    result = next(res for res in grid if _result_trial_id(res) == best_row["trial_id"])
     cands = [(c, m) for c, m in result.best_checkpoints if isinstance(m.get(metric), int | float)]
     if not cands:
         return None
@@ -499,7 +334,7 @@ def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> 
             metrics={k: metrics.get(k) for k in (*SUMMARY_KEYS, "val_loss")},
             zero_shot=[{k: z.get(k) for k in ("system", "model", *COMPONENTS)} for z in zero_shot],
         )
-        store.upload_dir(local, BEST_DIR, PROMPT_FILES)
+        store.upload_dir(local, BEST_DIR, (WEIGHTS_FILE, CONFIG_FILE, META_FILE))
     return {**best_row, "path": store.display(BEST_DIR)}
 
 

@@ -22,7 +22,7 @@ KEY = "playground-key"
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tmp_path_factory):
     from paraphrase_ray.models import load_model
-    from paraphrase_ray.serving import ServeSettings, run_local, shutdown
+    from paraphrase_ray.serve_runner import ServeSettings, run_local, shutdown
 
     loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
     table = loaded.model.get_input_embeddings().weight

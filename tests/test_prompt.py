@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from paraphrase_ray.config import PromptConfig, RunConfig, TrainConfig
-from paraphrase_ray.prompt import PromptFileError, SoftPrompt, common_token_ids, trainable_parameters
+from paraphrase_ray.prompt import PromptFileError, SoftPrompt, frequent_token_ids, trainable_parameters
 from paraphrase_ray.train import train
 
 
 def test_vocab_init_copies_common_token_embeddings(tiny):
     sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=7, init="vocab", vocab_top_k=50))
     table = tiny.model.get_input_embeddings().weight.float()
-    common = set(common_token_ids(tiny.tokenizer, table.shape[0], 50).tolist())
+    common = set(frequent_token_ids(tiny.tokenizer, table.shape[0], 50).tolist())
     assert sp.weight.shape == (7, tiny.embed_dim) == (7, 16)  # word_embed_proj_dim, not hidden_size (32)
     for row in sp.weight:
         matches = (table == row).all(dim=1).nonzero().flatten().tolist()

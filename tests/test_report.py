@@ -302,7 +302,9 @@ def test_self_bleu_band_keeps_only_moderate_rewrites_for_training():
 
 def test_source_penalty_can_skip_punctuation_and_function_words(tiny):
     from paraphrase_ray.config import TemplateConfig
-    from paraphrase_ray.generate import FUNCTION_WORDS, common_token_ids, row_for
+    from paraphrase_ray.decoding import FUNCTION_WORDS
+    from paraphrase_ray.decoding import skip_penalty_ids as common_token_ids
+    from paraphrase_ray.generate import row_for
 
     src = "The cat sat on the mat, and the dog slept."
     gen = GenerationConfig(source_repetition_penalty=1.2)

@@ -350,10 +350,10 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     """A real tiny sweep on file:// storage: ASHA stops some trials, a failing trial does not stop the others,
     Ctrl-C interrupts it, --resume finishes it without re-running finished trials, and the results are complete
     and loadable."""
-    from paraphrase_ray.cli import generation_from_meta, main
+    from paraphrase_ray.cli import main
     from paraphrase_ray.generate import paraphrase
     from paraphrase_ray.models import load_model
-    from paraphrase_ray.prompt import load_bundle
+    from paraphrase_ray.prompt import PromptMeta, load_bundle
 
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(tiny_space(tiny_model_dir)))
@@ -416,5 +416,6 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     assert bundle.prompt.n_tokens == int(trials[0]["prompt.n_tokens"]) and "template" in bundle.meta
     assert json.loads((exp / "zero_shot.json").read_text())[0]["n"] == 4
     loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
-    template, gen = generation_from_meta(bundle.meta)
+    info = PromptMeta.from_dict(bundle.meta)
+    template, gen = info.template, info.generation
     assert len(paraphrase(loaded, ["The cat sat on the mat."], bundle.prompt, template, gen)) == 1

@@ -1,0 +1,158 @@
+"""Decoding rules that see each row's source: logits processors, bans and stopping, and the per-tokenizer
+vocabulary scans they share.
+
+With ``inputs_embeds`` generation Hugging Face's own rules see only the generated tokens, never the source, so
+copy control lives here. Every rule exists twice with the same tokens: as an HF ``LogitsProcessor`` /
+``StoppingCriteria`` (sampling, beams: ``model.generate``) and as a plain function of one row's generated ids
+that ``generate.greedy_decode`` calls (tests pin the two paths to identical output).
+
+- ``SourceNgramBlock`` / ``source_bans``: never copy n consecutive source tokens (default n = 4), never cutting
+  a word (``word_continuation_ids`` are exempt).
+- ``SourceRepetitionPenalty``: HF's repetition-penalty rule over the source's tokens (off by default).
+- ``ngram_bans``: HF's no-repeat n-gram rule over the generated tokens.
+- ``StopAtLineEnd``: stop at the first newline after some text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+_PER_TOKENIZER: dict[tuple[str, int], Any] = {}  # (what, id(tokenizer)) -> vocabulary scans, made once
+_WORD_START_MARKERS = frozenset("Ġ▁Ċĉ")  # byte-level BPE space / newline / tab, SentencePiece space
+# English function words: every paraphrase needs them, so penalising them only forces odd wording.
+FUNCTION_WORDS = frozenset(
+    "a an the of to in on at by for from with as and or but nor so if than that this these those it its is are "
+    "was were be been being has have had do does did will would can could may might shall should must not no "
+    "he she they we i you his her their our my your him them us who which what when where there here".split()
+)
+
+
+class SourceRepetitionPenalty(LogitsProcessor):
+    """HF's repetition-penalty rule applied to each row's *source* token ids.
+
+    ``mask`` is (batch, vocab) bool; HF expands rows for beams / num_return_sequences with repeat_interleave,
+    so the mask is expanded the same way on first use.
+    """
+
+    def __init__(self, mask: torch.Tensor, penalty: float):
+        self.mask, self.penalty = mask, penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = self.mask
+        if mask.shape[0] != scores.shape[0]:
+            mask = mask.repeat_interleave(scores.shape[0] // mask.shape[0], dim=0)
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(mask[:, : scores.shape[1]], penalised, scores)
+
+
+class StopAtLineEnd(StoppingCriteria):
+    """Stop a row at a newline token once it has produced some text (leading newlines are skipped).
+
+    With ``inputs_embeds`` generation, ``input_ids`` holds only the generated tokens: (rows, new_tokens).
+    """
+
+    def __init__(self, newline_ids: list[int], device: torch.device):
+        self.nl = torch.tensor(newline_ids, dtype=torch.long, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        is_nl = torch.isin(input_ids, self.nl)  # (rows, new)
+        return is_nl[:, -1] & (~is_nl[:, :-1]).any(dim=1)
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text contains a newline: generation stops at the end of the line."""
+    return _per_tokenizer(
+        "newline", tokenizer, lambda: [i for i, t in enumerate(_vocab_texts(tokenizer)) if "\n" in t]
+    )
+
+
+def _per_tokenizer(what: str, tokenizer, build: Callable[[], Any]) -> Any:
+    key = (what, id(tokenizer))
+    if key not in _PER_TOKENIZER:
+        _PER_TOKENIZER[key] = build()
+    return _PER_TOKENIZER[key]
+
+
+def _vocab_texts(tokenizer) -> list[str]:
+    """Each vocabulary id decoded on its own (one pass over the vocabulary, shared by the scans below)."""
+    return _per_tokenizer(
+        "texts", tokenizer, lambda: tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    )
+
+
+def skip_penalty_ids(tokenizer) -> frozenset[int]:
+    """Ids the source penalty skips (``source_penalty_skip_common``): tokens without a letter or digit
+    (punctuation, spaces, newlines) and function words.
+
+    Penalising them does not stop copying (content words and their order do), but it does push down the final
+    period every source contains and the eos after it, so the model runs on past the end of its sentence.
+    """
+    return _per_tokenizer("common", tokenizer, lambda: frozenset(
+        i for i, t in enumerate(_vocab_texts(tokenizer))
+        if not any(c.isalnum() for c in t) or t.strip().lower() in FUNCTION_WORDS
+    ))
+
+
+def source_ngrams(
+    ids: Sequence[int], n: int, exempt: frozenset[int] = frozenset()
+) -> dict[tuple[int, ...], list[int]]:
+    """{(n-1)-gram of ``ids``: [tokens that follow it]}: a generated run matching a key may not go on with them.
+
+    ``exempt`` tokens are never banned: with ``word_continuation_ids`` a word the model has started to copy
+    is finished whole, and the ban falls on the next word ("Gary Nicklaus" no longer comes out "Gary Nicklup").
+    """
+    out: dict[tuple[int, ...], list[int]] = {}
+    for j in range(len(ids) - n + 1):
+        if ids[j + n - 1] not in exempt:
+            out.setdefault(tuple(ids[j : j + n - 1]), []).append(ids[j + n - 1])
+    return out
+
+
+def word_continuation_ids(tokenizer) -> frozenset[int]:
+    """Ids of tokens that continue a word: their vocabulary string starts with a letter or digit, where a
+    word-initial token carries the tokenizer's space marker ("Ġ" in byte-level BPE, "▁" in SentencePiece)."""
+    def build() -> frozenset[int]:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        # the markers are letters to str.isalnum() ("Ġ" is U+0120), so they are named
+        return frozenset(
+            i for i, t in enumerate(pieces) if t and t[0].isalnum() and t[0] not in _WORD_START_MARKERS
+        )
+
+    return _per_tokenizer("continuation", tokenizer, build)
+
+
+class SourceNgramBlock(LogitsProcessor):
+    """Ban each row's source n-grams: -inf on a token that would end an n-gram copied from its source.
+
+    ``input_ids`` are the generated tokens only (``inputs_embeds`` generation); HF expands rows for beams /
+    num_return_sequences with repeat_interleave, so row r of the scores belongs to source row r // k.
+    """
+
+    def __init__(self, ngrams: list[dict[tuple[int, ...], list[int]]], n: int):
+        self.ngrams, self.n = ngrams, n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        k = scores.shape[0] // len(self.ngrams)
+        for r, seq in enumerate(input_ids.tolist()):
+            banned = source_bans(seq, self.ngrams[r // k], self.n)
+            if banned:
+                scores[r, banned] = -float("inf")
+        return scores
+
+
+def source_bans(seq: list[int], ngrams: dict[tuple[int, ...], list[int]], n: int) -> list[int]:
+    if len(seq) < n - 1:
+        return []
+    return ngrams.get(tuple(seq[len(seq) - n + 1 :]), [])
+
+
+def ngram_bans(seq: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already in ``seq`` (the last n-1 tokens as its prefix)."""
+    if len(seq) + 1 < n:
+        return []
+    prefix = seq[len(seq) - n + 1 :]
+    return [seq[j + n - 1] for j in range(len(seq) - n + 1) if seq[j : j + n - 1] == prefix]

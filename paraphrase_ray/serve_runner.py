@@ -1,0 +1,142 @@
+"""Running the Serve app from a shell or a script: ``paraphrase-ray serve``, a local start/stop, and the demo.
+
+    paraphrase-ray serve --prompt best=runs/best --prompt other=runs/other   # foreground, Ctrl-C stops
+    python -m paraphrase_ray.serve_runner --demo PROMPT_DIR                   # deploy, ask, print, shut down
+
+``serve run serve/config.yaml`` needs none of this: it imports ``serving:app_builder`` directly.
+"""
+
+import os
+import time
+
+from ray import serve
+
+from .serve_schema import ENV_API_KEY, ZERO_SHOT, ServeSettings, parse_prompt_specs
+from .serving import APP_NAME, build_app
+
+
+def start_local(
+    address: str | None = None, num_cpus: int | None = None, port: int = 8000, host: str = "127.0.0.1"
+) -> None:
+    """Connect to ``address`` or start a fresh local Ray (never someone else's), then Serve on host:port."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = (
+            {"address": address}
+            if address
+            else {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
+        )
+        ray.init(**kwargs, logging_level="WARNING", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+
+
+def run_local(
+    settings: ServeSettings, host: str, port: int, address: str | None = None, device: str = "auto"
+) -> str:
+    """Deploy ``settings`` on a local (or given) Ray; returns the base URL once the app is ready."""
+    import ray
+
+    start_local(address, port=port, host=host)
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if address is None else 1
+    gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    serve.run(
+        build_app(settings, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}),
+        name=APP_NAME,
+        route_prefix="/",
+    )
+    return f"http://{host}:{port}"
+
+
+def shutdown(local: bool = True) -> None:
+    """Local Ray: stop Serve and Ray. A shared cluster: delete only this application."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.shutdown() if local else serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+
+
+def cmd_serve(args) -> int:
+    """``paraphrase-ray serve``: run in the foreground until Ctrl-C (also during start-up), then clean up."""
+    key = args.api_key or os.environ.get(ENV_API_KEY) or None
+    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key)
+    names = [n for n, _ in parse_prompt_specs(settings.prompts)]
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(
+            f"warning: binding {args.host} without an API key; anyone who can reach it may use it "
+            f"(set --api-key or {ENV_API_KEY})"
+        )
+    try:
+        url = run_local(settings, args.host, args.port, args.address, args.device)
+        print(
+            f"serving prompts {', '.join(names)} (default {names[0]}; also {ZERO_SHOT!r}) at {url}  "
+            f"docs: {url}/docs  auth: {'on' if key else 'off'}  (Ctrl-C stops)",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        shutdown(local=args.address is None)
+    return 0
+
+
+def demo(prompt_dirs: list[str], port: int = 0, texts: list[str] | None = None) -> int:
+    """Deploy the prompts, ask every prompt (and zero-shot) at once over HTTP, print the answers, shut down."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    texts = texts or [
+        "The committee approved the new budget after a long debate.",
+        "She could not attend the meeting because her flight was delayed.",
+    ]
+    url = run_local(ServeSettings(prompts=tuple(prompt_dirs)), "127.0.0.1", port)
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            info = client.get("/prompts").json()
+            names = [p["name"] for p in info["prompts"]]
+            print(f"serving {', '.join(names)} on {info['base_model']} at {url}")
+
+            def ask(name: str) -> dict:  # concurrent requests: their rows share one forward pass
+                r = client.post("/paraphrase", json={"texts": texts, "prompt": name})
+                r.raise_for_status()
+                return r.json()
+
+            with ThreadPoolExecutor(len(names)) as pool:
+                for answer in pool.map(ask, names):
+                    print(f"[{answer['prompt']}]")
+                    for res in answer["results"]:
+                        print(f"  {res['text']}\n    -> {res['paraphrase']}")
+            st = client.get("/stats").json()
+            print(
+                f"{st['rows']} rows in {st['batches']} forward passes ({st['mixed_prompt_batches']} mixed-prompt)"
+            )
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    from paraphrase_ray import serve_runner  # the importable module, so Ray pickles classes by reference
+
+    parser = argparse.ArgumentParser(
+        description="Deploy prompts with Ray Serve, ask once over HTTP, shut down."
+    )
+    parser.add_argument("--demo", nargs="+", required=True, metavar="[NAME=]DIR", help="prompt directories")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    ns = parser.parse_args()
+    sys.exit(serve_runner.demo(ns.demo, ns.port))
