@@ -70,8 +70,9 @@ _TOKEN = re.compile(
     r"|(?P<word>[^\W\d_]+(?:['’][^\W\d_]+)*['’]?)"
     r"|(?P<end>[.?!]+|\n)"
 )
-# The guard's words: alphanumeric runs; a digit-initial run may hold one "," or "." between digits.
-_GUARD_WORD = re.compile(r"\d[^\W_]*(?:[.,]\d[^\W_]*)*|[^\W_]+")
+# The guard's words: letter runs, and digit-initial alphanumeric runs that may hold "," or "." between digits
+# ("1,200", "1990s"); a digit after letters starts a new word, as the metric reads "the2001" as holding 2001.
+_GUARD_WORD = re.compile(r"\d[^\W_]*(?:[.,]\d[^\W_]*)*|[^\W\d_]+")
 
 
 @dataclass(frozen=True)
@@ -291,12 +292,13 @@ class FactGuard:
         # multi-word pieces whose later words are guarded and not in the source are banned everywhere
         bad[[i for i, rest in v.rest_words.items()
              if any((w[0].isupper() or w[0].isdigit()) and w not in self.prefixes for w in rest)]] = True
-        self._lead = bad & v.lead  # right after a word, only a token with a leading space starts a new one
+        self._lead = bad & v.lead  # right after a word, a token with a leading space starts a new one ...
+        self._glued_digit = bad & v.digit & ~v.lead  # ... and after letters, so does a digit with no space
         self._upper_glued = bad & v.upper & ~v.lead  # after "1,": a capitalised token with no space starts one
         self._masks: dict[tuple[str, str], np.ndarray] = {
             ("first", ""): bad & v.digit,  # the output's first word: the digit rule only
             ("free", ""): bad,  # after a space or punctuation: any guarded start
-            ("in", ""): self._lead,  # inside an unguarded word: continuations are free
+            ("in", ""): self._lead | self._glued_digit,  # in an unguarded (letter) word: letters are free
         }
         self._ids: dict[tuple[str, str], np.ndarray] = {}  # state -> sorted banned ids (int64)
         self._lists: dict[tuple[str, str], list[int]] = {}
@@ -357,7 +359,9 @@ class FactGuard:
             for i in v.cont_index.get(w[len(word) : k], ())]] = True
         if kind == "sep":  # "1," + a digit token goes on with the number; other glued tokens start a word
             return self._lead | self._upper_glued | (v.cont & v.digit & ~ok)
-        return self._lead | (v.cont & ~ok)
+        if word[0].isdigit():  # "1990" + "s": a digit word takes letters and digits
+            return self._lead | (v.cont & ~ok)
+        return self._lead | self._glued_digit | (v.cont & ~v.digit & ~ok)
 
 
 def _processor_class() -> type:
