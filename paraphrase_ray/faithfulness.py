@@ -24,11 +24,12 @@ drops no number of the source. Rules, so that what a reader calls the same fact 
 that would start a capitalised word or a digit run is banned unless its text is a prefix of a source word
 (case-sensitive); while such a word is being written, a continuation token must keep it a prefix of a source
 word. So "Ras"+"heed" is reachable but "Rassheed" and "El Pines" are not. The output's first word is exempt from
-the capital rule (not from the digit rule). Punctuation, whitespace, newline, special (eos) and lower-case tokens
-are never banned. Guard words are alphanumeric runs (a digit run may hold "," or "." between digits: "1,200");
-numbers of the source are also allowed comma-free and with thousands commas, spelled-out numbers as digits, and
-table abbreviations in both forms. Words are checked as prefixes only, so a truncated source word ("Sen" from
-"Senator") passes.
+the capital rule (not from the digit rule). Punctuation, whitespace, newline and special (eos) tokens are never
+banned, nor is a lower-case word (its continuations are free too). Guard words are letter runs and digit-initial
+runs (which may hold letters, and "," or "." between digits: "1,200", "1990s"); a digit glued to letters starts a
+new, guarded word. Source numbers are also allowed comma-free and with thousands commas, spelled-out numbers as
+digits, table abbreviations in both forms. Words are checked as prefixes only, so a truncated source word ("Sen"
+from "Senator") passes. Unlike the metric, the guard is case-sensitive and does not exempt later sentence starts.
 """
 
 from __future__ import annotations
