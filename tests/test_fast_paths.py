@@ -266,3 +266,68 @@ def test_source_block_never_cuts_a_word_in_half(smollm):
     assert ids[pieces.index("laus")] not in banned  # "Nick" may always be finished as "Nicklaus"
     assert ids[pieces.index(",")] in banned and ids[pieces.index("Ġthe")] in banned
     assert source_ngrams(ids, 2) != grams  # without the exemption, continuations are banned too
+
+
+def _copied_ngrams(out: list[int], src: list[int], n: int = 4) -> list[tuple[int, ...]]:
+    grams = {tuple(src[j : j + n]) for j in range(len(src) - n + 1)}
+    return [tuple(out[j : j + n]) for j in range(len(out) - n + 1) if tuple(out[j : j + n]) in grams]
+
+
+def test_whole_word_exemption_reaches_real_generation(tiny):
+    """Rows from ``row_for`` with the default n = 4: generation may finish a copied word (a source 4-gram that
+    ends in a word-continuation token) but never copies a 4-gram that ends on a word start; without the
+    exemption (the strict ban) it copies neither, and the outputs differ."""
+    from paraphrase_ray.generate import clean_text, source_ngrams, word_continuation_ids
+
+    tok = tiny.tokenizer
+    cont = word_continuation_ids(tok)
+    gen = GenerationConfig(max_new_tokens=24, max_new_tokens_ratio=10.0, stop_at_newline=False)
+    assert gen.source_no_repeat_ngram_size == 4  # the default
+    free_gen = dataclasses.replace(gen, source_no_repeat_ngram_size=0, no_repeat_ngram_size=0)
+    finished_words = differ = 0
+    for pair in PAIRS[:12]:
+        model_input = row_for(tiny, pair.source, None, T, free_gen)
+        x, mask = build_batch(tiny, [model_input])
+        with torch.no_grad():
+            free = greedy_decode(tiny.model, x, mask, [24], pad_id=tok.pad_token_id)[0].tolist()
+        # the "source" is the model's own free run, so unblocked it would copy it; the model still reads the
+        # sample sentence, and the bans come from row_for on the source text
+        source = tok.decode(free, skip_special_tokens=True)
+        row = dataclasses.replace(row_for(tiny, source, None, T, gen), ids=model_input.ids)
+        src = tok(source, add_special_tokens=False)["input_ids"]
+        strict = dataclasses.replace(row, source_ngrams=source_ngrams(src, 4))
+        if not _copied_ngrams(free, src):
+            continue  # the text does not tokenize back to the run here: nothing for the bans to do
+        outs = []
+        for r in (row, strict):
+            with torch.no_grad():
+                out = greedy_decode(tiny.model, x, mask, [r.max_new_tokens], stop_ids=[tok.eos_token_id],
+                                    pad_id=tok.pad_token_id, no_repeat_ngram=3, source_ngrams=[r.source_ngrams],
+                                    source_ngram_n=4)[0].tolist()
+            outs.append(out)
+        ours, theirs = outs
+        assert all(g[-1] in cont for g in _copied_ngrams(ours, src)), "copied a 4-gram ending on a word start"
+        assert not _copied_ngrams(theirs, src)
+        finished_words += bool(_copied_ngrams(ours, src))
+        # and generate_rows, the path paraphrase / Serve take, gives the same text as the loop above
+        text = generate_rows(tiny, [row], gen)[0][0]
+        assert text == clean_text(tok.decode(ours, skip_special_tokens=True))
+        differ += text != generate_rows(tiny, [strict], gen)[0][0]
+    assert finished_words >= 3 and differ >= 3, (finished_words, differ)
+
+
+@pytest.mark.slow
+def test_whole_word_exemption_keeps_copied_names_whole_on_smollm(smollm):
+    """The embedded model, zero-shot chat, default decoding (n = 4): "Nicklaus" comes out whole; with the strict
+    ban (no exemption) the same decoding cuts or mangles it."""
+    from paraphrase_ray.generate import source_ngrams
+
+    src = "Gary Nicklaus, the 34-year-old son of Jack Nicklaus, shot a 66 at Pinehurst on Thursday."
+    gen = GenerationConfig(max_new_tokens=40)
+    assert gen.source_no_repeat_ngram_size == 4
+    row = row_for(smollm, src, None, T, gen, chat=True)
+    ours = generate_rows(smollm, [row], gen)[0][0]
+    ids = smollm.tokenizer(src, add_special_tokens=False)["input_ids"]
+    strict = generate_rows(smollm, [dataclasses.replace(row, source_ngrams=source_ngrams(ids, 4))], gen)[0][0]
+    assert "Gary Nicklaus" in ours, ours
+    assert ours != strict, (ours, strict)
