@@ -241,6 +241,50 @@ def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_
     assert ckpt is None and final["train_status"] == "completed" and final["objective"] == pytest.approx(0.3)
 
 
+def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_path):
+    """Tune restarts an interrupted trial (``--resume``, or a retry) with ``get_checkpoint()`` set: training
+    continues from the checkpoint's step, with the prompt an uninterrupted trial would have had there."""
+    import shutil
+
+    import torch
+    from ray import tune
+
+    from paraphrase_ray.prompt import SoftPrompt
+    from paraphrase_ray.tune import run_trial
+
+    ctx = _context(tiny_model_dir)
+    params = {"prompt.n_tokens": 3, "prompt.init": "vocab", "train.lr": 0.1, "train.device": "cpu"}
+    kept = tmp_path / "checkpoint-step-10"
+
+    def recorder(into: list, keep_step: int | None = None):
+        def report(metrics, checkpoint=None):
+            weight = SoftPrompt.load(checkpoint.path).weight.detach().clone() if checkpoint else None
+            if checkpoint is not None and metrics["step"] == keep_step:
+                shutil.copytree(checkpoint.path, kept)  # the trial deletes its own directory when it ends
+            into.append((metrics["step"], weight, metrics))
+
+        return report
+
+    full: list = []
+    run_trial(params, ctx, report=recorder(full, keep_step=10), get_checkpoint=lambda: None, client=FakeClient())
+    assert [s for s, _, _ in full] == [10, 20, 30, 30] and (kept / "trainer_state.json").is_file()
+    assert json.loads((kept / "trainer_state.json").read_text())["step"] == 10
+
+    resumed: list = []
+    run_trial(
+        params,
+        ctx,
+        report=recorder(resumed),
+        get_checkpoint=lambda: tune.Checkpoint.from_directory(str(kept)),
+        client=FakeClient(),
+    )
+    assert [s for s, _, _ in resumed] == [20, 30, 30]  # continued after step 10, not from 0
+    assert resumed[-1][2]["train_status"] == "completed"
+    for (step, theirs, _), (step_full, ours, _) in zip(resumed[:2], full[1:3], strict=True):
+        assert step == step_full
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)  # same weights as never interrupted
+
+
 def test_nan_trial_reports_the_worst_objective(tiny_model_dir, monkeypatch):
     import paraphrase_ray.train as train_mod
     from paraphrase_ray.tune import run_trial
