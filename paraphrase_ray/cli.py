@@ -129,23 +129,27 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def _add_common_train_flags(p: argparse.ArgumentParser) -> None:
     run, pc, tc = RunConfig(), PromptConfig(), TrainConfig()
-    p.add_argument("--model", help=f"hub id (facebook/opt-125m), local model dir, or {run.model!r} (default, offline)")
-    p.add_argument("--data", nargs="+", help="data sources: file.jsonl|csv|tsv|parquet, hf:glue/mrpc, or 'sample' "
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help=f"hub id (facebook/opt-125m), local model dir, or {run.model!r} (default, offline)")
+    g.add_argument("--data", nargs="+", help="data sources: file.jsonl|csv|tsv|parquet, hf:glue/mrpc, or 'sample' "
                    f"(default {' '.join(run.data.sources)})")
-    p.add_argument("--n-tokens", type=int, help=f"soft prompt length (default {pc.n_tokens})")
-    p.add_argument("--init", choices=INIT_STRATEGIES, help=f"prompt init strategy (default {pc.init})")
-    p.add_argument("--init-text", help="text whose embeddings initialise the prompt when --init text")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {tc.lr})")
-    p.add_argument("--steps", type=int, help=f"training steps (default {tc.steps})")
-    p.add_argument("--batch-size", type=int, help=f"pairs per step (default {tc.batch_size})")
-    p.add_argument("--eval-every", type=int, help=f"steps between validation-loss evaluations (default {tc.eval_every})")
-    p.add_argument("--device", choices=DEVICES, help=f"where to train (default {tc.device})")
-    p.add_argument("--precision", choices=PRECISIONS, help=f"frozen-weight dtype (default {tc.precision}: bf16 where fast)")
-    p.add_argument("--seed", type=int, help="seed for init, data order and split")
+    g = p.add_argument_group("the prompt")
+    g.add_argument("--n-tokens", type=int, help=f"soft prompt length (default {pc.n_tokens})")
+    g.add_argument("--init", choices=INIT_STRATEGIES, help=f"prompt init strategy (default {pc.init})")
+    g.add_argument("--init-text", help="text whose embeddings initialise the prompt when --init text")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, help=f"AdamW learning rate (default {tc.lr})")
+    g.add_argument("--steps", type=int, help=f"training steps (default {tc.steps})")
+    g.add_argument("--batch-size", type=int, help=f"pairs per step (default {tc.batch_size})")
+    g.add_argument("--eval-every", type=int, help=f"steps between validation-loss evaluations (default {tc.eval_every})")
+    g.add_argument("--seed", type=int, help="seed for init, data order and split")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", choices=DEVICES, help=f"where to train (default {tc.device})")
+    g.add_argument("--precision", choices=PRECISIONS, help=f"frozen-weight dtype (default {tc.precision}: bf16 where fast)")
     p.add_argument("--config", help="YAML file with model/prompt/template/data/train/generation sections; flags override it")
 
 
-def _add_device_flag(p: argparse.ArgumentParser, what: str) -> None:
+def _add_device_flag(p, what: str) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES, help=f"{what} (default auto)")
 
 
@@ -165,14 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("paraphrase", help="paraphrase text with a trained prompt", description="Paraphrase a sentence or a file with a trained prompt.")
     p.add_argument("--prompt", required=True, help="prompt directory written by train or tune")
-    p.add_argument("--text", help="one sentence to paraphrase")
-    p.add_argument("--input", help="JSONL/CSV/TSV file with a 'source' column (other columns are carried through)")
-    p.add_argument("--output", help="JSONL file to write (adds 'prediction', and 'candidates' when K > 1)")
-    p.add_argument("--num-candidates", type=int, default=1, help="candidates per input (K > 1 samples with temperature 0.8)")
-    p.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
     p.add_argument("--model", help="override the prompt's recorded base model")
-    _add_device_flag(p, "where to run")
+    g = p.add_argument_group("what to paraphrase")
+    g.add_argument("--text", help="one sentence to paraphrase")
+    g.add_argument("--input", help="JSONL/CSV/TSV file with a 'source' column (other columns are carried through)")
+    g.add_argument("--output", help="JSONL file to write (adds 'prediction', and 'candidates' when K > 1)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--num-candidates", type=int, default=1, help="candidates per input (K > 1 samples with temperature 0.8)")
+    g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
+    _add_device_flag(g, "where to run")
     p.set_defaults(func=cmd_paraphrase)
 
     p = sub.add_parser("data", help="inspect a data source", description="Load, clean and split data; print counts and examples.")
@@ -186,33 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="score prompts (or the zero-shot baseline) on held-out pairs",
         description="Generate paraphrases for held-out pairs and print copy-aware metrics.",
     )
-    p.add_argument("--prompt", help="prompt directory to evaluate")
-    p.add_argument("--compare", nargs="+", metavar="DIR", help="several prompt directories side by side")
-    p.add_argument("--zero-shot", action="store_true", help="also (or only) score the hard-prompt baseline")
-    p.add_argument("--model", help="base model (default: the prompt's; smollm2-135m for --zero-shot alone)")
-    p.add_argument("--data", nargs="+", required=True, help="data sources (see train --data)")
-    p.add_argument("--split", choices=["validation", "all"], default="validation",
+    g = p.add_argument_group("systems to score")
+    g.add_argument("--prompt", help="prompt directory to evaluate")
+    g.add_argument("--compare", nargs="+", metavar="DIR", help="several prompt directories side by side")
+    g.add_argument("--zero-shot", action="store_true", help="also (or only) score the hard-prompt baseline")
+    g.add_argument("--model", help="base model (default: the prompt's; smollm2-135m for --zero-shot alone)")
+    g = p.add_argument_group("rows to score on")
+    g.add_argument("--data", nargs="+", required=True, help="data sources (see train --data)")
+    g.add_argument("--split", choices=["validation", "all"], default="validation",
                    help="validation: the held-out split of the data (same seed as training); all: every row")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share when --split validation")
-    p.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
-    p.add_argument("--limit", type=int, help="score at most N rows")
-    p.add_argument("--examples", type=int, default=3, help="example rows to print")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
-    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model")
-    _add_device_flag(p, "where to run")
-    p.add_argument("--output", help="write the full report (summary + rows) as JSON")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="validation share when --split validation")
+    g.add_argument("--seed", type=int, default=0, help="split seed (must match training)")
+    g.add_argument("--limit", type=int, help="score at most N rows")
+    g = p.add_argument_group("how to run and report")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
+    g.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model")
+    _add_device_flag(g, "where to run")
+    g.add_argument("--examples", type=int, default=3, help="example rows to print")
+    g.add_argument("--output", help="write the full report (summary + rows) as JSON")
     p.set_defaults(func=_lazy("report", "cmd_evaluate"))
 
     p = sub.add_parser(
         "tune", help="sweep soft prompts with Ray Tune",
         description="Run a Ray Tune sweep over prompt length, init and learning rate; export the best prompt.",
     )
-    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
-    p.add_argument("--name", help="sweep name (default: the space file's name)")
-    p.add_argument("--storage", default="runs/sweeps", help="results root: a local path or gs://BUCKET/PREFIX")
-    p.add_argument("--num-samples", type=int, help="override the space's num_samples")
-    p.add_argument("--smoke-test", action="store_true", help="2 trials x a few steps, to check wiring")
-    p.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
+    g = p.add_argument_group("what to search")
+    g.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    g.add_argument("--num-samples", type=int, help="override the space's num_samples")
+    g.add_argument("--smoke-test", action="store_true", help="2 trials x a few steps, to check wiring")
+    g = p.add_argument_group("where results go")
+    g.add_argument("--name", help="sweep name (default: the space file's name)")
+    g.add_argument("--storage", default="runs/sweeps", help="results root: a local path or gs://BUCKET/PREFIX")
+    g.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
     p.add_argument("--address", help="Ray cluster address ('auto' for the cluster this runs on); default: local Ray")
     p.set_defaults(func=_lazy("tune", "cmd_tune"))
 

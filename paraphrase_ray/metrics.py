@@ -384,13 +384,6 @@ def summarize(rows: Sequence[RowScore]) -> dict[str, float]:
     }
 
 
-def score(
-    sources: Sequence[str],
-    references: Sequence[str | None] | None,
-    predictions: Sequence[str],
-    embedder: SentenceTransformer,
-    batch_size: int = 64,
-    cache: EmbeddingCache | None = None,
-) -> dict[str, float]:
-    """``summarize(score_rows(...))``: the dict a Tune trial reports."""
-    return summarize(score_rows(sources, references, predictions, embedder, batch_size, cache))
+def score(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """``summarize(score_rows(...))`` with ``score_rows``'s arguments: the dict a Tune trial reports."""
+    return summarize(score_rows(*args, **kwargs))

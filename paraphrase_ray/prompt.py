@@ -257,15 +257,9 @@ class System:
         return self.prompt.n_tokens if self.prompt is not None else 0
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "path": self.path,
-            "chat": self.chat,
-            "n_tokens": self.n_tokens,
-            "template": to_dict(self.template),
-            "generation": to_dict(self.generation),
-            "max_source_tokens": self.max_source_tokens,
-        }
+        """What a report records about the system (JSON-ready)."""
+        out = {k: getattr(self, k) for k in ("kind", "path", "chat", "n_tokens", "max_source_tokens")}
+        return {**out, "template": to_dict(self.template), "generation": to_dict(self.generation)}
 
 
 def read_meta(prompt_dir: str | Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from fastapi import HTTPException
 
 from .config import ConfigError, GenerationConfig
 from .prompt import System
-from .serve_schema import CandidateScore, ParaphraseRequest, ServeSettings
+from .serve_schema import MAX_CANDIDATES, CandidateScore, ParaphraseRequest, ServeSettings
 
 
 @dataclass(frozen=True)
@@ -158,3 +158,46 @@ def candidate_score(x: Any) -> CandidateScore:
     return CandidateScore(
         adequacy=round(x.adequacy, 4), self_bleu=round(x.self_bleu, 2), objective=round(x.objective, 4), copy=x.copy
     )
+
+
+def prompt_listing(prompts: dict[str, System], default: str, loaded, s: ServeSettings) -> dict[str, Any]:
+    """``GET /prompts``: each served prompt with what its directory recorded, and the request limits."""
+    items = [
+        {
+            "name": p.name,
+            "default": p.name == default,
+            "n_tokens": p.n_tokens,
+            "init": p.meta.init,
+            "base_model": p.meta.base_model or loaded.name,
+            "max_source_tokens": p.max_source_tokens,
+            "metrics": p.meta.metrics,
+        }
+        for p in prompts.values()
+    ]
+    limits = {
+        "max_texts": s.max_texts,
+        "max_chars": s.max_chars,
+        "max_new_tokens": s.max_new_tokens,
+        "max_candidates": MAX_CANDIDATES,
+        "context_tokens": loaded.max_positions,
+    }
+    return {"base_model": loaded.name, "default": default, "prompts": items, "limits": limits}
+
+
+def stats_summary(st: Counter, batch_sizes: Counter) -> dict[str, Any]:
+    """``GET /stats``: a replica's counters as a readable summary."""
+    import torch
+
+    batches = st["batches"]
+    return {
+        "requests": st["requests"],
+        "rows": st["rows"],
+        "batches": batches,
+        "mean_batch_size": round(st["batch_rows"] / batches, 3) if batches else 0.0,
+        "max_batch_size": max(batch_sizes, default=0),
+        "mixed_prompt_batches": st["mixed_prompt_batches"],
+        "generate_seconds": round(st["gen_s"], 3),
+        "batch_size_histogram": {str(k): v for k, v in sorted(batch_sizes.items())},
+        "rejected": {k[4:]: v for k, v in st.items() if k.startswith("rej_")},
+        "torch_threads": torch.get_num_threads(),
+    }

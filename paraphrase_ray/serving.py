@@ -36,7 +36,6 @@ from .config import ConfigError, from_dict
 from .prompt import System
 from .serve_schema import (  # noqa: F401  (ZERO_SHOT, ServeSettings, parse_prompt_specs: this module's API)
     ENV_API_KEY,
-    MAX_CANDIDATES,
     ZERO_SHOT,
     ParaphraseRequest,
     ParaphraseResponse,
@@ -184,46 +183,14 @@ class Paraphraser:
     @api.get("/prompts")
     def list_prompts(self) -> dict[str, Any]:
         """Served prompts with what was recorded at export, and the request limits."""
-        s = self.settings
-        items = [
-            {
-                "name": p.name,
-                "default": p.name == self.default,
-                "n_tokens": p.n_tokens,
-                "init": p.meta.init,
-                "base_model": p.meta.base_model or self.loaded.name,
-                "max_source_tokens": p.max_source_tokens,
-                "metrics": p.meta.metrics,
-            }
-            for p in self.prompts.values()
-        ]
-        limits = {
-            "max_texts": s.max_texts,
-            "max_chars": s.max_chars,
-            "max_new_tokens": s.max_new_tokens,
-            "max_candidates": MAX_CANDIDATES,
-            "context_tokens": self.loaded.max_positions,
-        }
-        return {"base_model": self.loaded.name, "default": self.default, "prompts": items, "limits": limits}
+        return policy.prompt_listing(self.prompts, self.default, self.loaded, self.settings)
 
     @api.get("/stats")
     def get_stats(self) -> dict[str, Any]:
         """This replica's counters; ``mean_batch_size`` is rows per forward pass."""
-        import torch
-
-        st, batches = self.stats, self.stats["batches"]
         return {
-            "requests": st["requests"],
-            "rows": st["rows"],
-            "batches": batches,
-            "mean_batch_size": round(st["batch_rows"] / batches, 3) if batches else 0.0,
-            "max_batch_size": max(self.batch_sizes, default=0),
-            "mixed_prompt_batches": st["mixed_prompt_batches"],
-            "generate_seconds": round(st["gen_s"], 3),
-            "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "rejected": {k[4:]: v for k, v in st.items() if k.startswith("rej_")},
+            **policy.stats_summary(self.stats, self.batch_sizes),
             "batch_wait_s": round(self._batch_wait, 3),
-            "torch_threads": torch.get_num_threads(),
             "device": str(self.loaded.device),
         }
 
