@@ -180,6 +180,9 @@ class GenerationConfig:
     # generation from inputs_embeds lacks; "dynamic blocking" in unsupervised paraphrasing). Unlike the source
     # penalty it leaves every source word available -- names and numbers survive -- and only breaks long runs.
     source_no_repeat_ngram_size: int = 4
+    # never start a capitalised word (after the first) or a number that the source lacks, never garble one it
+    # has ("El Paso" -> "El Pines"): faithfulness.FactGuard, in the fast loop and as an HF processor alike
+    fact_guard: bool = True
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0

@@ -42,6 +42,7 @@ from .decoding import (
     source_ngrams,
     word_continuation_ids,
 )
+from .faithfulness import FactGuard
 from .models import LoadedModel, cache_kwarg
 from .prompt import SoftPrompt
 
@@ -58,6 +59,7 @@ class Row:
     max_new_tokens: int
     # source (n-1)-gram -> the tokens that follow it in the source: what ``source_no_repeat_ngram_size`` bans
     source_ngrams: dict[tuple[int, ...], list[int]] | None = None
+    guard: FactGuard | None = None  # bans inventing names / numbers (``generation.fact_guard``)
 
 
 def row_for(
@@ -85,7 +87,8 @@ def row_for(
     ngrams = None
     if gen.source_no_repeat_ngram_size:
         ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size, word_continuation_ids(tok))
-    return Row(prompt, ids, penalised, max(1, limit), ngrams)
+    guard = FactGuard(tok, source) if gen.fact_guard else None
+    return Row(prompt, ids, penalised, max(1, limit), ngrams, guard)
 
 
 def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +136,7 @@ def generate_rows(
             stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
             [r.source_ngrams for r in rows] if gen.source_no_repeat_ngram_size else None,
             gen.source_no_repeat_ngram_size,
+            [r.guard for r in rows] if gen.fact_guard else None,
         )
     else:
         out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache)
@@ -155,6 +159,10 @@ def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cac
         processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
     if gen.source_no_repeat_ngram_size:
         processors.append(SourceNgramBlock([r.source_ngrams or {} for r in rows], gen.source_no_repeat_ngram_size))
+    if gen.fact_guard and all(r.guard is not None for r in rows):
+        from .faithfulness import FactGuardProcessor
+
+        processors.append(FactGuardProcessor([r.guard for r in rows]))
     stopping = StoppingCriteriaList()
     if nl_ids:
         stopping.append(StopAtLineEnd(nl_ids, loaded.device))
@@ -228,6 +236,7 @@ def greedy_decode(
     no_repeat_ngram: int = 0,
     source_ngrams: Sequence[dict[tuple[int, ...], list[int]] | None] | None = None,
     source_ngram_n: int = 0,
+    guards: Sequence[FactGuard | None] | None = None,
 ) -> torch.Tensor:
     """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
 
@@ -239,7 +248,8 @@ def greedy_decode(
     bans any token that would repeat an n-gram of the row's own generated tokens (transformers'
     ``NoRepeatNGramLogitsProcessor``, which with ``inputs_embeds`` sees only the generated tokens too);
     ``source_ngrams`` (one ``source_ngrams()`` map per row) with ``source_ngram_n`` bans copying a source n-gram
-    (``SourceNgramBlock``).
+    (``SourceNgramBlock``); ``guards`` (one ``FactGuard`` per row) ban inventing a name or number
+    (``FactGuardProcessor``).
     """
     bsz, dev = x.shape[0], x.device
     cache_key = cache_kwarg(model)
@@ -264,6 +274,8 @@ def greedy_decode(
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
     block = bool(source_ngram_n and source_ngrams is not None)
+    guard = guards is not None and any(g is not None for g in guards)
+    track = block or guard or bool(no_repeat_ngram)  # keep each row's generated ids
     n_steps = 0
     for step in range(steps):
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
@@ -274,6 +286,10 @@ def greedy_decode(
                     banned += source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
                 if banned:
                     scores[k, banned] = -float("inf")
+        if guard:
+            for k, r in enumerate(active.tolist()):
+                if guards[r] is not None:
+                    scores[k, guards[r].bans_tensor(seqs[r], dev, scores.shape[1])] = -float("inf")
         if src is not None:
             scores = SourceRepetitionPenalty(src, penalty)(None, scores)
         nxt = scores.argmax(dim=-1)  # (rows in batch,)
@@ -282,7 +298,7 @@ def greedy_decode(
         else:
             out[active[~done], step] = nxt[~done]
         n_steps = step + 1
-        if no_repeat_ngram or block:
+        if track:
             for r, t in zip(active.tolist(), nxt.tolist()):
                 seqs[r].append(t)
         stop = lim <= n_steps

@@ -122,6 +122,7 @@ def format_table(rows: list[dict[str, Any]], spec: SweepSpec, limit: int = 20) -
         "status",
         *spec.search,
         "objective",
+        "faithful_success_rate",
         "adequacy",
         "self_bleu",
         "copy_rate",

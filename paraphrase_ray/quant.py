@@ -72,7 +72,9 @@ def load_kernels():
             try:
                 mod = _build()
             except Exception as e:  # no compiler, no ninja, no headers: fall back, never fail generation
-                _KERNELS["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                first = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
+                _KERNELS["error"] = f"{type(e).__name__}: {first.strip()}"
         if mod is None:
             log.warning("low-bit kernel unavailable (%s); falling back", _KERNELS["error"])
         _KERNELS["mod"] = mod

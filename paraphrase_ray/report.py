@@ -44,6 +44,8 @@ _TABLE_ROWS = (
     ("n", "int"),
     ("objective", "f3"),
     ("success_rate", "pct"),
+    ("faithful_rate", "pct"),
+    ("faithful_success_rate", "pct"),
     ("adequacy", "f3"),
     ("ref_similarity", "f3"),
     ("self_bleu", "f1"),

@@ -5,7 +5,6 @@ rule a caller can trip (limits, unknown prompt, bad decoding options) is testabl
 
     items = request_items(settings, loaded, prompts, default, req)   # 404 / 413 / 422 before the queue
     outs = run_batch(loaded, items, stats)                             # rows of any prompts, one pass per options
-    order = rerank_order(scores)                                       # best non-copy candidate first
 """
 
 import dataclasses
@@ -149,14 +148,10 @@ def run_batch(loaded, items: Sequence[Item], stats: Counter, batch_sizes: Counte
     return out
 
 
-def rerank_order(scores: Sequence[Any]) -> list[int]:
-    """Candidate indices best first: non-copy, non-empty candidates before the rest, then by objective."""
-    return sorted(range(len(scores)), key=lambda i: (scores[i].copy or scores[i].empty, -scores[i].objective))
-
-
 def candidate_score(x: Any) -> CandidateScore:
     return CandidateScore(
-        adequacy=round(x.adequacy, 4), self_bleu=round(x.self_bleu, 2), objective=round(x.objective, 4), copy=x.copy
+        adequacy=round(x.adequacy, 4), self_bleu=round(x.self_bleu, 2), objective=round(x.objective, 4), copy=x.copy,
+        faithful=x.faithful, invented=list(x.invented), dropped=list(x.dropped),
     )
 
 

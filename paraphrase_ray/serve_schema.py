@@ -116,8 +116,11 @@ class ParaphraseRequest(BaseModel):
 class CandidateScore(BaseModel):
     adequacy: float
     self_bleu: float
-    objective: float
+    objective: float  # BERT-iBLEU, halved when not faithful (see metrics.py)
     copy_: bool = Field(alias="copy")
+    faithful: bool = True
+    invented: list[str] = Field(default_factory=list, description="names / numbers the source lacks")
+    dropped: list[str] = Field(default_factory=list, description="source numbers left out")
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -234,23 +234,18 @@ class Paraphraser:
         return out
 
     async def _rerank(self, results: list[ParaphraseResult]) -> None:
-        """Score every candidate (adequacy, novelty); the best non-copy, non-empty candidate comes first."""
-        from .metrics import load_embedder, score_rows
+        """Score every candidate; the best usable, faithful candidate comes first (``metrics.rank_candidates``)."""
+        from .metrics import load_embedder, rerank
 
         def score():
             if self._embedder is None:
                 self._embedder = load_embedder(self.settings.embedder, device=str(self.loaded.device))
-            srcs = [r.text for r in results for _ in r.candidates]
-            cands = [c for r in results for c in r.candidates]
-            return score_rows(srcs, None, cands, self._embedder)
+            return rerank([r.text for r in results], [r.candidates for r in results], self._embedder)
 
-        scores = iter(await asyncio.get_running_loop().run_in_executor(self._score_pool, score))
-        for r in results:
-            row = [next(scores) for _ in r.candidates]
-            order = policy.rerank_order(row)
-            r.candidates = [r.candidates[i] for i in order]
-            r.paraphrase = r.candidates[0]
-            r.scores = [policy.candidate_score(row[i]) for i in order]
+        ordered, scores = await asyncio.get_running_loop().run_in_executor(self._score_pool, score)
+        for r, cands, row in zip(results, ordered, scores, strict=True):
+            r.candidates, r.paraphrase = cands, cands[0]
+            r.scores = [policy.candidate_score(x) for x in row]
 
 
 # -- building ------------------------------------------------------------------------------------------------------

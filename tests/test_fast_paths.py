@@ -126,9 +126,12 @@ GREEDY = GenerationConfig(max_new_tokens=12, source_repetition_penalty=1.0, stop
         (GenerationConfig(max_new_tokens=12), "real"),  # the defaults
         (dataclasses.replace(GREEDY, source_no_repeat_ngram_size=1), "real"),
         (dataclasses.replace(GREEDY, source_no_repeat_ngram_size=2, no_repeat_ngram_size=2), "frequent"),
+        (dataclasses.replace(GREEDY, fact_guard=False), "real"),
+        (dataclasses.replace(GREEDY, fact_guard=False, source_no_repeat_ngram_size=2), "frequent"),
     ],
     ids=["plain", "penalty-1.3", "rows-stop-early", "strong-penalty-short-limits", "no-repeat-2",
-         "no-repeat-3-rows-stop-early", "defaults", "source-block-1", "source-block-2-rows-stop-early"],
+         "no-repeat-3-rows-stop-early", "defaults", "source-block-1", "source-block-2-rows-stop-early",
+         "no-fact-guard", "no-fact-guard-rows-stop-early"],
 )
 def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
     prompts = [SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=n, init="random", seed=n))
@@ -145,17 +148,20 @@ def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
             src_mask[i, r.source_ids] = True
     eos, nl = [tok.eos_token_id], newline_token_ids(tok) if gen.stop_at_newline else []
     ngrams = [r.source_ngrams for r in rows]
+    guards = [r.guard for r in rows] if gen.fact_guard else None
     with torch.no_grad():
         if stops == "frequent":
             # a random tiny model never says eos or newline: stand in its two most frequent tokens, so rows
             # stop at different steps and leave the batch (the pruning path)
             free = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty,
                                  pad_id=tok.pad_token_id, no_repeat_ngram=gen.no_repeat_ngram_size,
-                                 source_ngrams=ngrams, source_ngram_n=gen.source_no_repeat_ngram_size)
+                                 source_ngrams=ngrams, source_ngram_n=gen.source_no_repeat_ngram_size,
+                                 guards=guards)
             common = torch.bincount(free.flatten()).argsort(descending=True)[:2].tolist()
             eos, nl = common[:1], common[1:] if gen.stop_at_newline else []
         ours = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty, eos, nl,
-                             tok.pad_token_id, gen.no_repeat_ngram_size, ngrams, gen.source_no_repeat_ngram_size)
+                             tok.pad_token_id, gen.no_repeat_ngram_size, ngrams, gen.source_no_repeat_ngram_size,
+                             guards)
         ref = _hf_generate(tiny, x, mask, rows, gen, src_mask, eos, nl, use_cache=True)
     lengths = []
     for i, r in enumerate(rows):  # token for token, up to each row's own limit
@@ -281,7 +287,8 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
 
     tok = tiny.tokenizer
     cont = word_continuation_ids(tok)
-    gen = GenerationConfig(max_new_tokens=24, max_new_tokens_ratio=10.0, stop_at_newline=False)
+    # the fact guard is another rule (tested on its own): off here, so only the n-gram bans differ
+    gen = GenerationConfig(max_new_tokens=24, max_new_tokens_ratio=10.0, stop_at_newline=False, fact_guard=False)
     assert gen.source_no_repeat_ngram_size == 4  # the default
     free_gen = dataclasses.replace(gen, source_no_repeat_ngram_size=0, no_repeat_ngram_size=0)
     finished_words = differ = 0

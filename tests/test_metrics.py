@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from paraphrase_ray import metrics
 from paraphrase_ray.metrics import (
     SUMMARY_KEYS,
     EmbeddingCache,
@@ -57,7 +56,9 @@ def embedder():
 
 def test_default_embedder_loads_offline_from_package(monkeypatch, embedder):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    local = metrics._offline_model_dir()
+    from paraphrase_ray import embedder as embedder_mod
+
+    local = embedder_mod._offline_model_dir()
     assert local is not None and (local / "model.safetensors").is_file()
     # Memoised per process: a second call (e.g. the next trial on this worker) does not reload.
     assert load_embedder(device="cpu") is embedder

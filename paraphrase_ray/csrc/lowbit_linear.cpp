@@ -3,22 +3,24 @@
 // Weights are (N out, K in) in blocks of 32 along K, as llama.cpp stores them:
 //   Q4_1: w = d * q + m, q in 0..15, 16 bytes per block: byte j holds q[j] (low nibble) and q[j + 16] (high)
 //   Q8_0: w = d * q, q int8, 32 bytes per block
-// d and m are fp16, one per block, in (N, K / 32) arrays. Each weight is rebuilt as fma(d, q, m) in fp32,
-// which is exactly the fp32 value the dequantized model holds (d * q is exact in fp32), so the only
-// difference to an fp32 Linear is the order of the sums. Activations and accumulation are fp32.
+// d and m are fp16, one per block, in (N, K / 32) arrays. The weights are exactly the fp32 values of the
+// dequantized model; the kernel computes sum_b [d_b (q_b . x_b) + m_b sum(x_b)], which is sum_k w_k x_k in
+// another order, so only float rounding differs from an fp32 Linear. Activations and accumulation are fp32.
 //
 // y (M, N) = x (M, K) @ W^T (+ bias). Parallel over output rows (at::parallel_for, torch's thread count);
-// for M > 1 the rows of x are taken MT at a time inside the loop over a row's blocks, so a weight block is
-// fetched from memory once per call and served from L1 for the remaining row tiles.
+// for M > 1 the rows of x are taken 4 at a time inside the loop over a weight row's blocks, so a weight block
+// is fetched from memory once per call and served from L1 for the remaining row tiles.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t ROW_CHUNK = 16;  // output rows per x-tile sweep (their blocks stay in L1 / L2)
+constexpr int64_t ROW_CHUNK = 16;  // grain of the split over output rows
+int64_t DENSE_MIN_ROWS = 4;  // from this many rows of x on, rebuild weight rows in fp32 and run a dense tile
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -29,57 +31,120 @@ inline float hsum(__m256 v) {
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
-// The 32 weights of one block as 4 x 8 floats.
+// The 32 quants of one block as 4 x 8 floats (elements 0-7, 8-15, 16-23, 24-31); loads fold into vpmov*xbd.
 struct Q41 {
-  static inline void load(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t b, __m256 w[4]) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 16));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    const __m256 vd = _mm256_set1_ps(h2f(d[b]));
-    const __m256 vm = _mm256_set1_ps(h2f(m[b]));
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
+  static inline void quants(const uint8_t* blk, __m256 q[4]) {
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk)));
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8)));
+    const __m256i lo = _mm256_set1_epi32(0x0F);
+    q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, lo));
+    q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(c, lo));
+    q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
   }
   static constexpr int64_t bytes_per_block = 16;
 };
 
 struct Q80 {
-  static inline void load(const uint8_t* qs, const uint16_t* d, const uint16_t*, int64_t b, __m256 w[4]) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 32));
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 32 + 16));
-    const __m256 vd = _mm256_set1_ps(h2f(d[b]));
-    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), vd);
-    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), vd);
-    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), vd);
-    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))), vd);
+  static inline void quants(const uint8_t* blk, __m256 q[4]) {
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * i))));
   }
   static constexpr int64_t bytes_per_block = 32;
 };
 
-// One output row n against MT rows of x; NA independent accumulators per x row hide the FMA latency.
+// fp16 -> fp32 for n values (8 at a time, then the tail)
+inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = h2f(h[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  float r = hsum(s);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// One block of one weight row against MT rows of x: acc[j] += d * sum_i q_i x_j,i (the m term is added apart).
 template <class F, int MT>
-inline void row_tile(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t nb, const float* x,
-                     int64_t ldx, float* y, int64_t ldy, float bias) {
-  constexpr int NA = MT == 1 ? 4 : 2;
-  __m256 acc[MT][NA];
-  for (int j = 0; j < MT; ++j)
-    for (int a = 0; a < NA; ++a) acc[j][a] = _mm256_setzero_ps();
+inline void block_step(const uint8_t* blk, const float* dv, const float* x, int64_t ldx, __m256 (&acc)[MT]) {
+  __m256 q[4];
+  F::quants(blk, q);
+  const __m256 vd = _mm256_broadcast_ss(dv);
+  for (int j = 0; j < MT; ++j) {
+    const float* xb = x + j * ldx;
+    __m256 p = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+    p = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), p);
+    p = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), p);
+    p = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), p);
+    acc[j] = _mm256_fmadd_ps(vd, p, acc[j]);
+  }
+}
+
+// y[j] = sum_b d_b (q_b . x_j,b), for one weight row and MT rows of x; two accumulator sets (even / odd blocks)
+// so the accumulation chain does not bound the loop.
+template <class F, int MT>
+inline void row_tile(const uint8_t* qs, const float* dv, int64_t nb, const float* x, int64_t ldx, float* out) {
+  __m256 a0[MT], a1[MT];
+  for (int j = 0; j < MT; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    block_step<F, MT>(qs + b * F::bytes_per_block, dv + b, x + b * QK, ldx, a0);
+    block_step<F, MT>(qs + (b + 1) * F::bytes_per_block, dv + b + 1, x + (b + 1) * QK, ldx, a1);
+  }
+  if (b < nb) block_step<F, MT>(qs + b * F::bytes_per_block, dv + b, x + b * QK, ldx, a0);
+  for (int j = 0; j < MT; ++j) out[j] = hsum(_mm256_add_ps(a0[j], a1[j]));
+}
+
+// One weight row rebuilt in fp32 (bit-exact: d * q is exact, so fma(q, d, m) = the dequantized value).
+template <class F>
+inline void dequant_row(const uint8_t* qs, const float* dv, const float* mv, int64_t nb, float* w) {
   for (int64_t b = 0; b < nb; ++b) {
-    __m256 w[4];
-    F::load(qs, d, m, b, w);
+    __m256 q[4];
+    F::quants(qs + b * F::bytes_per_block, q);
+    const __m256 vd = _mm256_broadcast_ss(dv + b);
+    const __m256 vm = mv ? _mm256_broadcast_ss(mv + b) : _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(w + b * QK + 8 * i, _mm256_fmadd_ps(q[i], vd, vm));
+  }
+}
+
+// NR dequantized weight rows (in L1) against MT rows of x: NR * MT accumulators, 8 floats of K per step.
+template <int NR, int MT>
+inline void dense_tile(const float* const* w, int64_t K, const float* x, float (*out)[4]) {
+  __m256 acc[NR][MT];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = _mm256_loadu_ps(w[i] + k);
     for (int j = 0; j < MT; ++j) {
-      const float* xb = x + j * ldx + b * QK;
-      for (int i = 0; i < 4; ++i)
-        acc[j][i % NA] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xb + 8 * i), acc[j][i % NA]);
+      const __m256 xv = _mm256_loadu_ps(x + j * K + k);
+      for (int i = 0; i < NR; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
     }
   }
-  for (int j = 0; j < MT; ++j) {
-    __m256 s = acc[j][0];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[j][a]);
-    y[j * ldy] = hsum(s) + bias;
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MT; ++j) out[i][j] = hsum(acc[i][j]);
+}
+
+template <int NR>
+inline void dense_rows(const float* const* w, int64_t K, const float* x, int64_t M, int64_t N, int64_t n,
+                       const float* bp, float* y) {
+  float out[NR][4];
+  for (int64_t r = 0; r < M; r += 4) {
+    const int mt = M - r >= 4 ? 4 : static_cast<int>(M - r);
+    switch (mt) {
+      case 4: dense_tile<NR, 4>(w, K, x + r * K, out); break;
+      case 3: dense_tile<NR, 3>(w, K, x + r * K, out); break;
+      case 2: dense_tile<NR, 2>(w, K, x + r * K, out); break;
+      default: dense_tile<NR, 1>(w, K, x + r * K, out); break;
+    }
+    for (int i = 0; i < NR; ++i)
+      for (int j = 0; j < mt; ++j) y[(r + j) * N + n + i] = out[i][j] + (bp ? bp[n + i] : 0.f);
   }
 }
 
@@ -108,25 +173,55 @@ torch::Tensor lowbit_mm(const torch::Tensor& x, const torch::Tensor& qs, const t
   const uint8_t* qp = qs.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const int64_t nb = K / QK, qrow = nb * F::bytes_per_block;
+  if (M >= DENSE_MIN_ROWS) {
+    // small GEMM: rebuild two weight rows at a time in fp32 (L1), then a 2 x 4 register-blocked product
+    at::parallel_for(0, N, ROW_CHUNK, [&](int64_t begin, int64_t end) {
+      std::vector<float> dbuf(nb), mbuf(nb), wbuf(2 * K);
+      float* w[2] = {wbuf.data(), wbuf.data() + K};
+      for (int64_t n = begin; n < end; n += 2) {
+        const int nr = end - n >= 2 ? 2 : 1;
+        for (int i = 0; i < nr; ++i) {
+          halves_to_floats(dp + (n + i) * nb, nb, dbuf.data());
+          if (mp) halves_to_floats(mp + (n + i) * nb, nb, mbuf.data());
+          dequant_row<F>(qp + (n + i) * qrow, dbuf.data(), mp ? mbuf.data() : nullptr, nb, w[i]);
+        }
+        if (nr == 2) dense_rows<2>(w, K, xp, M, N, n, bp, yp);
+        else dense_rows<1>(w, K, xp, M, N, n, bp, yp);
+      }
+    });
+    return y;
+  }
+  // GEMV / M < DENSE_MIN_ROWS: sum_b d_b (q_b . x_b) straight from the quants, + the m term
+  // Q4_1's m term: sum_b m_b * (sum of x_j over block b), with the block sums of x computed once per call
+  std::vector<float> xsum(mp ? M * nb : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
+    const float* xb = xp + i * QK;
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                             _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+    xsum[i] = hsum(s);
+  }
   at::parallel_for(0, N, ROW_CHUNK, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += ROW_CHUNK) {
-      const int64_t n1 = std::min(end, n0 + ROW_CHUNK);
+    std::vector<float> dbuf(nb), mbuf(nb);
+    float out[4];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* q = qp + n * qrow;
+      halves_to_floats(dp + n * nb, nb, dbuf.data());
+      if (mp) halves_to_floats(mp + n * nb, nb, mbuf.data());
+      const float bn = bp ? bp[n] : 0.f;
       for (int64_t r = 0; r < M;) {
         const int64_t left = M - r;
         const int mt = left >= 4 ? 4 : static_cast<int>(left);
-        for (int64_t n = n0; n < n1; ++n) {
-          const uint8_t* q = qp + n * qrow;
-          const uint16_t* dn = dp + n * nb;
-          const uint16_t* mn = mp ? mp + n * nb : nullptr;
-          const float bn = bp ? bp[n] : 0.f;
-          const float* xr = xp + r * K;
-          float* yr = yp + r * N + n;
-          switch (mt) {
-            case 4: row_tile<F, 4>(q, dn, mn, nb, xr, K, yr, N, bn); break;
-            case 3: row_tile<F, 3>(q, dn, mn, nb, xr, K, yr, N, bn); break;
-            case 2: row_tile<F, 2>(q, dn, mn, nb, xr, K, yr, N, bn); break;
-            default: row_tile<F, 1>(q, dn, mn, nb, xr, K, yr, N, bn); break;
-          }
+        const float* xr = xp + r * K;
+        switch (mt) {
+          case 4: row_tile<F, 4>(q, dbuf.data(), nb, xr, K, out); break;
+          case 3: row_tile<F, 3>(q, dbuf.data(), nb, xr, K, out); break;
+          case 2: row_tile<F, 2>(q, dbuf.data(), nb, xr, K, out); break;
+          default: row_tile<F, 1>(q, dbuf.data(), nb, xr, K, out); break;
+        }
+        for (int j = 0; j < mt; ++j) {
+          float v = out[j] + bn;
+          if (mp) v += dot(mbuf.data(), xsum.data() + (r + j) * nb, nb);
+          yp[(r + j) * N + n] = v;
         }
         r += mt;
       }
@@ -150,4 +245,5 @@ torch::Tensor q8_0_mm(const torch::Tensor& x, const torch::Tensor& qs, const tor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_1_mm", &q4_1_mm, "y = x @ dequant(Q4_1)^T + bias");
   mod.def("q8_0_mm", &q8_0_mm, "y = x @ dequant(Q8_0)^T + bias");
+  mod.def("set_dense_min_rows", [](int64_t m) { DENSE_MIN_ROWS = m; }, "rows of x from which the dense path runs");
 }
