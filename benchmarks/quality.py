@@ -54,7 +54,7 @@ from paraphrase_ray.config import (
     TemplateConfig,
     TrainConfig,
 )
-from paraphrase_ray.data import load_pairs
+from paraphrase_ray.data import Pair, load_pairs
 from paraphrase_ray.generate import ZERO_SHOT_INSTRUCTION
 from paraphrase_ray.metrics import load_embedder
 from paraphrase_ray.models import load_model
@@ -76,6 +76,8 @@ SHOWN = (
     "n",
     "objective",
     "success_rate",
+    "faithful_rate",
+    "faithful_success_rate",
     "adequacy",
     "self_bleu",
     "copy_rate",
@@ -158,6 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also score the zero-shot systems under these generation overrides, so no baseline is judged "
         "only by the tuned prompt's decoding (default: %(default)s)",
     )
+    p.add_argument(
+        "--num-candidates", type=int, default=1,
+        help="K > 1: every system samples K candidates per row and keeps the best (faithful first, then objective)",
+    )
+    p.add_argument("--data-file", help="score these rows (JSONL with source[/target]) instead of MRPC's held-out split")
     p.add_argument("--no-zero-shot", action="store_true", help="score only the tuned prompt")
     p.add_argument("--eval-only", action="store_true", help="skip training; score --prompt-dir as it is")
     p.add_argument(
@@ -186,8 +193,13 @@ def main(argv=None) -> int:
     train_pairs, val_pairs, data_report = load_pairs(data_cfg)
     eval_pairs = val_pairs[: args.eval_rows]
     loss_pairs = val_pairs[args.eval_rows : args.eval_rows + args.loss_rows]
+    if args.data_file:  # another domain (e.g. benchmarks/data/wiki_facts.jsonl): no reference needed
+        import json as _json
+
+        rows = [_json.loads(ln) for ln in Path(args.data_file).read_text().splitlines() if ln.strip()]
+        eval_pairs = [Pair(r["source"], r.get("target") or r["source"]) for r in rows]
     # the CLI's --split validation --limit N must score exactly these rows
-    assert eval_pairs == report.eval_pairs(
+    assert args.data_file or eval_pairs == report.eval_pairs(
         [args.data], "validation", args.val_fraction, args.seed, args.eval_rows
     )
     print(
@@ -254,7 +266,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     embedder = load_embedder(device=None)
-    rep = report.evaluate_systems(loaded, systems, eval_pairs, embedder, args.batch_size_generate)
+    rep = report.evaluate_systems(
+        loaded, systems, eval_pairs, embedder, args.batch_size_generate, num_candidates=args.num_candidates
+    )
     eval_s = time.perf_counter() - t0
     total_s = time.perf_counter() - t_start
 
@@ -310,11 +324,27 @@ def main(argv=None) -> int:
             wins.append(tuned_summary[key] > zs[name][key])
             print(f"best zero-shot {key}: {zs[name][key]:.3f} ({name}); tuned: {tuned_summary[key]:.3f}")
         print(f"tuned beats the best zero-shot on both metrics: {'yes' if all(wins) else 'no'}")
+        print(paired_sign_test(rep, "tuned", best, "faithful_success"))
     if args.examples:
         print(report.format_examples(rep, args.examples), file=sys.stderr)
     if args.report:
         report.write_json(args.report, {"budget": budget["budget"], "machine": machine(), **rep})
     return 0
+
+
+def paired_sign_test(rep: dict, a: str, b: str, key: str) -> str:
+    """Exact two-sided sign test on the rows where exactly one of ``a`` and ``b`` has ``key`` true."""
+    from math import comb
+
+    only_a = sum(r["scores"][a][key] and not r["scores"][b][key] for r in rep["rows"])
+    only_b = sum(r["scores"][b][key] and not r["scores"][a][key] for r in rep["rows"])
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    rate = {s: sum(bool(r["scores"][s][key]) for r in rep["rows"]) / len(rep["rows"]) for s in (a, b)}
+    return (
+        f"{key}: {a} {rate[a]:.2f} vs {b} {rate[b]:.2f} on {len(rep['rows'])} rows; {only_a} rows only {a}, "
+        f"{only_b} only {b}; sign test p = {p:.3g}"
+    )
 
 
 if __name__ == "__main__":

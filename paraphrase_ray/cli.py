@@ -86,10 +86,9 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         raise ConfigError("--input needs --output FILE.jsonl")
     loaded, bundle = load_prompt(args.prompt, args.model, args.device)
     k, info = args.num_candidates, bundle.info
-    gen = info.decoding(
-        max_new_tokens=args.max_new_tokens, num_return_sequences=k,
-        do_sample=True if k > 1 else None, temperature=0.8 if k > 1 else None, top_p=0.95 if k > 1 else None,
-    )
+    if k < 1:
+        raise ConfigError(f"--num-candidates must be >= 1, got {k}")
+    gen = info.decoding(max_new_tokens=args.max_new_tokens).with_candidates(k)
     rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
     if args.text is not None and not args.text.strip():
         raise ConfigError("--text is empty")
@@ -97,6 +96,10 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         loaded, [r["source"] for r in rows], bundle.prompt, info.template, gen, args.batch_size, info.max_source_tokens,
         progress=args.input is not None and sys.stderr.isatty(),
     )
+    if k > 1:  # the best candidate first: usable, then faithful, then by objective (metrics.rank_candidates)
+        from .metrics import load_embedder, rerank
+
+        cands, _ = rerank([r["source"] for r in rows], cands, load_embedder(args.embedder))
     if args.text is not None:
         for c in cands[0]:
             print(c)
@@ -175,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", help="JSONL/CSV/TSV file with a 'source' column (other columns are carried through)")
     g.add_argument("--output", help="JSONL file to write (adds 'prediction', and 'candidates' when K > 1)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--num-candidates", type=int, default=1, help="candidates per input (K > 1 samples with temperature 0.8)")
+    g.add_argument("--num-candidates", type=int, default=1,
+                   help="K > 1 samples K candidates (temperature 0.8) and puts the best first: faithful, then objective")
+    g.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model that ranks candidates")
     g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
     _add_device_flag(g, "where to run")
@@ -207,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("how to run and report")
     g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
     g.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model")
+    g.add_argument("--num-candidates", type=int, default=1,
+                   help="K > 1: sample K candidates per row and score the best (faithful first, then objective)")
     _add_device_flag(g, "where to run")
     g.add_argument("--examples", type=int, default=3, help="example rows to print")
     g.add_argument("--output", help="write the full report (summary + rows) as JSON")

@@ -205,6 +205,17 @@ class GenerationConfig:
         if self.no_repeat_ngram_size < 0 or self.source_no_repeat_ngram_size < 0:
             raise ConfigError("generation.no_repeat_ngram_size and source_no_repeat_ngram_size must be >= 0")
 
+    def with_candidates(self, k: int) -> GenerationConfig:
+        """``k`` sampled candidates to rerank (temperature 0.8, top-p 0.95 unless this already samples);
+        ``k`` = 1 leaves the config as it is."""
+        if k <= 1:
+            return self
+        sampled = self.do_sample
+        return dataclasses.replace(
+            self, num_return_sequences=k, do_sample=True,
+            temperature=self.temperature if sampled else 0.8, top_p=self.top_p if sampled else 0.95,
+        )
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -78,14 +78,18 @@ def evaluate_systems(
     embedder,
     batch_size: int = 16,
     progress: bool = False,
+    num_candidates: int = 1,
 ) -> dict[str, Any]:
     """Generate with every system on the same pairs and score them.
+
+    ``num_candidates`` K > 1 samples K candidates per row and keeps the best by ``metrics.rank_candidates``
+    (usable, then faithful, then objective), the rule ``paraphrase`` and Serve use.
 
     Returns ``{"n", "systems": {name: {**System.describe(), "summary", "generate_s"}}, "rows": [...]}`` where
     each row is ``{"source", "reference", "predictions": {name: text}, "scores": {name: RowScore dict}}``.
     """
     from .generate import paraphrase
-    from .metrics import score_rows, summarize
+    from .metrics import rerank, score_rows, summarize
 
     if not pairs:
         raise ValueError(
@@ -106,18 +110,22 @@ def evaluate_systems(
             sources,
             s.prompt,
             s.template,
-            s.generation,
+            s.generation.with_candidates(num_candidates),
             batch_size,
             s.max_source_tokens,
             chat=s.chat,
             progress=progress,
         )
+        if num_candidates > 1:
+            cands, _ = rerank(sources, cands, embedder)
         gen_s = time.perf_counter() - t0
         preds = [c[0] for c in cands]
         rows = score_rows(sources, references, preds, embedder)
         predictions[s.name] = preds
         scores[s.name] = [r.to_dict() for r in rows]
-        out_systems[s.name] = {**s.describe(), "summary": summarize(rows), "generate_s": round(gen_s, 2)}
+        out_systems[s.name] = {
+            **s.describe(), "num_candidates": num_candidates, "summary": summarize(rows), "generate_s": round(gen_s, 2)
+        }
     rows_out = [
         {
             "source": src,
@@ -350,7 +358,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"with {loaded.name}",
         file=sys.stderr,
     )
-    report = evaluate_systems(loaded, systems, pairs, embedder, args.batch_size, progress=sys.stderr.isatty())
+    report = evaluate_systems(
+        loaded, systems, pairs, embedder, args.batch_size, progress=sys.stderr.isatty(), num_candidates=args.num_candidates
+    )
     best_zs = best_zero_shot(report)
     report = {
         "model": loaded.name,
