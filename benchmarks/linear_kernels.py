@@ -13,6 +13,7 @@ Whole model: prefill ~60 tokens, then one-token forward steps with the KV cache;
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 import warnings
@@ -109,19 +110,23 @@ def bench_model(steps: int, rounds: int) -> None:
         print(f"quantize_for_generation({method!r}) -> {path} in {CLOCK() - t:.1f} s, layers {counts}")
         variants[method] = mod
     text = ("Paraphrase the following sentence. Reply with the paraphrase only.\n\nThe weather was so cold that "
-            "the lake froze overnight, and the children went skating on it the next morning before school.")
+            "the lake froze overnight, and the children of the village went skating on it the next morning before "
+            "school, while their parents watched from the shore and wondered how long the ice would hold them.")
     ids = tok(text, return_tensors="pt")["input_ids"][:, :60]
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def step(mod, tokens, cache):
+        out = mod(input_ids=tokens, use_cache=True, **({key: cache} if cache is not None else {}))
+        return out.logits, getattr(out, "cache", None) or out.past_key_values
+
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         for name in ("q4", "int8"):
-            mod = variants[name]
-            # prefill runs > KERNEL_MAX_ROWS rows through the fp32 matmul; score token by token for the kernel
-            out = mod(input_ids=ids[:, :1], use_cache=True)
-            cache, logits = out.past_key_values, [out.logits]
-            for j in range(1, ids.shape[1]):
-                out = mod(input_ids=ids[:, j : j + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                logits.append(out.logits)
+            # prefill (> KERNEL_MAX_ROWS rows) runs the fp32 matmul; feed one token per step to use the kernel
+            cache, logits = None, []
+            for j in range(ids.shape[1]):
+                lg, cache = step(variants[name], ids[:, j : j + 1], cache)
+                logits.append(lg)
             lg = torch.cat(logits, 1)
             err = (lg - ref).abs()
             agree = (lg.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -132,10 +137,10 @@ def bench_model(steps: int, rounds: int) -> None:
         nxt = ids[:, -1:]
         for _ in range(rounds):
             for name, mod in variants.items():
-                cache = mod(input_ids=ids, use_cache=True).past_key_values
+                cache = step(mod, ids, None)[1]
                 t = CLOCK()
                 for _ in range(steps):
-                    cache = mod(input_ids=nxt, past_key_values=cache, use_cache=True).past_key_values
+                    cache = step(mod, nxt, cache)[1]
                 times[name].append((CLOCK() - t) / steps * 1e3)
     base = statistics.median(times["fp32"])
     print(f"one-token forward with a {ids.shape[1]}-{ids.shape[1] + steps} token KV cache, batch 1 "

@@ -69,16 +69,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("m_rows", [1, 5])
+@pytest.mark.parametrize("m_rows", [1, 5, 12])  # 12: the dense path (rebuilt fp32 rows, 2 x 4 tiles)
 @pytest.mark.parametrize("k_in,n_out", [(64, 96), (576, 200)])
 def test_q4_1_kernel_matches_fp32_linear(kernels, m_rows, k_in, n_out):
     torch.manual_seed(m_rows)
-    lin = nn.Linear(k_in, n_out)
+    lin = nn.Linear(k_in, n_out + m_rows % 2)  # odd and even row counts
     with torch.no_grad():
         lin.weight.copy_(round_q4_1(lin.weight))
     packed = quant.pack_q4_1(lin.weight)
     assert packed is not None
     qs, d, m = packed
+    n_out = lin.out_features
     assert qs.shape == (n_out, k_in // 2) and d.shape == m.shape == (n_out, k_in // 32)
     q = quant.LowBitLinear(lin, "q4_1", packed, kernels)
     x = torch.randn(m_rows, k_in)
@@ -88,7 +89,7 @@ def test_q4_1_kernel_matches_fp32_linear(kernels, m_rows, k_in, n_out):
         assert q(x3).shape == (2, m_rows, n_out) and _rel(q(x3), lin(x3)) < 1e-4
 
 
-@pytest.mark.parametrize("m_rows", [1, 5])
+@pytest.mark.parametrize("m_rows", [1, 5, 12])
 def test_q8_0_kernel_matches_fp32_linear(kernels, m_rows):
     torch.manual_seed(1)
     lin = nn.Linear(128, 300, bias=False)

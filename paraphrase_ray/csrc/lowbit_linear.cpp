@@ -20,7 +20,7 @@ namespace {
 
 constexpr int64_t QK = 32;
 constexpr int64_t ROW_CHUNK = 16;  // grain of the split over output rows
-int64_t DENSE_MIN_ROWS = 4;  // from this many rows of x on, rebuild weight rows in fp32 and run a dense tile
+int64_t DENSE_MIN_ROWS = 8;  // from this many rows of x on, rebuild weight rows in fp32 and run a dense tile
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
