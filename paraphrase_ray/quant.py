@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -86,14 +89,28 @@ def kernel_error() -> str | None:
 
 
 def _build():
-    from torch.utils import cpp_extension
+    """Import the extension from ``<cache_dir>/ext/<name>/``, compiling it there first if it is not built yet.
 
+    The name hashes the source, flags, torch and Python versions, so a built ``.so`` is never stale and later
+    processes import it directly (no compiler or ninja needed then). Concurrent first builds (Ray workers)
+    are serialised by torch's lock file in the build directory.
+    """
     from .models import cache_dir
 
     src = _SOURCE.read_bytes()
-    tag = hashlib.sha1(src + " ".join(_CFLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
-    name = f"paraphrase_ray_lowbit_{tag}"
+    stamp = f"{_CFLAGS} {torch.__version__} {sys.version_info[:2]}".encode()
+    name = f"paraphrase_ray_lowbit_{hashlib.sha1(src + stamp).hexdigest()[:12]}"
     build_dir = cache_dir() / "ext" / name
+    built = build_dir / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    if not built.is_file():
+        built = build_dir / f"{name}.so"  # what torch.utils.cpp_extension names it on Linux
+    if built.is_file() and not (build_dir / "lock").exists():
+        spec = importlib.util.spec_from_file_location(name, built)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    from torch.utils import cpp_extension
+
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name, sources=[str(_SOURCE)], build_directory=str(build_dir), extra_cflags=_CFLAGS,
