@@ -1,13 +1,21 @@
 """Typed, frozen configuration for every pipeline stage.
 
 YAML files and CLI flags both map onto these dataclasses (``load_yaml`` / ``from_dict``); an unknown key is an
-error that names the key, never a silent default. Cross-field checks live in ``__post_init__``.
+error that names the key, never a silent default. Every value is checked against its field's type (pydantic, strict):
+``train.steps: 12.7`` is "train.steps must be an integer, got 12.7", and ``chat: "false"`` (a quoted string) is an
+error, not a truthy value. One leniency: numbers written the YAML 1.1 way (``3e-2``, which PyYAML reads as a
+string) are numbers. Cross-field checks live in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import numbers
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +27,7 @@ T = TypeVar("T")
 INIT_STRATEGIES = ("vocab", "random", "random_std", "text")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "plateau")
+QUANTIZE_METHODS = ("auto", "q4", "int8", "none")
 # The name of the base model run with no soft prompt: a report's baseline system and Serve's reserved prompt.
 ZERO_SHOT = "zero-shot"
 
@@ -183,6 +192,9 @@ class GenerationConfig:
     # never start a capitalised word (after the first) or a number that the source lacks, never garble one it
     # has ("El Paso" -> "El Pines"): faithfulness.FactGuard, in the fast loop and as an HF processor alike
     fact_guard: bool = True
+    # frozen Linear weights when generating on CPU (quant.py): auto = the exact Q4_1/Q8_0 kernel when the weights
+    # are llama.cpp blocks (the embedded model), else fbgemm int8; none = the exact fp32 path. Training is fp32.
+    quantize: str = "auto"
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0
@@ -204,6 +216,8 @@ class GenerationConfig:
             raise ConfigError("repetition penalties must be > 0 (1.0 disables)")
         if self.no_repeat_ngram_size < 0 or self.source_no_repeat_ngram_size < 0:
             raise ConfigError("generation.no_repeat_ngram_size and source_no_repeat_ngram_size must be >= 0")
+        if self.quantize not in QUANTIZE_METHODS:
+            raise ConfigError(f"generation.quantize must be one of {QUANTIZE_METHODS}, got {self.quantize!r}")
 
     def with_candidates(self, k: int) -> GenerationConfig:
         """``k`` sampled candidates to rerank (temperature 0.8, top-p 0.95 unless this already samples);
@@ -230,7 +244,10 @@ class RunConfig:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ConfigError naming the key."""
+    """Build dataclass ``cls`` from a (nested) dict; an unknown key or a value of the wrong type raises
+    ConfigError naming the key (``train.steps must be an integer, got 12.7``)."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__} must be a mapping, got {data!r}")
     data = dict(data or {})
     known = {f.name: f for f in fields(cls)}
     unknown = [k for k in data if k not in known]
@@ -239,22 +256,93 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         hint = difflib.get_close_matches(k, known, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(known)})"
         raise ConfigError(f"unknown config key {where + k!r}{extra}")
+    if "sources" in data and isinstance(data["sources"], str):
+        data["sources"] = [data["sources"]]
+    hints = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        f = known[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = from_dict(type(default), value, where=f"{where}{name}.")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            kwargs[name] = from_dict(hints[name], value, where=f"{where}{name}.")
         else:
-            kwargs[name] = value
-    if "sources" in kwargs and isinstance(kwargs["sources"], str):
-        kwargs["sources"] = (kwargs["sources"],)
+            kwargs[name] = check_value(hints[name], value, where + name)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # wrong value type that __post_init__ comparisons tripped over
+    except TypeError as e:  # a check __post_init__ could not make on a value the type check let through
         raise ConfigError(f"bad value in {where or cls.__name__}: {e}") from e
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation (the modules use ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _adapter(hint: Any):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(hint)
+
+
+_YAML11_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+
+
+def _as_number(hint: Any, value: Any) -> Any:
+    """YAML 1.1 numbers (``3e-2``: a string to PyYAML) and numpy scalars as the plain number the field wants."""
+    members = _members(hint)
+    wants_float, wants_int = float in members, int in members
+    if not (wants_float or wants_int) or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _YAML11_NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    elif isinstance(value, numbers.Integral):
+        value = int(value)
+    elif isinstance(value, numbers.Real):
+        value = float(value)
+    if isinstance(value, float) and wants_int and not wants_float and value.is_integer():
+        return int(value)  # "1e3" steps
+    return value
+
+
+def _describe(hint: Any) -> str:
+    members = _members(hint)
+    if len(members) > 1:
+        return " or ".join("null" if m is type(None) else _describe(m) for m in members)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(args)} values" if args else "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} keys"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_value(hint: Any, value: Any, key: str) -> Any:
+    """``value`` checked against type ``hint`` (strict, except YAML 1.1 numbers); ConfigError names ``key``."""
+    from pydantic import ValidationError
+
+    if isinstance(value, list):
+        value = tuple(value)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and isinstance(value, tuple) and args:
+        homogeneous = len(args) == 2 and args[1] is Ellipsis  # tuple[float, ...]
+        elems = [args[0] if homogeneous else args[min(i, len(args) - 1)] for i in range(len(value))]
+        value = tuple(_as_number(t, v) for t, v in zip(elems, value))
+    else:
+        value = _as_number(hint, value)
+    try:
+        return _adapter(hint).validate_python(value, strict=True)
+    except ValidationError:
+        boolish = bool in _members(hint) and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no")
+        quoted = " (a quoted string: write it without quotes)" if boolish else ""
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{key} must be {_describe(hint)}, got {shown!r}{quoted}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -300,8 +388,10 @@ def _replace_path(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
     if path[0] not in names:
         raise ConfigError(f"unknown config key {dotted!r}")
     if len(path) == 1:
-        if isinstance(value, list):
-            value = tuple(value)
-        return dataclasses.replace(obj, **{path[0]: value})
+        value = check_value(_field_types(type(obj))[path[0]], value, dotted)
+        try:
+            return dataclasses.replace(obj, **{path[0]: value})
+        except TypeError as e:
+            raise ConfigError(f"bad value for {dotted}: {e}") from e
     child = getattr(obj, path[0])
     return dataclasses.replace(obj, **{path[0]: _replace_path(child, path[1:], value, dotted)})
