@@ -22,6 +22,8 @@ generated-token repetition penalty and ``use_cache=False`` go through ``model.ge
 from __future__ import annotations
 
 import inspect
+import logging
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +113,35 @@ def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor,
     return x, mask
 
 
+log = logging.getLogger("paraphrase_ray")
+_GEN_MODELS: dict[tuple[int, str], tuple[torch.nn.Module, str]] = {}
+_GEN_LOCK = threading.Lock()
+
+
+def generation_model(loaded: LoadedModel, method: str = "auto") -> tuple[torch.nn.Module, str]:
+    """(module, path) that generation runs: the frozen model with low-bit Linear layers (``quant.py``), built once
+    per model and method and shared by every later call; ``path`` is "q4", "int8" or "fp32".
+
+    ``auto`` never changes the text: the exact Q4_1/Q8_0 kernel for layers that are llama.cpp blocks (the
+    embedded model), fp32 for the rest. int8 is opt-in: fbgemm quantizes activations per tensor, so a row's
+    output depends on the other rows of its batch (Serve mixes callers in one batch).
+    """
+    key = (id(loaded.model), method)
+    with _GEN_LOCK:
+        if key not in _GEN_MODELS:
+            from .quant import quantize_for_generation
+
+            try:
+                module, path = quantize_for_generation(loaded.model, "q4" if method == "auto" else method)
+            except (RuntimeError, ValueError) as e:
+                if method != "auto":
+                    raise
+                log.info("generation stays fp32: %s", e)
+                module, path = loaded.model, "none"
+            _GEN_MODELS[key] = (module, "fp32" if path == "none" else path)
+        return _GEN_MODELS[key]
+
+
 @torch.no_grad()
 def generate_rows(
     loaded: LoadedModel, rows: Sequence[Row], gen: GenerationConfig, use_cache: bool = True
@@ -118,9 +149,10 @@ def generate_rows(
     """Generate ``gen.num_return_sequences`` candidates for each row of one batch (any prompts mixed)."""
     if not rows:
         return []
-    tok, model = loaded.tokenizer, loaded.model
+    tok = loaded.tokenizer
+    model, _ = generation_model(loaded, gen.quantize)  # low-bit Linear layers on CPU unless quantize: none
     x, mask = build_batch(loaded, rows)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
     src_mask = None
     if gen.source_repetition_penalty != 1.0:
         src_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=loaded.device)
@@ -139,7 +171,7 @@ def generate_rows(
             [r.guard for r in rows] if gen.fact_guard else None,
         )
     else:
-        out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache)
+        out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model)
     k = gen.num_return_sequences
     results: list[list[str]] = []
     for i, r in enumerate(rows):
@@ -151,9 +183,9 @@ def generate_rows(
     return results
 
 
-def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache) -> torch.Tensor:
-    """The reference path: ``model.generate`` with our penalty and stopping rule as HF processors."""
-    tok, model = loaded.tokenizer, loaded.model
+def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model=None) -> torch.Tensor:
+    """The reference path: ``model.generate`` (default ``loaded.model``) with our rules as HF processors."""
+    tok, model = loaded.tokenizer, model if model is not None else loaded.model
     processors = LogitsProcessorList()
     if src_mask is not None:
         processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
