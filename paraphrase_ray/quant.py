@@ -292,8 +292,9 @@ def _replaced_copy(model: nn.Module, new: dict[int, nn.Module]) -> nn.Module:
         if not holds(mod):
             return mod
         twin = copy.copy(mod)
-        twin._parameters = dict(mod._parameters)
-        twin._buffers = dict(mod._buffers)
+        for key, val in mod.__dict__.items():  # parameter / buffer / hook dicts: new dicts, same entries
+            if isinstance(val, dict) and key.startswith("_") and key != "_modules":
+                twin.__dict__[key] = copy.copy(val)
         twin._modules = {}
         memo[id(mod)] = twin
         for name, child in mod._modules.items():

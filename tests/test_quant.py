@@ -148,6 +148,9 @@ def test_q4_model_matches_fp32_and_leaves_original_untouched(kernels):
         assert _rel(qmodel(input_ids=ids).logits, ref) < 1e-4
         assert _rel(_logits_stepwise(qmodel, ids), ref) < 1e-4
         assert _rel(quant.quantize_for_generation(model, "auto")[0](input_ids=ids).logits, ref) < 1e-4
+    handle = qmodel.model.layers[0].register_forward_hook(lambda *a: None)  # hooks on the copy stay there
+    assert not model.model.layers[0]._forward_hooks and not model._forward_hooks
+    handle.remove()
     # the original: same modules, same weights, same outputs
     assert type(model.model.layers[0].mlp.gate_proj) is nn.Linear and type(model.lm_head) is nn.Linear
     assert not hasattr(model, "quant_summary")
