@@ -25,6 +25,8 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import logging
+import os
+import shutil
 import sys
 import threading
 import warnings
@@ -75,9 +77,9 @@ def load_kernels():
             try:
                 mod = _build()
             except Exception as e:  # no compiler, no ninja, no headers: fall back, never fail generation
-                lines = [ln for ln in str(e).splitlines() if ln.strip()]
-                first = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
-                _KERNELS["error"] = f"{type(e).__name__}: {first.strip()}"
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+                first = next((ln for ln in lines if "error:" in ln), lines[0])
+                _KERNELS["error"] = f"{type(e).__name__}: {first[:300]}"
         if mod is None:
             log.warning("low-bit kernel unavailable (%s); falling back", _KERNELS["error"])
         _KERNELS["mod"] = mod
@@ -110,6 +112,10 @@ def _build():
         spec.loader.exec_module(mod)
         return mod
     from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None or not cpp_extension.is_ninja_available():
+        raise RuntimeError(f"building the kernel needs a C++ compiler ({cxx}) and ninja on PATH")
 
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
