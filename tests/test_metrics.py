@@ -229,8 +229,20 @@ def test_sentence_bleu_exact_and_bounded():
     s = "The cat sat on the mat."
     assert sentence_bleu(s, s) == 100.0
     assert sentence_bleu("", s) == 0.0
-    assert 0.0 < sentence_bleu("A cat was sitting on the mat.", s) < 100.0
-    assert sentence_bleu("A cat sat.", s) == sentence_bleu("A cat sat.", s)
+    # By hand (13a tokens, effective order, exp smoothing). "A cat was sitting on the mat ." vs "The cat sat on
+    # the mat .": n-gram precisions 5/8, 3/7, 2/6, 1/5, no brevity penalty (8 >= 7 tokens).
+    assert sentence_bleu("A cat was sitting on the mat.", s) == pytest.approx(
+        100 * (5 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25, abs=1e-9)  # 36.56
+    # "A cat sat .": 3/4, 1/3, then no 3- or 4-gram matches: exp smoothing gives 1/(2*2) and 1/(4*1);
+    # 4 tokens against 7: brevity penalty exp(1 - 7/4)
+    assert sentence_bleu("A cat sat.", s) == pytest.approx(
+        100 * math.exp(1 - 7 / 4) * (3 / 4 * 1 / 3 * 1 / 4 * 1 / 4) ** 0.25, abs=1e-9)  # 16.70
+    # and it is sacrebleu's own sentence score (the number papers report), argument order included
+    from sacrebleu.metrics import BLEU
+
+    ref = BLEU(effective_order=True).sentence_score("A cat sat.", [s]).score
+    assert sentence_bleu("A cat sat.", s) == pytest.approx(ref, abs=1e-12)
+    assert sentence_bleu(s, "A cat sat.") != pytest.approx(ref)  # hypothesis first, reference second
 
 
 def test_copy_and_empty_detection():
