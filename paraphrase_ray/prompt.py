@@ -5,9 +5,13 @@ Shapes: the prompt is ``(n_tokens, d_embed)`` where ``d_embed = model.get_input_
 
 Saved as a directory that PEFT can load (``PeftModel.from_pretrained(base, dir)``)::
 
-    adapter_config.json         PEFT PROMPT_TUNING config
+    adapter_config.json         PEFT PROMPT_TUNING config; base_model_name_or_path is a hub id (models.HUB_IDS)
     adapter_model.safetensors   one tensor "prompt_embeddings", (n_tokens, d_embed), fp32
     paraphrase_ray.json         base model, template, generation defaults, training config, metrics
+    README.md                   a Hub model card (library_name: peft), rewritten with the metadata
+
+A directory saved by PEFT itself (no ``paraphrase_ray.json``) reads as well: its base model comes from
+``base_model_name_or_path``, the template and decoding are our defaults.
 
 The directory is the unit every stage exchanges, and this module is its only reader: ``PromptBundle`` (the
 vectors + ``PromptMeta``, the typed view of ``paraphrase_ray.json``), ``load_prompt`` (the prompt with its base
@@ -35,11 +39,13 @@ from torch import nn
 
 from .config import GenerationConfig, PromptConfig, RunConfig, TemplateConfig, from_dict, to_dict
 from .files import atomic_write
+from .models import hub_id
 
 TENSOR_NAME = "prompt_embeddings"
 META_FILE = "paraphrase_ray.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+CARD_FILE = "README.md"
 
 
 class PromptFileError(ValueError):
@@ -110,7 +116,7 @@ class SoftPrompt(nn.Module):
             "prompt_tuning_init_text": None,
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,
-            "base_model_name_or_path": base_model,
+            "base_model_name_or_path": hub_id(base_model),  # PEFT and the Hub resolve hub ids, not our aliases
             "inference_mode": True,
             "revision": None,
             "modules_to_save": None,
@@ -263,16 +269,36 @@ class System:
 
 
 def read_meta(prompt_dir: str | Path) -> dict[str, Any]:
-    p = Path(prompt_dir) / META_FILE
+    """``paraphrase_ray.json``; without one (a prompt saved by PEFT), the base model from ``adapter_config.json``."""
+    meta = _read_json(Path(prompt_dir) / META_FILE)
+    if meta.get("base_model") is None:
+        adapter = read_adapter_config(prompt_dir)
+        if adapter.get("base_model_name_or_path"):
+            meta = {**meta, "base_model": adapter["base_model_name_or_path"]}
+    return meta
+
+
+def read_adapter_config(prompt_dir: str | Path) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` ({} when absent); an adapter that is not a causal-LM prompt is an error."""
+    path = Path(prompt_dir) / CONFIG_FILE
+    cfg = _read_json(path)
+    if cfg and cfg.get("peft_type", "PROMPT_TUNING") != "PROMPT_TUNING":
+        raise PromptFileError(f"{path}: peft_type is {cfg['peft_type']!r}; only PROMPT_TUNING adapters are soft prompts")
+    if cfg and (cfg.get("num_transformer_submodules") or 1) != 1:
+        raise PromptFileError(f"{path}: a prompt for {cfg.get('task_type')} (encoder-decoder); causal LMs only")
+    return cfg
+
+
+def _read_json(p: Path) -> dict[str, Any]:
     if not p.is_file():
         return {}
     try:
-        meta = json.loads(p.read_text())
+        data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{p} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
+    if not isinstance(data, dict):
         raise PromptFileError(f"{p} must hold a JSON object")
-    return meta
+    return data
 
 
 def load_bundle(prompt_dir: str | Path, expected_dim: int | None = None) -> PromptBundle:
@@ -285,13 +311,18 @@ def load_prompt(prompt_dir: str | Path, model: str | None = None, device: str = 
     Raises ``ConfigError`` when neither names a base model, ``PromptFileError`` when the prompt does not fit it.
     """
     from .config import ConfigError
-    from .models import load_model
+    from .models import ModelLoadError, load_model
 
     info = PromptMeta.read(prompt_dir)
     name = model or info.base_model
     if not name:
         raise ConfigError(f"{prompt_dir} does not record its base model; pass --model")
-    loaded = load_model(name, precision or info.precision, device)
+    try:
+        loaded = load_model(name, precision or info.precision, device)
+    except ModelLoadError as e:
+        if model:
+            raise
+        raise ModelLoadError(f"{e}\n(the base model {name!r} is what {prompt_dir} records; --model overrides it)") from e
     bundle = load_bundle(prompt_dir, expected_dim=loaded.embed_dim)
     bundle.prompt.to(loaded.device)
     return loaded, bundle
@@ -303,7 +334,11 @@ def update_meta(prompt_dir: str | Path, **updates: Any) -> None:
 
 
 def _write_meta(prompt_dir: Path, meta: dict[str, Any]) -> None:
+    """The metadata, then the model card made from it (so ``README.md`` always shows the latest metrics)."""
+    from .prompt_card import write_card
+
     atomic_write(prompt_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    write_card(prompt_dir)
 
 
 def frequent_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Tensor:

@@ -1,7 +1,10 @@
-"""A prompt we save loads in PEFT and gives the same logits as our forward pass."""
+"""PEFT both ways: a prompt we save loads in PEFT (same logits), one PEFT saves runs through our commands."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from paraphrase_ray.config import PromptConfig
@@ -23,3 +26,156 @@ def test_peft_loads_our_prompt_and_matches_logits(tiny, tmp_path):
         theirs = peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 6:]
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---- our prompt -> the Hub and PEFT -------------------------------------------------------------------
+def test_alias_is_written_as_its_hub_id_with_a_hub_ready_card(tiny, tmp_path):
+    import yaml
+
+    from paraphrase_ray.models import HUB_IDS
+    from paraphrase_ray.prompt import PromptMeta, update_meta
+
+    sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random"))
+    sp.save(tmp_path, "smollm2-135m", tiny.model, {"data": {"sources": ["hf:glue/mrpc"]}})
+    adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == HUB_IDS["smollm2-135m"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert PromptMeta.read(tmp_path).base_model == "smollm2-135m"  # our meta keeps the alias: loads offline
+    # the card is rewritten whenever the metadata is (tune's best/ gets its metrics through update_meta)
+    update_meta(tmp_path, metrics={"objective": 0.8123, "success_rate": 0.7, "n": 32, "status": "done"})
+    card = (tmp_path / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"peft", "prompt-tuning", "paraphrase", "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct"} <= set(
+        front["tags"]
+    )
+    assert front["metrics"] == ["objective", "success_rate"]  # numeric quality metrics only
+    result = front["model-index"][0]["results"][0]
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {"objective": 0.8123, "success_rate": 0.7}
+    assert result["dataset"]["type"] == "glue"
+    assert "dequantized" in card and "Q4_1" in card and "Paraphraser.from_pretrained" in card
+
+
+def test_train_out_is_loadable_by_auto_peft_model_with_the_same_logits(tiny_model_dir, tmp_path, capsys):
+    """`train --out` writes a card and a base_model_name_or_path that AutoPeftModelForCausalLM resolves."""
+    from peft import AutoPeftModelForCausalLM
+
+    from paraphrase_ray.cli import main
+    from paraphrase_ray.models import load_model
+
+    out = tmp_path / "p"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", "sample", "--out", str(out), "--steps", "2",
+                 "--n-tokens", "3", "--device", "cpu", "--precision", "fp32"]) == 0
+    assert (out / "README.md").is_file() and "library_name: peft" in (out / "README.md").read_text()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    sp = SoftPrompt.load(out)
+    enc = loaded.tokenizer(["It rained."], return_tensors="pt")
+    with torch.no_grad():
+        emb = loaded.model.get_input_embeddings()(enc["input_ids"])
+        ours = loaded.model(inputs_embeds=torch.cat([sp.expand(1), emb], dim=1)).logits[:, 3:]
+        theirs = peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 3:]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---- a prompt saved by PEFT -> our commands and the API ----------------------------------------------
+@pytest.fixture()
+def peft_dir(tiny_model_dir, tmp_path):
+    """A prompt trained by nobody: PEFT's own save_pretrained (no paraphrase_ray.json)."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(0)
+    # token_dim by hand: the tiny OPT's embeddings are 16 wide, its hidden size 32 (as in OPT-350m)
+    peft_model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, token_dim=16))
+    out = tmp_path / "peft-prompt"
+    peft_model.save_pretrained(str(out))
+    assert not (out / "paraphrase_ray.json").exists()
+    return out
+
+
+def test_peft_saved_prompt_reads_its_base_model_from_adapter_config(peft_dir, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from paraphrase_ray.prompt import PromptMeta, load_prompt
+
+    assert PromptMeta.read(peft_dir).base_model == str(tiny_model_dir)
+    loaded, bundle = load_prompt(peft_dir, device="cpu", precision="fp32")
+    assert loaded.name == str(tiny_model_dir) and bundle.prompt.n_tokens == 5
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(peft_dir))
+    expected = theirs.prompt_encoder["default"].embedding.weight.detach()
+    torch.testing.assert_close(bundle.prompt.weight.detach(), expected)
+
+
+def test_peft_saved_prompt_runs_through_paraphrase_evaluate_and_the_api(peft_dir, tiny_model_dir, tmp_path, capsys):
+    from paraphrase_ray import Paraphraser
+    from paraphrase_ray.cli import main
+    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.prompt import PromptMeta
+
+    texts = ["The bank raised its rates again.", "Snow fell all night long."]
+    api = Paraphraser.from_pretrained(peft_dir, device="cpu")  # the precision the CLI picks too
+    got = api.paraphrase(texts, max_new_tokens=6)
+    info = PromptMeta.read(peft_dir)
+    expected = paraphrase(api.loaded, texts, api.bundle.prompt, info.template, info.decoding(max_new_tokens=6))
+    assert got == [c[0] for c in expected]
+
+    capsys.readouterr()
+    assert main(["paraphrase", "--prompt", str(peft_dir), "--text", texts[0], "--max-new-tokens", "6",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines() == api.paraphrase(texts[:1], max_new_tokens=6)  # same batch of 1
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"source": s, "target": s.lower()}) + "\n" for s in texts))
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--prompt", str(peft_dir), "--data", str(held), "--split", "all", "--examples", "0",
+                 "--device", "cpu", "--output", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["n"] == 2 and len(rep["systems"]) == 1
+
+
+def test_peft_prompt_without_a_resolvable_base_model_needs_model(peft_dir, tiny_model_dir, capsys):
+    from paraphrase_ray.cli import main
+
+    cfg_path = peft_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["paraphrase", "--prompt", str(peft_dir), "--text", "It rained."]) == 2
+    assert "does not record its base model; pass --model" in capsys.readouterr().err
+    assert main(["paraphrase", "--prompt", str(peft_dir), "--text", "It rained.", "--model", str(tiny_model_dir),
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 0
+
+    cfg["base_model_name_or_path"] = "no-such-org/no-such-model"
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["paraphrase", "--prompt", str(peft_dir), "--text", "It rained."]) == 2
+    assert "--model overrides it" in capsys.readouterr().err
+
+
+def test_a_lora_adapter_is_refused_by_name(tmp_path):
+    from paraphrase_ray.prompt import PromptFileError, PromptMeta
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    with pytest.raises(PromptFileError, match="peft_type is 'LORA'"):
+        PromptMeta.read(tmp_path)
+
+
+def test_the_hub_id_of_the_embedded_model_falls_back_to_it_offline(monkeypatch):
+    from paraphrase_ray import models
+
+    calls = []
+
+    def fake_load(name, dev, dtype):
+        calls.append(name)
+        if name == "HuggingFaceTB/SmolLM2-135M-Instruct":
+            raise models.ModelLoadError("hub unreachable")
+        return models.LoadedModel(name, torch.nn.Linear(1, 1), None, dev, dtype)
+
+    monkeypatch.setattr(models, "_load_uncached", fake_load)
+    monkeypatch.setattr(models, "offline_alias", lambda name: "smollm2-135m" if "SmolLM2" in name else None)
+    loaded = models.load_model("HuggingFaceTB/SmolLM2-135M-Instruct", "fp32", "cpu", cache=False)
+    assert calls == ["HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"] and loaded.name == "smollm2-135m"
+    with pytest.raises(models.ModelLoadError):  # any other hub id fails as before
+        monkeypatch.setattr(models, "_load_uncached", lambda *a: (_ for _ in ()).throw(models.ModelLoadError("x")))
+        models.load_model("facebook/opt-125m", "fp32", "cpu", cache=False)
