@@ -28,10 +28,6 @@ README = ROOT / "README.md"
 DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"
 DOCS_HEADING = "## Run on Google Cloud"
 
-# The default search space's per-trial share (documented in README.md); used only if
-# search_spaces/default.yaml is absent or spells its resources differently.
-DEFAULT_TRIAL_GPU = 0.25
-DEFAULT_TRIAL_CPU = 1.0
 
 # vCPUs per machine type, from cloud.google.com/compute/docs/{general-purpose,accelerator-optimized}-machines.
 # A machine type not listed here fails the test: add it, so that `resources` is checked against it.
@@ -208,12 +204,21 @@ def test_workers_scale_from_zero_within_max_workers(raw: dict, prepared: dict):
     assert any(t["max_workers"] > 0 for t in gpu_types(prepared).values()), "some GPU type must scale up"
 
 
+def default_trial_resources() -> tuple[float, float]:
+    """(gpu, cpu) that search_spaces/default.yaml gives each trial, read the way `tune` reads it."""
+    from paraphrase_ray.sweep import load_spec
+
+    res = load_spec(DEFAULT_SPACE).resources
+    return float(res.gpu), float(res.cpu)
+
+
+def trials_per_node(t: dict, gpu: float, cpu: float) -> int:
+    return min(math.floor(t["resources"]["GPU"] / gpu + 1e-9), math.floor(t["resources"]["CPU"] / cpu + 1e-9))
+
+
 def test_default_search_space_fits_gpu_workers(raw: dict):
-    gpu, cpu = DEFAULT_TRIAL_GPU, DEFAULT_TRIAL_CPU
-    if DEFAULT_SPACE.exists():
-        space = yaml.safe_load(DEFAULT_SPACE.read_text())
-        gpu = find_number(space, {"gpu", "gpus", "num_gpus", "gpus_per_trial"}) or gpu
-        cpu = find_number(space, {"cpu", "cpus", "num_cpus", "cpus_per_trial"}) or cpu
+    gpu, cpu = default_trial_resources()
+    assert gpu > 0 and cpu > 0
     for name, t in gpu_types(raw).items():
         per_node = math.floor(t["resources"]["GPU"] / gpu + 1e-9)
         assert per_node >= 1, f"{name}: a trial asks for {gpu} GPUs"
@@ -221,6 +226,20 @@ def test_default_search_space_fits_gpu_workers(raw: dict):
         assert per_node * cpu <= t["resources"]["CPU"], (
             f"{name}: {per_node} trials need {per_node * cpu} CPUs"
         )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs README fix: 'Run on Google Cloud' says the default space gives each trial `cpu: 1`; "
+    "search_spaces/default.yaml gives `cpu: 2`",
+)
+def test_docs_state_the_default_trial_resources(raw: dict, docs_text: str):
+    gpu, cpu = default_trial_resources()
+    m = re.search(r"default search space gives each trial `gpu: ([\d.]+)` and `cpu: ([\d.]+)`", docs_text)
+    assert m, "README's Google Cloud section no longer states the default space's per-trial resources"
+    assert (float(m[1]), float(m[2])) == (gpu, cpu)
+    m = re.search(r"one\s+`(worker_[a-z0-9]+)`\s+runs\s+(\d+)\s+trials at a time", docs_text)
+    assert m and int(m[2]) == trials_per_node(node_types(raw)[m[1]], gpu, cpu)
 
 
 def test_setup_commands_install_this_package(raw: dict, prepared: dict):
