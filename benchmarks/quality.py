@@ -178,6 +178,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from paraphrase_ray.cli import setup_logging
+
+    setup_logging()  # train()'s per-eval lines on stderr, as the CLI shows them
     if not Path(args.data).is_file():
         print(f"error: {args.data} not found (the benchmark reads MRPC from ../shared/data)", file=sys.stderr)
         return 2

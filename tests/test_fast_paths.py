@@ -203,14 +203,13 @@ def test_paraphrase_is_unchanged_by_the_fast_path(tiny, monkeypatch):
     assert paraphrase(tiny, SOURCES, p, T, gen, batch_size=4) == fast
 
 
-def test_auto_precision_picks_bf16_only_where_the_cpu_does_bf16(monkeypatch):
+def test_auto_precision_is_fp32_on_every_cpu(monkeypatch):
     import paraphrase_ray.models as models
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)  # AVX512-BF16 / AMX: bf16 matmul ~4x fp32
-    assert models.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)  # AVX2 only: bf16 is emulated, far slower
-    assert models.resolve_dtype("auto", cpu) == torch.float32
+    for has_bf16 in (True, False):  # AVX512-BF16 or not: CPU decoding is a GEMV, and bf16 GEMV crawls
+        monkeypatch.setattr(models, "cpu_has_bf16", lambda v=has_bf16: v)
+        assert models.resolve_dtype("auto", cpu) == torch.float32
     assert models.resolve_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice is kept
 
 
