@@ -15,7 +15,10 @@ from paraphrase_ray.train import train
 def test_vocab_init_copies_common_token_embeddings(tiny):
     sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=7, init="vocab", vocab_top_k=50))
     table = tiny.model.get_input_embeddings().weight.float()
-    common = set(frequent_token_ids(tiny.tokenizer, table.shape[0], 50).tolist())
+    # the tiny tokenizer's special tokens are ids 0-3; the 50 "most common" are the 50 lowest ids after them
+    assert tiny.tokenizer.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<pad>", "<s>", "</s>", "<unk>", "!"]
+    common = set(range(4, 54))
+    assert set(frequent_token_ids(tiny.tokenizer, table.shape[0], 50).tolist()) == common
     assert sp.weight.shape == (7, tiny.embed_dim) == (7, 16)  # word_embed_proj_dim, not hidden_size (32)
     for row in sp.weight:
         matches = (table == row).all(dim=1).nonzero().flatten().tolist()
