@@ -79,6 +79,217 @@ def test_issue_commands_on_the_embedded_model(tmp_path, mrpc_path, capsys):
     assert main(["train", "--model", "smollm2-135m", "--data", str(mrpc_path), "--steps", "2", "--out", str(out),
                  "--eval-every", "2", "--batch-size", "4", "--config", str(cfg)]) == 0
     capsys.readouterr()
-    assert main(["paraphrase", "--prompt", str(out), "--text",
-                 "The weather was so cold that the lake froze overnight."]) == 0
-    assert capsys.readouterr().out.strip()
+    source = "The weather was so cold that the lake froze overnight."
+    assert main(["paraphrase", "--prompt", str(out), "--text", source]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert len(lines) == 1, printed  # one candidate, one line: generation stopped at the end of the line
+    text = lines[0].strip()
+    # English from a working model: mostly letters, no special tokens, the source's facts carried over
+    assert not any(s in text for s in ("<|", "|>", "</s>", "<s>", "\ufffd")), text
+    assert sum(c.isalpha() or c.isspace() for c in text) >= 0.8 * len(text) and len(text.split()) >= 3, text
+    content = {"weather", "cold", "lake", "froze", "overnight"}
+    assert len(content & {w.strip(".,;:!?").lower() for w in text.split()}) >= 2, text
+    # the prompt is used: the same decoding without it (the bare template) says something else
+    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.prompt import PromptMeta, load_prompt
+
+    meta = PromptMeta.read(out)
+    loaded, bundle = load_prompt(out)  # what the command loads: the recorded base model and precision
+    assert paraphrase(loaded, [source], bundle.prompt, meta.template, meta.generation)[0][0] == text
+    assert paraphrase(loaded, [source], None, meta.template, meta.generation)[0][0] != text
+
+
+# -- every command's promises, through main() as a user runs them ---------------------------------------------
+def _prompt_dir(tiny_model_dir, out, weight=None, max_new_tokens=8):
+    from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig, to_dict
+    from paraphrase_ray.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    sp = SoftPrompt(weight) if weight is not None else SoftPrompt.init(
+        loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, init="random", seed=1))
+    meta = {"template": to_dict(TemplateConfig()), "generation": to_dict(GenerationConfig(max_new_tokens=max_new_tokens)),
+            "max_source_tokens": 64, "train_config": {"precision": "fp32"}}
+    sp.save(out, str(tiny_model_dir), loaded.model, meta)
+    return out
+
+
+def test_data_command_prints_counts_split_and_examples(capsys):
+    from paraphrase_ray.config import DataConfig
+    from paraphrase_ray.data import load_pairs
+
+    assert main(["data", "sample", "--show", "2"]) == 0
+    train, _, _ = load_pairs(DataConfig(sources=("sample",), val_fraction=0.1, seed=0))
+    assert capsys.readouterr().out.splitlines() == [
+        "read 320 rows, kept 320; dropped: none",
+        "288 train / 32 validation pairs",
+        f"  {train[0].source}",
+        f"    -> {train[0].target}",
+        f"  {train[1].source}",
+        f"    -> {train[1].target}",
+    ]
+    assert main(["data", "sample", "--val-fraction", "0.25", "--seed", "3", "--show", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["read 320 rows, kept 320; dropped: none", "240 train / 80 validation pairs"]
+    assert main(["data", "no-such-file.jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: data source 'no-such-file.jsonl' is not a file, an hf: spec, or 'sample'"
+    )
+
+
+@pytest.mark.parametrize("command", ["paraphrase", "explain"])
+def test_wrong_width_and_corrupt_prompt_dirs_exit_2_with_the_reason(tiny_model_dir, tmp_path, capsys, command):
+    extra = ["--text", "Snow fell all night."] if command == "paraphrase" else []
+    wide = _prompt_dir(tiny_model_dir, tmp_path / "wide", weight=torch.zeros(4, 32))  # the tiny OPT is 16 wide
+    capsys.readouterr()
+    assert main([command, "--prompt", str(wide), *extra]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: prompt in {wide} has embedding width 32 but the model's input embeddings are 16 wide: "
+        "it was trained for a different base model"
+    )
+    bad = _prompt_dir(tiny_model_dir, tmp_path / "bad")
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # a truncated download
+    assert main([command, "--prompt", str(bad), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the base model's loading bar)
+    assert err.startswith(f"error: {weights} is truncated or corrupt: "), err
+
+
+def test_train_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    base = ["train", "--model", str(tiny_model_dir), "--data", "sample", "--out", str(out), "--eval-every", "2",
+            "--n-tokens", "3", "--device", "cpu", "--precision", "fp32"]
+    assert main([*base, "--steps", "4", "--lr", "0.1"]) == 0
+    first = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert first["step"] == 4 and [h["step"] for h in first["history"]] == [2, 4]
+    capsys.readouterr()
+    # a different lr from here on: had steps 1-4 run again, their losses would differ from the first run's
+    assert main([*base, "--steps", "8", "--lr", "0.5", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"resumed from {out / 'checkpoint'} at step 4" in captured.err
+    metrics = json.loads(captured.out.strip().splitlines()[-1])
+    assert metrics["status"] == "completed" and metrics["steps"] == 8
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
+    assert state["history"][:2] == first["history"]  # steps 1-4 were not run again
+    # without --resume the same command starts over: step 4 under lr 0.5 is another loss
+    assert main([*base, "--steps", "8", "--lr", "0.5"]) == 0
+    assert "resumed from" not in capsys.readouterr().err
+    again = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert again["history"][1]["train_loss"] != first["history"][1]["train_loss"]
+
+
+def test_diverged_training_exits_1_and_saves_nothing(tiny_model_dir, tmp_path, capsys):
+    # train.lr is capped below 10, which AdamW survives on this model: an init at 1e39 overflows at step 1
+    cfg = tmp_path / "huge.yaml"
+    cfg.write_text("prompt:\n  init: random\n  random_range: 1.0e+39\n")
+    out = tmp_path / "p"
+    rc = main(["train", "--config", str(cfg), "--model", str(tiny_model_dir), "--data", "sample", "--out", str(out),
+               "--steps", "3", "--n-tokens", "3", "--device", "cpu", "--precision", "fp32"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "nan"
+    assert captured.err.strip().splitlines()[-1] == (
+        "error: training diverged (NaN/inf loss); nothing was saved. Try a lower --lr."
+    )
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def _serve_args(monkeypatch, env_key=None):
+    """cmd_serve with Ray replaced: what it prints and what it would deploy, without binding anything."""
+    import paraphrase_ray.serve_runner as runner
+
+    deployed = {}
+
+    def fake_run_local(settings, host, port, address=None, device="auto"):
+        deployed.update(settings=settings, host=host, port=port)
+        raise KeyboardInterrupt  # Ctrl-C during start-up
+
+    monkeypatch.setattr(runner, "run_local", fake_run_local)
+    monkeypatch.setattr(runner, "shutdown", lambda local=True: deployed.setdefault("shutdown", local))
+    if env_key is None:
+        monkeypatch.delenv("PARAPHRASE_RAY_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("PARAPHRASE_RAY_API_KEY", env_key)
+    return deployed
+
+
+def test_serve_warns_when_binding_all_interfaces_without_a_key(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    p = _prompt_dir(tiny_model_dir, tmp_path / "p")
+    deployed = _serve_args(monkeypatch)
+    assert main(["serve", "--prompt", str(p), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: binding 0.0.0.0 without an API key; anyone who can reach it may use it "
+        "(set --api-key or PARAPHRASE_RAY_API_KEY)",
+        "shutting down",
+    ]
+    assert deployed["host"] == "0.0.0.0" and deployed["settings"].api_key is None and deployed["shutdown"] is True
+    # a key from the environment (or --api-key) silences it and reaches the app's settings
+    deployed = _serve_args(monkeypatch, env_key="from-env")
+    assert main(["serve", "--prompt", str(p), "--host", "0.0.0.0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["shutting down"]
+    assert deployed["settings"].api_key == "from-env"
+    deployed = _serve_args(monkeypatch, env_key="from-env")
+    assert main(["serve", "--prompt", str(p), "--host", "0.0.0.0", "--api-key", "flag"]) == 0
+    assert deployed["settings"].api_key == "flag"  # the flag wins
+    capsys.readouterr()
+    deployed = _serve_args(monkeypatch)
+    assert main(["serve", "--prompt", str(p)]) == 0  # loopback by default: no warning
+    assert capsys.readouterr().out.splitlines() == ["shutting down"] and deployed["host"] == "127.0.0.1"
+
+
+@pytest.mark.slow
+def test_serve_command_serves_http_until_sigint(tiny_model_dir, tmp_path):
+    """`paraphrase-ray serve` as a user runs it: a subprocess on a free loopback port, the key from the
+    environment, /healthz, one /paraphrase (the offline answer), then Ctrl-C: it exits 0 and says so."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from paraphrase_ray.config import GenerationConfig, TemplateConfig
+    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.models import load_model
+
+    p = _prompt_dir(tiny_model_dir, tmp_path / "p")
+    text = "Snow fell all night."
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    want = paraphrase(loaded, [text], SoftPrompt.load(p), TemplateConfig(), GenerationConfig(max_new_tokens=8))[0][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PARAPHRASE_RAY_API_KEY": "cli-key"}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "paraphrase_ray.cli", "serve", "--prompt", f"mine={p}", "--port", str(port),
+             "--device", "cpu"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # Ray and Serve start slowly on a busy 2-core machine
+        while "serving prompts" not in log_path.read_text():  # printed once the app is deployed
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "serve never said it was serving:\n" + log_path.read_text()[-3000:]
+            time.sleep(1)
+        assert httpx.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+        assert httpx.post(url + "/paraphrase", json={"text": text}, timeout=60).status_code == 401
+        r = httpx.post(url + "/paraphrase", json={"text": text}, headers={"Authorization": "Bearer cli-key"},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["prompt"] == "mine" and r.json()["results"][0]["paraphrase"] == want
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log_path.read_text()
+    assert rc == 0, out[-3000:]
+    assert f"serving prompts mine (default mine; also 'zero-shot') at {url}  docs: {url}/docs  auth: on" in out
+    assert "shutting down" in out.splitlines(), out[-3000:]
+    assert "warning: binding" not in out
