@@ -75,45 +75,70 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_paraphrase(args: argparse.Namespace) -> int:
+    from .api import decoding_for, paraphrase_texts
     from .data import read_source_file
-    from .files import atomic_write
-    from .generate import paraphrase
-    from .prompt import load_prompt
+    from .prompt import PromptMeta, load_prompt
 
     if (args.text is None) == (args.input is None):
         raise ConfigError("give exactly one of --text or --input")
     if args.input and not args.output:
-        raise ConfigError("--input needs --output FILE.jsonl")
-    loaded, bundle = load_prompt(args.prompt, args.model, args.device)
-    k, info = args.num_candidates, bundle.info
-    if k < 1:
-        raise ConfigError(f"--num-candidates must be >= 1, got {k}")
-    gen = info.decoding(max_new_tokens=args.max_new_tokens).with_candidates(k)
-    rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
+        raise ConfigError("--input needs --output FILE.jsonl|FILE.parquet")
     if args.text is not None and not args.text.strip():
         raise ConfigError("--text is empty")
-    cands = paraphrase(
-        loaded, [r["source"] for r in rows], bundle.prompt, info.template, gen, args.batch_size, info.max_source_tokens,
-        progress=args.input is not None and sys.stderr.isatty(),
-    )
-    if k > 1:  # the best candidate first: usable, then faithful, then by objective (metrics.rank_candidates)
-        from .metrics import load_embedder, rerank
+    if args.ray and args.input is None:
+        raise ConfigError("--ray paraphrases files: give --input and --output")
+    k = args.num_candidates
+    if args.ray:  # Ray Data: a pool of actors, each loading the model once; input/output local or gs://
+        from .batch import paraphrase_dataset
 
-        cands, _ = rerank([r["source"] for r in rows], cands, load_embedder(args.embedder))
+        gen = decoding_for(PromptMeta.read(args.prompt), k, max_new_tokens=args.max_new_tokens)
+        out = paraphrase_dataset(
+            args.prompt, args.input, args.output, gen, model=args.model, device=args.device,
+            batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
+            num_cpus=args.num_cpus, embedder=args.embedder, address=args.address,
+        )
+        print(f"wrote paraphrases to {out}/", file=sys.stderr)
+        return 0
+    loaded, bundle = load_prompt(args.prompt, args.model, args.device)
+    gen = decoding_for(bundle.info, k, max_new_tokens=args.max_new_tokens)
+    rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
+    cands = paraphrase_texts(
+        loaded, bundle, [r["source"] for r in rows], gen, args.batch_size, args.embedder,
+        progress=args.input is not None and sys.stderr.isatty(),
+    )  # best candidate first when K > 1: usable, then faithful, then by objective (metrics.rank_candidates)
     if args.text is not None:
         for c in cands[0]:
             print(c)
         return 0
-    def write(tmp: Path) -> None:  # never leave a half-written output file
+    records = [{**row, "prediction": c[0], **({"candidates": c} if k > 1 else {})} for row, c in zip(rows, cands)]
+    out = write_records(args.output, records)
+    print(f"wrote {len(rows)} paraphrases to {out}", file=sys.stderr)
+    return 0
+
+
+def write_records(path: str | Path, records: list[dict]) -> Path:
+    """JSONL, or Parquet when ``path`` ends in .parquet; never a half-written file (``files.atomic_write``)."""
+    from .files import atomic_write
+
+    if str(path).lower().endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        return atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(records), str(tmp)))
+
+    def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:
-            for row, c in zip(rows, cands):
-                rec = {**row, "prediction": c[0]}
-                if k > 1:
-                    rec["candidates"] = c
+            for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
-    out = atomic_write(args.output, write)
-    print(f"wrote {len(rows)} paraphrases to {out}", file=sys.stderr)
+    return atomic_write(path, write)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .prompt_card import push_prompt
+
+    url = push_prompt(args.prompt, args.repo_id, private=args.private)
+    print(f"pushed {args.prompt} to {url}")
     return 0
 
 
@@ -171,12 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("paraphrase", help="paraphrase text with a trained prompt", description="Paraphrase a sentence or a file with a trained prompt.")
-    p.add_argument("--prompt", required=True, help="prompt directory written by train or tune")
-    p.add_argument("--model", help="override the prompt's recorded base model")
+    p.add_argument("--prompt", required=True, help="prompt directory written by train or tune, or saved by PEFT")
+    p.add_argument("--model", help="override the prompt's recorded base model (needed when a PEFT prompt records none)")
     g = p.add_argument_group("what to paraphrase")
     g.add_argument("--text", help="one sentence to paraphrase")
-    g.add_argument("--input", help="JSONL/CSV/TSV file with a 'source' column (other columns are carried through)")
-    g.add_argument("--output", help="JSONL file to write (adds 'prediction', and 'candidates' when K > 1)")
+    g.add_argument("--input", help="JSONL/CSV/TSV/Parquet file with a 'source' column (other columns are carried "
+                   "through); with --ray also a directory of Parquet files or gs://")
+    g.add_argument("--output", help="JSONL or .parquet file to write (adds 'prediction', and 'candidates' when K > 1); "
+                   "with --ray a directory of Parquet files (JSONL files if it ends in .jsonl), local or gs://")
     g = p.add_argument_group("decoding")
     g.add_argument("--num-candidates", type=int, default=1,
                    help="K > 1 samples K candidates (temperature 0.8) and puts the best first: faithful, then objective")
@@ -184,7 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
     _add_device_flag(g, "where to run")
+    g = p.add_argument_group("at scale (Ray Data)")
+    g.add_argument("--ray", action="store_true", help="run through Ray Data: a pool of actors, each loading the model once")
+    g.add_argument("--concurrency", type=int, default=1, help="actors in the pool (default 1)")
+    g.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor; a share packs several on one card")
+    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor (its torch threads)")
+    g.add_argument("--address", help="Ray cluster address ('auto' for the cluster this runs on); default: local Ray")
     p.set_defaults(func=cmd_paraphrase)
+
+    p = sub.add_parser(
+        "push", help="upload a prompt directory to the Hugging Face Hub",
+        description="Upload a prompt directory (weights, configs, model card) to a Hub model repo; needs a token "
+        "(`hf auth login` or HF_TOKEN).",
+    )
+    p.add_argument("--prompt", required=True, help="prompt directory (train --out, or a sweep's best/)")
+    p.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME; created if it does not exist")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("data", help="inspect a data source", description="Load, clean and split data; print counts and examples.")
     p.add_argument("data", nargs="+", help="data sources (see train --data)")

@@ -384,9 +384,10 @@ def replace_nested(cfg: T, overrides: dict[str, Any]) -> T:
 
 
 def _replace_path(obj: Any, path: list[str], value: Any, dotted: str) -> Any:
-    names = {f.name for f in fields(obj)}
+    names = [f.name for f in fields(obj)]
     if path[0] not in names:
-        raise ConfigError(f"unknown config key {dotted!r}")
+        hint = difflib.get_close_matches(path[0], names, n=1)
+        raise ConfigError(f"unknown config key {dotted!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     if len(path) == 1:
         value = check_value(_field_types(type(obj))[path[0]], value, dotted)
         try:

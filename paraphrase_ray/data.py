@@ -344,7 +344,7 @@ class BatchStream:
 
 
 def read_source_file(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL/CSV/TSV file to paraphrase; each needs a non-empty string ``source``."""
+    """Rows of a JSONL/CSV/TSV/Parquet file to paraphrase; each needs a non-empty string ``source``."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"input file not found: {p}")
@@ -357,8 +357,10 @@ def read_source_file(path: str | Path) -> list[dict[str, Any]]:
     elif suffix in (".csv", ".tsv"):
         with p.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix == ".parquet":
+        rows = read_rows(str(p), DataConfig(), report)
     else:
-        raise DataError(f"{p}: unsupported input type {suffix!r}; use .jsonl, .csv or .tsv")
+        raise DataError(f"{p}: unsupported input type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
     for i, row in enumerate(rows, 1):
         src = row.get("source")
         if not isinstance(src, str) or not src.strip():

@@ -142,7 +142,7 @@ def push_prompt(
             commit_message=f"paraphrase-ray push of {path.resolve().name}",
         )
     except Exception as e:  # the hub client raises several types (HTTP, connection, auth)
-        raise HubError(f"push to {repo_id} failed: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
+        raise HubError(f"push to {repo_id} failed: {_first_line(e)}") from e
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -155,7 +155,12 @@ def download_prompt(repo_id: str) -> Path:
     try:
         return Path(hf.snapshot_download(repo_id, allow_patterns=list(PROMPT_FILES)))
     except Exception as e:  # offline, unknown repo, no access
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         raise PromptFileError(
-            f"{repo_id} is not a local prompt directory, and downloading it from the Hugging Face Hub failed: {first}"
+            f"{repo_id} is not a local prompt directory, and downloading it from the Hugging Face Hub failed: "
+            f"{_first_line(e)}"
         ) from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

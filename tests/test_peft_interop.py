@@ -179,3 +179,60 @@ def test_the_hub_id_of_the_embedded_model_falls_back_to_it_offline(monkeypatch):
     with pytest.raises(models.ModelLoadError):  # any other hub id fails as before
         monkeypatch.setattr(models, "_load_uncached", lambda *a: (_ for _ in ()).throw(models.ModelLoadError("x")))
         models.load_model("facebook/opt-125m", "fp32", "cpu", cache=False)
+
+
+# ---- paraphrase-ray push (never reaches the network) ------------------------------------------------
+def test_push_checks_its_arguments_and_the_token_before_any_request(tiny, tmp_path, monkeypatch, capsys):
+    from paraphrase_ray.cli import main
+
+    sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=3, init="random"))
+    sp.save(tmp_path / "p", "smollm2-135m", tiny.model)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    import huggingface_hub as hf
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("push reached the hub client")
+
+    monkeypatch.setattr(hf, "create_repo", no_network)
+    monkeypatch.setattr(hf, "upload_folder", no_network)
+    assert main(["push", "--prompt", str(tmp_path / "p"), "--repo-id", "me/my-prompt"]) == 2
+    assert "no Hugging Face token: run `hf auth login`, or set HF_TOKEN" in capsys.readouterr().err
+    assert main(["push", "--prompt", str(tmp_path / "p"), "--repo-id", "not a repo id"]) == 2
+    assert "--repo-id must look like USER/NAME" in capsys.readouterr().err
+    assert main(["push", "--prompt", str(tmp_path / "missing"), "--repo-id", "me/x"]) == 2
+    assert "prompt directory not found" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", "--prompt", str(tmp_path / "p"), "--repo-id", "me/x"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_push_uploads_the_prompt_files_only(tiny, tmp_path, monkeypatch, capsys):
+    from paraphrase_ray.cli import main
+
+    out = tmp_path / "p"
+    SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=3, init="random")).save(out, "m", tiny.model)
+    (out / "checkpoint").mkdir()  # resumable state stays local
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    import huggingface_hub as hf
+
+    seen = {}
+    monkeypatch.setattr(hf, "create_repo", lambda repo_id, **kw: seen.setdefault("create", (repo_id, kw)))
+    monkeypatch.setattr(hf, "upload_folder", lambda **kw: seen.setdefault("upload", kw))
+    assert main(["push", "--prompt", str(out), "--repo-id", "me/my-prompt", "--private"]) == 0
+    assert seen["create"][0] == "me/my-prompt" and seen["create"][1]["private"] is True
+    up = seen["upload"]
+    assert up["repo_id"] == "me/my-prompt" and up["folder_path"] == str(out) and up["token"] == "hf_fake"
+    assert sorted(up["allow_patterns"]) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", "paraphrase_ray.json", "README.md"]
+    )
+    assert "https://huggingface.co/me/my-prompt" in capsys.readouterr().out
+
+    def refused(**kw):
+        raise OSError("401 Client Error: Unauthorized")
+
+    monkeypatch.setattr(hf, "upload_folder", refused)
+    assert main(["push", "--prompt", str(out), "--repo-id", "me/my-prompt"]) == 2
+    assert "push to me/my-prompt failed: 401 Client Error" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""The Python API: ``Paraphraser.from_pretrained(...).paraphrase(texts)`` is the CLI's generation, in code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from paraphrase_ray.config import ConfigError, RunConfig
+from paraphrase_ray.prompt import PromptFileError, PromptMeta, SoftPrompt
+
+TEXTS = ["The bank raised its rates again.", "Snow fell all night long.", "He sold the old car to a neighbour."]
+
+
+@pytest.fixture()
+def prompt_dir(tiny, tiny_model_dir, tmp_path):
+    from paraphrase_ray.config import PromptConfig
+
+    sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="vocab", seed=3))
+    meta = PromptMeta.record(RunConfig(model=str(tiny_model_dir)))
+    sp.save(tmp_path / "p", str(tiny_model_dir), tiny.model, meta)
+    return tmp_path / "p"
+
+
+@pytest.fixture()
+def paraphraser(prompt_dir):
+    from paraphrase_ray import Paraphraser
+
+    return Paraphraser.from_pretrained(prompt_dir, device="cpu", precision="fp32")
+
+
+def test_greedy_paraphrases_equal_the_library_path(paraphraser, prompt_dir):
+    from paraphrase_ray.generate import paraphrase
+
+    got = paraphraser.paraphrase(TEXTS, max_new_tokens=8)
+    info = paraphraser.meta
+    expected = paraphrase(paraphraser.loaded, TEXTS, paraphraser.bundle.prompt, info.template,
+                          info.decoding(max_new_tokens=8), batch_size=16, max_source_tokens=info.max_source_tokens)
+    assert got == [c[0] for c in expected] and len(got) == 3 and all(isinstance(t, str) for t in got)
+    assert paraphraser.n_tokens == 4 and paraphraser.meta.base_model == paraphraser.loaded.name
+    assert "n_tokens=4" in repr(paraphraser)
+    assert paraphraser.paraphrase([]) == []
+
+
+def test_candidates_are_sampled_then_ranked_like_the_cli(paraphraser):
+    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.metrics import load_embedder, rerank
+
+    ranked = paraphraser.paraphrase(TEXTS[:2], num_candidates=3, return_candidates=True, max_new_tokens=8)
+    assert [len(c) for c in ranked] == [3, 3]
+    best = paraphraser.paraphrase(TEXTS[:2], num_candidates=3, max_new_tokens=8)
+    assert best == [c[0] for c in ranked]
+    info = paraphraser.meta
+    gen = info.decoding(max_new_tokens=8).with_candidates(3)
+    assert gen.do_sample and gen.num_return_sequences == 3
+    raw = paraphrase(paraphraser.loaded, TEXTS[:2], paraphraser.bundle.prompt, info.template, gen)
+    assert ranked == rerank(TEXTS[:2], raw, load_embedder())[0]
+
+
+def test_bad_arguments_are_named(paraphraser):
+    with pytest.raises(ConfigError, match="unknown config key 'tempreture'.*did you mean 'temperature'"):
+        paraphraser.paraphrase(TEXTS, tempreture=0.5)
+    with pytest.raises(ConfigError, match="max_new_tokens must be an integer, got 'many'"):
+        paraphraser.paraphrase(TEXTS, max_new_tokens="many")
+    with pytest.raises(ConfigError, match="num_candidates must be an integer >= 1"):
+        paraphraser.paraphrase(TEXTS, num_candidates=0)
+    with pytest.raises(TypeError, match="wrap one text in a list"):
+        paraphraser.paraphrase("It rained.")
+    with pytest.raises(ValueError, match="source 1 is empty"):
+        paraphraser.paraphrase(["It rained.", " "])
+
+
+def test_missing_directory_and_unreachable_hub_id_are_clear(tmp_path, monkeypatch):
+    from paraphrase_ray import Paraphraser
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach the network from tests
+    with pytest.raises(PromptFileError, match="not a USER/NAME hub id"):
+        Paraphraser.from_pretrained(tmp_path / "no" / "such" / "dir")
+    with pytest.raises(PromptFileError, match="no-such-user/no-such-prompt is not a local prompt directory"):
+        Paraphraser.from_pretrained("no-such-user/no-such-prompt")
+
+
+def test_importing_the_package_stays_light():
+    code = "import sys, paraphrase_ray, paraphrase_ray.config; assert 'torch' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+    code = "from paraphrase_ray import Paraphraser; print(Paraphraser.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "paraphrase_ray.api", out.stderr
