@@ -183,6 +183,7 @@ def get_evaluator(
     batch_wait_s: float = 0.005,
     max_batch_rows: int = 512,
     cache_items: int = 20_000,
+    scheduling_strategy: Any = None,
 ) -> ray.actor.ActorHandle:
     """The named Evaluator actor, created on first use (``get_if_exists``); returns at once, loads async.
 
@@ -190,6 +191,7 @@ def get_evaluator(
     ``max_concurrency`` bounds requests in flight inside the actor (all of them may join one batch).
     ``lifetime=None`` fate-shares with the creating process; ``"detached"`` outlives it (see module doc).
     ``cache_items``: embeddings kept for texts seen again (0 turns the cache off).
+    ``scheduling_strategy``: where a new actor goes (the Tune driver keeps it on its own node).
     An existing actor is returned as is, whatever its model: use another ``name`` for another model.
     """
     if lifetime not in (None, "detached", "non_detached"):
@@ -204,6 +206,7 @@ def get_evaluator(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_concurrency=max_concurrency,
+        scheduling_strategy=scheduling_strategy,
     ).remote(model, batch_wait_s=batch_wait_s, max_batch_rows=max_batch_rows, cache_items=cache_items)
 
 

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 
 from .config import ConfigError, RunConfig, from_dict, load_yaml, replace_nested, to_dict
 from .metrics import DEFAULT_EMBEDDER, SUMMARY_KEYS
+from .storage import check_bucket, is_uri, open_uri
 
 PARAM_TYPES = ("int", "float", "choice")
 SEARCHERS = ("optuna", "random")
@@ -259,39 +260,43 @@ def smoke(spec: SweepSpec) -> SweepSpec:
 class SweepStorage:
     """``<storage>/<name>`` on a local path or a URI (gs://, file://), read and written through ``pyarrow.fs``.
 
-    Tune writes its own state there through the same filesystem layer; everything this project adds
-    (space.yaml, zero_shot.json, leaderboard.csv, sweep.png, best/) goes through ``write_bytes`` too, never
-    ``open()``, so ``--storage gs://BUCKET/PREFIX`` works from any node with bucket access.
+    Tune gets the same filesystem object (``RunConfig`` / ``Tuner.restore(storage_filesystem=...)``) and the
+    path inside it, so a ``gs://`` URI with options (``storage.open_uri``: an emulator, anonymous access)
+    reaches every node; everything this project adds (space.yaml, zero_shot.json, leaderboard.csv, sweep.png,
+    best/) goes through ``write_bytes`` too, never ``open()``. Nothing lands in the driver's working directory.
     """
 
-    root: str  # what Tune's RunConfig(storage_path=...) gets: an absolute local path or the URI as given
+    root: str  # the storage as the user named it, without a URI's query (absolute when local)
     name: str
     fs: pafs.FileSystem
-    fs_root: str  # the root's path inside ``fs``
+    fs_root: str  # the root's path inside ``fs``: what Tune's RunConfig(storage_path=...) gets
+    query: str = ""  # a gs:// URI's options, kept for the URIs we print (e.g. best/ to serve)
 
     @classmethod
     def parse(cls, storage: str, name: str) -> SweepStorage:
         if not name or "/" in name or name.startswith("."):
             raise ConfigError(f"--name must be a plain directory name, got {name!r}")
-        if "://" in storage:
-            try:
-                fs, path = pafs.FileSystem.from_uri(storage)
-            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-                raise ConfigError(f"--storage {storage!r} is not a usable filesystem URI: {e}") from e
-            return cls(storage.rstrip("/"), name, fs, path.rstrip("/"))
+        if is_uri(storage):
+            fs, path, base, query = open_uri(storage)
+            return cls(base, name, fs, path, query)
         root = str(Path(storage).expanduser().resolve())
         return cls(root, name, pafs.LocalFileSystem(), root)
 
+    def check(self) -> None:
+        """A bucket that is unreachable, missing or not readable is a ConfigError naming it."""
+        check_bucket(self.fs, self.fs_root, self.root)
+
     @property
     def uri(self) -> str:
-        """The experiment directory as Tune names it (``Tuner.restore`` / ``can_restore`` take this)."""
+        """The experiment directory as users name it (Tune gets ``path()`` with ``fs``)."""
         return f"{self.root}/{self.name}"
 
     def path(self, *parts: str) -> str:
         return "/".join([self.fs_root, self.name, *parts])
 
     def display(self, *parts: str) -> str:
-        return "/".join([self.uri, *parts])
+        """A URI for users: options kept, so ``best/``'s can be given to ``serve --prompt`` as printed."""
+        return "/".join([self.uri, *parts]) + (f"?{self.query}" if self.query else "")
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound

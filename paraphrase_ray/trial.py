@@ -9,11 +9,15 @@ once per sweep on the same rows. The driver (``tune.py``) builds the ``TrialCont
 Base model once per worker process: the driver sets ``reuse_actors``, so a finished trial's process runs the
 next trial, and ``models.load_model`` memoises per process. Reports carry ``worker_pid``, ``worker_trial``
 (trials so far in that process) and ``model_fresh_load``, so the reuse is visible in every leaderboard.
+
+Faults: reports also carry ``node_id`` and ``resumed_from_step`` (the step of the Tune checkpoint the trial
+continued from; 0 when it started fresh), so a trial retried after its node was lost shows that it resumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -118,6 +122,7 @@ def run_trial(
     _WORKER["models"].add(key)
     client = client or EvaluatorClient(**ctx.evaluator)
     info = {
+        "node_id": _node_id(),
         "worker_pid": os.getpid(),
         "worker_trial": _WORKER["trials"],
         "model_fresh_load": fresh,
@@ -131,6 +136,8 @@ def run_trial(
         ckpt = get_checkpoint()
         # Tune restarted this trial (--resume, or a retry after an error): continue from its last eval.
         resume = Path(ckpt.to_directory(str(work / "resume"))) if ckpt is not None else None
+        # In every report, so a retried or resumed trial shows where it continued from (0: from scratch).
+        info["resumed_from_step"] = _checkpoint_step(resume)
         info["setup_s"] = round(time.perf_counter() - t0, 3)
 
         def on_eval(event: dict[str, Any], prompt) -> None:
@@ -166,6 +173,19 @@ def run_trial(
         report(final)  # no checkpoint: the last eval's stays the trial's latest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _checkpoint_step(ckpt_dir: Path | None) -> int:
+    from .train import STATE_JSON
+
+    if ckpt_dir is None or not (ckpt_dir / STATE_JSON).is_file():
+        return 0
+    return int(json.loads((ckpt_dir / STATE_JSON).read_text()).get("step", 0))
+
+
+def _node_id() -> str:
+    """The Ray node running this trial (which one a lost node took, and where its retry ran)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _trial_id() -> str:

@@ -42,6 +42,7 @@ from typing import Any
 import ray
 import yaml
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import ConfigError
 from .evaluator import DEFAULT_NAMESPACE, get_evaluator, shutdown_evaluator
@@ -175,8 +176,9 @@ def run_sweep(
     With ``resume`` the spec stored with the sweep (``space.yaml``) is used, not ``spec``.
     """
     store = SweepStorage.parse(storage, name)
+    store.check()
     try:
-        has_state = store.exists() and tune.Tuner.can_restore(store.uri)
+        has_state = store.exists() and tune.Tuner.can_restore(store.path(), storage_filesystem=store.fs)
     except OSError as e:  # unreachable bucket, missing credentials, permissions
         raise ConfigError(
             f"cannot read --storage {storage}: {str(e).strip().splitlines()[0]} "
@@ -199,8 +201,12 @@ def run_sweep(
             store.write_bytes(SPACE_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode())
         # Created by this driver before any trial, so trials only look it up. Holding the handle matters: a
         # non-detached actor dies with its last handle, and each trial's client handle dies with the trial.
+        # On the driver's node (a cluster's head: never preempted), not on a worker that may go away: a
+        # trial's retry on another node then finds it alive. (soft: elsewhere if this node lacks the resources)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         evaluator = get_evaluator(
-            **{k: ctx.evaluator[k] for k in ("name", "namespace", "model", "num_gpus", "num_cpus")}
+            **{k: ctx.evaluator[k] for k in ("name", "namespace", "model", "num_gpus", "num_cpus")},
+            scheduling_strategy=here,
         )
         stored_zs = store.read_bytes(ZERO_SHOT_FILE)
         zero_shot = json.loads(stored_zs) if stored_zs else []
@@ -214,11 +220,14 @@ def run_sweep(
         )  # once per sweep, beside the trials, with a trial's resources
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(spec))
         if resume:
-            tuner = tune.Tuner.restore(store.uri, trainable, resume_unfinished=True, resume_errored=False)
+            tuner = tune.Tuner.restore(
+                store.path(), trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=store.fs
+            )
         else:
             run_config = tune.RunConfig(
                 name=name,
-                storage_path=store.root,
+                storage_path=store.fs_root,
+                storage_filesystem=store.fs,  # a gs:// URI's options reach every node with it
                 verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(  # the best-scoring checkpoint, and always the latest
