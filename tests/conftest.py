@@ -93,3 +93,14 @@ def mrpc_path() -> Path:
     if not SHARED_MRPC.is_file():
         pytest.skip(f"{SHARED_MRPC} not present (CI places ../shared beside the checkout)")
     return SHARED_MRPC
+
+
+# Fixtures that load the embedded 135M model or start a real Ray (or Serve): every test that uses one, directly
+# or through another fixture, is marked slow, so `pytest -m "not slow"` is the fast inner loop.
+SLOW_FIXTURES = frozenset({"smollm", "ray_cluster", "server", "client", "app_url"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -39,7 +39,8 @@ def ray_cluster():
     # Ray >= 2.59 turns token auth on for new local clusters and writes a token to ~/.ray; that works as is
     # for a local test cluster, so no auth settings are needed here.
     # num_gpus=1 is a logical GPU on a CPU machine: it lets a test place the actor on a fractional GPU.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # address="local": a fresh cluster of our own, never one someone else started on this machine
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -161,10 +162,15 @@ def test_shutdown_evaluator_kills_a_detached_actor(ray_cluster):
         get_evaluator(detached, NAMESPACE, lifetime="forever")
 
 
-def test_killed_actor_is_recreated_by_the_client(client, name):
-    # Last in the module: it replaces the shared actor (one more model load).
-    old = client.info()["actor_id"]
-    ray.kill(get_evaluator(name, NAMESPACE))
-    summary = client.score(SOURCES, REFERENCES, PREDICTIONS)
-    assert summary["n"] == 3
-    assert client.info()["actor_id"] != old
+def test_killed_actor_is_recreated_by_the_client(ray_cluster):
+    # Its own actor: killing the module's shared one would make every later test pay another model load.
+    own = f"killed-{uuid.uuid4().hex[:8]}"
+    client = EvaluatorClient(name=own, namespace=NAMESPACE, num_cpus=1)
+    try:
+        old = client.info()["actor_id"]
+        ray.kill(get_evaluator(own, NAMESPACE))
+        summary = client.score(SOURCES, REFERENCES, PREDICTIONS)
+        assert summary["n"] == 3
+        assert client.info()["actor_id"] != old
+    finally:
+        shutdown_evaluator(own, NAMESPACE)

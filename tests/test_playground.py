@@ -37,9 +37,11 @@ def app_url(tiny_model_dir, tmp_path_factory):
         port = s.getsockname()[1]
     settings = ServeSettings(prompts=(f"known={root / 'known'}", f"other={root / 'other'}"), api_key=KEY,
                              device="cpu")
-    url = run_local(settings, "127.0.0.1", port)
-    yield url
-    shutdown()
+    try:  # a failed start (port taken, replica error) must not leave Ray and Serve running
+        url = run_local(settings, "127.0.0.1", port)
+        yield url
+    finally:
+        shutdown()
 
 
 def test_page_and_explain_endpoint(app_url):
