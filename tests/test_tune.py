@@ -364,9 +364,9 @@ def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
         together = ray.get(barrier.count.remote()) == 4  # all four trials alive at once
         tune.report({"together": together, "gpus": ",".join(map(str, ray.get_gpu_ids()))})
 
-    ray.init(
-        num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING"
-    )  # one L4 worker, logically
+    ray.init(  # one L4 worker, logically; address="local": our own cluster, never one already running here
+        address="local", num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING"
+    )
     try:
         barrier = Barrier.options(name="barrier", namespace="packing-test").remote()
         ray.get(barrier.count.remote())
