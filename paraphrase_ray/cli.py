@@ -288,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PARAPHRASE_RAY_API_KEY)")
     _add_device_flag(p, "where the replica runs")
     p.add_argument("--address", help="Ray cluster address; default: start a local Ray")
+    g = p.add_argument_group("back-pressure (also args in serve/config.yaml)")
+    g.add_argument("--max-queued-rows", type=int, default=256, metavar="N",
+                   help="texts waiting per replica; beyond them a request gets 503 with Retry-After (default 256)")
+    g.add_argument("--request-timeout-s", type=float, default=60.0, metavar="S",
+                   help="a request not answered within S seconds gets 504 (default 60)")
     p.set_defaults(func=_lazy("serve_runner", "cmd_serve"))
 
     p = sub.add_parser(

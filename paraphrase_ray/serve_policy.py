@@ -4,12 +4,12 @@ The deployment (``serving.py``) only moves data between HTTP, the batch queue an
 rule a caller can trip (limits, unknown prompt, bad decoding options) is testable in-process.
 
     items = request_items(settings, loaded, prompts, default, req)   # 404 / 413 / 422 before the queue
-    outs = run_batch(loaded, items, stats)                             # rows of any prompts, one pass per options
+    outs = run_batch(loaded, items, on_batch)                          # rows of any prompts, one pass per options
 """
 
 import dataclasses
-from collections import Counter
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from fastapi import HTTPException
 
 from .config import ConfigError, GenerationConfig
 from .prompt import System
-from .serve_schema import MAX_CANDIDATES, CandidateScore, ParaphraseRequest, ServeSettings
+from .serve_schema import DEBUG_STALL_MARK, MAX_CANDIDATES, CandidateScore, ParaphraseRequest, ServeSettings
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Item:
     prompt: str
     row: Any  # generate.Row
     gen: GenerationConfig
+    text: str = ""
 
     @property
     def cost(self) -> int:  # sequences this row adds to the forward pass
@@ -119,23 +120,28 @@ def request_items(
                 f"{where}: {served.n_tokens} prompt + {len(row.ids)} input + {row.max_new_tokens} "
                 f"new tokens exceed the model's context of {ctx}",
             )
-        items.append(Item(name, row, key))
+        items.append(Item(name, row, key, t))
     return served, [t for _, t in texts], items
 
 
-def run_batch(loaded, items: Sequence[Item], stats: Counter, batch_sizes: Counter) -> list[list[str] | Exception]:
-    """Rows of any prompts, one forward pass per decoding options; a failing group never fails the others."""
+def run_batch(
+    loaded, items: Sequence[Item], on_batch: Callable[[int, bool], None], stall_s: float = 0.0
+) -> list[list[str] | Exception]:
+    """Rows of any prompts, one forward pass per decoding options; a failing group never fails the others.
+
+    ``on_batch(rows, mixed_prompts)`` is called per forward pass. ``stall_s`` (tests only, see
+    ``ServeSettings.debug_stall_s``): sleep that long first when a row's text holds ``DEBUG_STALL_MARK``.
+    """
     from .generate import generate_rows
 
+    if stall_s and any(DEBUG_STALL_MARK in it.text for it in items):
+        time.sleep(stall_s)
     groups: dict[GenerationConfig, list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(it.gen, []).append(i)
     out: list[list[str] | Exception] = [[] for _ in items]
     for gen, idx in groups.items():
-        batch_sizes[len(idx)] += 1
-        stats["batches"] += 1
-        stats["batch_rows"] += len(idx)
-        stats["mixed_prompt_batches"] += len({items[i].prompt for i in idx}) > 1
+        on_batch(len(idx), len({items[i].prompt for i in idx}) > 1)
         try:
             for i, cands in zip(idx, generate_rows(loaded, [items[i].row for i in idx], gen), strict=True):
                 out[i] = cands
@@ -175,24 +181,7 @@ def prompt_listing(prompts: dict[str, System], default: str, loaded, s: ServeSet
         "max_new_tokens": s.max_new_tokens,
         "max_candidates": MAX_CANDIDATES,
         "context_tokens": loaded.max_positions,
+        "max_queued_rows": s.max_queued_rows,
+        "request_timeout_s": s.request_timeout_s,
     }
     return {"base_model": loaded.name, "default": default, "prompts": items, "limits": limits}
-
-
-def stats_summary(st: Counter, batch_sizes: Counter) -> dict[str, Any]:
-    """``GET /stats``: a replica's counters as a readable summary."""
-    import torch
-
-    batches = st["batches"]
-    return {
-        "requests": st["requests"],
-        "rows": st["rows"],
-        "batches": batches,
-        "mean_batch_size": round(st["batch_rows"] / batches, 3) if batches else 0.0,
-        "max_batch_size": max(batch_sizes, default=0),
-        "mixed_prompt_batches": st["mixed_prompt_batches"],
-        "generate_seconds": round(st["gen_s"], 3),
-        "batch_size_histogram": {str(k): v for k, v in sorted(batch_sizes.items())},
-        "rejected": {k[4:]: v for k, v in st.items() if k.startswith("rej_")},
-        "torch_threads": torch.get_num_threads(),
-    }

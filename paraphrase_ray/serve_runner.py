@@ -63,7 +63,8 @@ def shutdown(local: bool = True) -> None:
 def cmd_serve(args) -> int:
     """``paraphrase-ray serve``: run in the foreground until Ctrl-C (also during start-up), then clean up."""
     key = args.api_key or os.environ.get(ENV_API_KEY) or None
-    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key)
+    limits = {k: getattr(args, k) for k in ("max_queued_rows", "request_timeout_s") if hasattr(args, k)}
+    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key, **limits)
     names = [n for n, _ in parse_prompt_specs(settings.prompts)]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(

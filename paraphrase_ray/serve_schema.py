@@ -6,14 +6,16 @@ No Ray here, so the config file's ``args`` and request bodies can be checked wit
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from .config import ZERO_SHOT, ConfigError  # ZERO_SHOT: reserved prompt name, the base model with no prompt
 from .metrics import DEFAULT_EMBEDDER
 
 ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
 MAX_CANDIDATES = 8
+DEBUG_STALL_MARK = "[debug-stall]"  # see ServeSettings.debug_stall_s (tests only)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -35,6 +37,13 @@ class ServeSettings:
     batch_wait_fraction: float = 0.1  # ...or this share of the last batch's duration (see _generate)
     batch_wait_max_s: float = 0.5  # ...but never longer than this
     embedder: str = DEFAULT_EMBEDDER  # rerank scorer
+    # operations (issue 14): back-pressure, timeouts, health
+    max_queued_rows: int = 256  # texts admitted and not yet answered, per replica; beyond: 503 + Retry-After
+    request_timeout_s: float | None = 60.0  # a request still waiting after this gets 504 (None: no limit)
+    stuck_batch_s: float = 120.0  # check_health fails (Serve replaces the replica) if one batch runs longer
+    # TEST ONLY: a batch holding a text that contains DEBUG_STALL_MARK sleeps this long in the generation thread,
+    # so tests can stall a replica on purpose. 0 (the default) disables it; never set it in production.
+    debug_stall_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -50,6 +59,14 @@ class ServeSettings:
             raise ConfigError("serve needs 0 <= batch_wait_timeout_s <= batch_wait_max_s <= 5 (seconds)")
         if not 0 <= self.batch_wait_fraction <= 1:
             raise ConfigError("serve batch_wait_fraction must be in [0, 1]")
+        if self.max_queued_rows < self.max_texts:
+            raise ConfigError(
+                f"serve max_queued_rows ({self.max_queued_rows}) must be >= max_texts ({self.max_texts})"
+            )
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ConfigError("serve request_timeout_s must be > 0 (or null for no limit)")
+        if self.stuck_batch_s <= 0 or self.debug_stall_s < 0:
+            raise ConfigError("serve stuck_batch_s must be > 0 and debug_stall_s >= 0")
         if self.precision not in (None, "auto", "bf16", "fp32"):
             raise ConfigError(f"serve precision must be auto, bf16 or fp32, got {self.precision!r}")
         parse_prompt_specs(self.prompts, self.default)
@@ -98,12 +115,13 @@ class ParaphraseRequest(BaseModel):
     )
     num_candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description="candidates per text")
     do_sample: bool | None = Field(None, description="sample (default: only when num_candidates > num_beams)")
-    temperature: float | None = Field(None, gt=0, le=5)
+    # lower bounds keep logits finite: schemathesis found temperature=5e-324 turning them into inf / nan
+    temperature: float | None = Field(None, ge=0.05, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
     num_beams: int | None = Field(None, ge=1, le=MAX_CANDIDATES)
-    repetition_penalty: float | None = Field(None, gt=0, le=5)
+    repetition_penalty: float | None = Field(None, ge=0.1, le=5)
     source_repetition_penalty: float | None = Field(
-        None, gt=0, le=5, description="penalty on the source's tokens"
+        None, ge=0.1, le=5, description="penalty on the source's tokens"
     )
     source_no_repeat_ngram_size: int | None = Field(
         None, ge=0, le=16, description="never copy this many consecutive source tokens (0: off)"
@@ -111,6 +129,26 @@ class ParaphraseRequest(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="at most the server cap (see GET /prompts)")
     seed: int | None = Field(None, ge=0, description="sampling seed")
     rerank: bool = Field(False, description="score candidates; the best non-copy comes first")
+
+
+def request_model(s: ServeSettings) -> type[ParaphraseRequest]:
+    """``ParaphraseRequest`` with this server's limits in the schema, so ``/openapi.json`` states what is enforced.
+
+    Limits that depend on the tokenizer (source tokens, context) cannot be stated in JSON Schema and stay in
+    ``serve_policy``; ``GET /prompts`` lists them.
+    """
+    text = Annotated[str, StringConstraints(min_length=1, max_length=s.max_chars, pattern=r"\S")]
+    return create_model(
+        "ParaphraseRequest",
+        __base__=ParaphraseRequest,
+        __doc__=ParaphraseRequest.__doc__,
+        text=(text | None, Field(None, description="one text (or use texts); not only whitespace")),
+        texts=(
+            list[text] | None,
+            Field(None, min_length=1, max_length=s.max_texts, description="several texts; answered in input order"),
+        ),
+        max_new_tokens=(int | None, Field(None, ge=1, le=s.max_new_tokens, description="at most the server cap")),
+    )
 
 
 class CandidateScore(BaseModel):

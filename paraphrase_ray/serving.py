@@ -8,32 +8,32 @@ queue; the batch is grouped only by decoding options, never by prompt.
     serve run serve/config.yaml                      # this module's app_builder with the file's args
     paraphrase-ray serve --prompt best=runs/best      # the same app from the shell (serve_runner.py)
 
-Endpoints: ``POST /paraphrase``, ``GET /prompts``, ``GET /stats`` (batch sizes), ``GET /healthz`` (never needs
-the API key), ``GET /docs``. Routes live on the module-level ``api``: add one as a method of ``Paraphraser``.
-What a request may ask and how rows are batched and reranked is decided in ``serve_policy.py`` (no Ray).
+Endpoints (``serve_http.py``): ``POST /paraphrase``, ``GET /prompts``, ``GET /stats``, ``GET /healthz``,
+``GET /docs``. Operations: ``check_health`` fails on a stuck batch or a model that fails every batch (Serve
+then replaces the replica); at most ``max_queued_rows`` texts wait per replica (beyond: 503 + Retry-After);
+a request waits at most ``request_timeout_s`` (then 504); counters go to ``ray.serve.metrics``
+(``serve_metrics.py``). What a request may ask and how rows are batched and reranked is decided in
+``serve_policy.py`` (no Ray).
 """
 
-# No `from __future__ import annotations`: Serve rebinds the class's FastAPI routes, and FastAPI must then see
-# real annotation objects (string annotations resolve in the wrong module and the body turns into a query).
+# No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
 import dataclasses
-import hmac
 import os
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import HTTPException
 from ray import serve
-from ray.serve.exceptions import RayServeException
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, RayServeException
 
 from . import serve_policy as policy
 from .config import ConfigError, from_dict
 from .prompt import System
+from .serve_http import busy
+from .serve_metrics import ReplicaMetrics, ResponseMetrics
 from .serve_schema import (  # noqa: F401  (ZERO_SHOT, ServeSettings, parse_prompt_specs: this module's API)
     ENV_API_KEY,
     ZERO_SHOT,
@@ -45,76 +45,30 @@ from .serve_schema import (  # noqa: F401  (ZERO_SHOT, ServeSettings, parse_prom
 )
 
 APP_NAME = "paraphrase"
-DEPLOYMENT_NAME = "Paraphraser"
-# Everything else needs the API key when one is set. The playground page itself holds no data: it asks the
-# person for the key and sends it with every API call.
-OPEN_PATHS = frozenset({"/healthz", "/"})
-MAX_BODY_BYTES = 1 << 20
-PLAYGROUND_PATH = Path(__file__).parent / "resources" / "playground.html"
+DEPLOYMENT_NAME = "Paraphraser"  # the model replicas
+INGRESS_NAME = "ParaphraseAPI"  # the HTTP ingress: survives a model replica's crash and answers 503 for it
+RESTART_RETRY_S = 2  # Retry-After when a model replica died under a request
+FAILED_BATCHES_UNHEALTHY = 3  # this many batches in a row with every row failing: the model is unusable
+# Serve's own options for the deployment; serve/config.yaml and build_app's options override them.
+DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 64,
+    "ray_actor_options": {"num_cpus": 1},
+    "health_check_period_s": 10,
+    "health_check_timeout_s": 30,
+}
+INGRESS_DEFAULTS: dict[str, Any] = {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0}}
 
 
-api = FastAPI(
-    title="paraphrase-ray",
-    summary="One frozen causal LM, many soft prompts, batched across prompts.",
-    version="0.1.0",
-)
-
-
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """API key on every path but /healthz; oversized bodies stop here, before parsing."""
-    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    key = getattr(_replica(), "api_key", None)
-    if key and path not in OPEN_PATHS:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            _count_rejected(401)
-            return JSONResponse(
-                {"detail": "missing or wrong API key: send 'Authorization: Bearer KEY'"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        _count_rejected(413)
-        return JSONResponse(
-            {"detail": f"request body over the limit of {MAX_BODY_BYTES} bytes"}, status_code=413
-        )
-    return await call_next(request)
-
-
-def _replica() -> "Paraphraser | None":
-    """The replica serving this request (Serve pickles ``api`` by value, so no module-level state)."""
+def _replica() -> "ParaphraseAPI":
+    """The replica serving this request (Serve pickles the app by value, so no module-level state)."""
     try:
         return serve.get_replica_context().servable_object
-    except RayServeException:  # not inside a replica
-        return None
+    except RayServeException as e:  # not inside a replica
+        raise RuntimeError("the paraphrase API runs only inside a Serve replica") from e
 
 
-def _count_rejected(status: int) -> None:
-    replica = _replica()
-    if replica is not None and hasattr(replica, "stats"):
-        replica.stats[f"rej_{status}"] += 1
-
-
-@api.exception_handler(RequestValidationError)
-async def _schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 whose ``detail`` names each bad field, e.g. ``num_candidates: Input should be ...``."""
-    msgs = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        msgs.append(f"{loc}: {err.get('msg', 'invalid')}")
-    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-    _count_rejected(422)
-    return JSONResponse({"detail": "; ".join(msgs), "errors": errors}, status_code=422)
-
-
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
 class Paraphraser:
-    """One replica: the base model once, every prompt, one batch queue."""
+    """One model replica: the base model once, every prompt, one batch queue. ``ParaphraseAPI`` calls it."""
 
     def __init__(self, settings: dict[str, Any]):
         import ray
@@ -153,58 +107,72 @@ class Paraphraser:
         self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="rerank")
         self._embedder = None
-        self.stats: Counter = Counter()
-        self.batch_sizes: Counter = Counter()  # rows per forward pass -> count
+        self.metrics = ReplicaMetrics()
+        self._batch_started: float | None = None  # monotonic start of the batch in the generation thread
+        self._failed_batches, self._last_error = 0, ""
+        self._rows_per_s = 0.0  # recent generation throughput, for Retry-After
 
-    # -- endpoints ---------------------------------------------------------------------------------------------
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+    # -- health ------------------------------------------------------------------------------------------------
+    def health_problem(self) -> str | None:
+        """Why this replica should be replaced, or None: a stuck batch, or a model that fails every batch."""
+        started, limit = self._batch_started, self.settings.stuck_batch_s
+        if started is not None and time.monotonic() - started > limit:
+            return f"a generation batch has run for {time.monotonic() - started:.0f} s (stuck_batch_s={limit:g})"
+        if self._failed_batches >= FAILED_BATCHES_UNHEALTHY:
+            return f"the model failed {self._failed_batches} batches in a row: {self._last_error}"
+        return None
 
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def playground(self) -> HTMLResponse:
-        """The self-contained playground page (no build step, no CDN)."""
-        return HTMLResponse(PLAYGROUND_PATH.read_text(encoding="utf-8"))
+    def check_health(self) -> None:
+        """Serve calls this every ``health_check_period_s``; raising makes Serve replace the replica."""
+        self.metrics.queue()  # keeps the queue-depth gauge alive between requests
+        problem = self.health_problem()
+        if problem:
+            raise RuntimeError(problem)
 
-    @api.get("/prompts/{name}/explain")
-    def explain(self, name: str, top_k: int = 5, metric: str = "cosine") -> dict[str, Any]:
-        """Nearest vocabulary tokens of each prompt vector, and norms (see ``paraphrase-ray explain``)."""
+    # -- what the routes in serve_http.py call -----------------------------------------------------------------
+    def explain(self, name: str, top_k: int, metric: str) -> dict[str, Any]:
         from .explain import explain_prompt
 
         served = self.prompts.get(name)
         if served is None or served.prompt is None:
             names = [n for n, p in self.prompts.items() if p.prompt is not None]
             raise HTTPException(404, f"unknown prompt {name!r}; available: {', '.join(names)}")
-        if not 1 <= top_k <= 50 or metric not in ("cosine", "l2"):
-            raise HTTPException(422, "top_k must be in 1..50 and metric 'cosine' or 'l2'")
         table = self.loaded.model.get_input_embeddings().weight
         return explain_prompt(served.prompt, table, self.loaded.tokenizer, top_k, metric)
 
-    @api.get("/prompts")
     def list_prompts(self) -> dict[str, Any]:
-        """Served prompts with what was recorded at export, and the request limits."""
         return policy.prompt_listing(self.prompts, self.default, self.loaded, self.settings)
 
-    @api.get("/stats")
-    def get_stats(self) -> dict[str, Any]:
-        """This replica's counters; ``mean_batch_size`` is rows per forward pass."""
+    def stats(self) -> dict[str, Any]:
         return {
-            **policy.stats_summary(self.stats, self.batch_sizes),
+            **self.metrics.summary(),
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "batch_wait_s": round(self._batch_wait, 3),
             "device": str(self.loaded.device),
         }
 
-    @api.post("/paraphrase", response_model=ParaphraseResponse, response_model_by_alias=True)
-    async def paraphrase(self, req: ParaphraseRequest) -> ParaphraseResponse:
-        """Paraphrases in input order; every row joins the shared cross-prompt batch."""
+    async def paraphrase(self, body: dict[str, Any]) -> ParaphraseResponse:
+        """Validate, admit under the queue cap, wait at most ``request_timeout_s``; rerank when asked."""
+        s, m, req = self.settings, self.metrics, ParaphraseRequest.model_validate(body)
+        served, texts, items = policy.request_items(s, self.loaded, self.prompts, self.default, req)
+        if m.queued_rows + len(items) > s.max_queued_rows:
+            wait = m.queued_rows / self._rows_per_s if self._rows_per_s else 1.0
+            raise busy(
+                f"server busy: {m.queued_rows} texts queued, {len(items)} more would pass the limit of "
+                f"{s.max_queued_rows}; retry after the Retry-After seconds",
+                min(wait, 60.0),
+            )
+        m.admitted(len(items))
         try:
-            served, texts, items = policy.request_items(self.settings, self.loaded, self.prompts, self.default, req)
-        except HTTPException as e:
-            self.stats[f"rej_{e.status_code}"] += 1
-            raise
-        self.stats["requests"] += 1
-        self.stats["rows"] += len(items)
-        outs = await asyncio.gather(*(self._generate(item) for item in items))
+            outs = await asyncio.wait_for(asyncio.gather(*(self._generate(it) for it in items)), s.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                504,
+                f"not answered within the server's request timeout of {s.request_timeout_s:g} s "
+                f"({m.queued_rows} texts were queued); retry later or send fewer texts",
+            ) from None
+        finally:
+            m.queue(-len(items))
         for o in outs:
             if isinstance(o, Exception):
                 raise HTTPException(500, f"generation failed: {type(o).__name__}: {o}")
@@ -222,15 +190,29 @@ class Paraphraser:
         """Rows of any prompts, grouped only by decoding options (``serve_policy.run_batch``)."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        out = await loop.run_in_executor(self._gen_pool, policy.run_batch, self.loaded, items, self.stats, self.batch_sizes)
+        out = await loop.run_in_executor(self._gen_pool, self._run_batch, items)
         took = time.perf_counter() - t0
-        self.stats["gen_s"] += took
+        self.metrics.generated(took)
+        self._rows_per_s = len(items) / max(took, 1e-3)
         # Closed-loop callers resend the moment their batch returns; a fixed 10 ms wait then starts the next
         # batch without them and the callers split into convoys of half-size batches. Waiting a small share of
         # the last batch's time lets them rejoin, costing at most that share of throughput.
         s = self.settings
         self._batch_wait = max(s.batch_wait_timeout_s, min(s.batch_wait_max_s, s.batch_wait_fraction * took))
         self._generate.set_batch_wait_timeout_s(self._batch_wait)
+        return out
+
+    def _run_batch(self, items: list[policy.Item]) -> list[list[str] | Exception]:
+        """In the generation thread; ``check_health`` watches how long this takes and whether it keeps failing."""
+        self._batch_started = time.monotonic()
+        try:
+            out = policy.run_batch(self.loaded, items, self.metrics.batch, self.settings.debug_stall_s)
+        finally:
+            self._batch_started = None
+        errors = [o for o in out if isinstance(o, Exception)]
+        self._failed_batches = self._failed_batches + 1 if len(errors) == len(out) else 0
+        if errors:
+            self._last_error = f"{type(errors[0]).__name__}: {errors[0]}"
         return out
 
     async def _rerank(self, results: list[ParaphraseResult]) -> None:
@@ -248,11 +230,82 @@ class Paraphraser:
             r.scores = [policy.candidate_score(x) for x in row]
 
 
+class ParaphraseAPI:
+    """The HTTP ingress (``serve_http.make_api``): auth, schema, status counters; the work is ``Paraphraser``'s.
+
+    A separate deployment, so that when a model replica dies under a request (SIGKILL, OOM, a failed health
+    check) the caller gets a 503 with ``Retry-After`` instead of the proxy's bare 500.
+    """
+
+    def __init__(self, model, settings: dict[str, Any]):
+        self.model = model  # DeploymentHandle of Paraphraser
+        self.settings = s = from_dict(ServeSettings, settings)
+        self.api_key = s.api_key or os.environ.get(ENV_API_KEY) or None
+        self.metrics = ResponseMetrics()
+        # the model answers 504 itself at request_timeout_s; this bounds a model replica that stopped answering
+        self._timeout = s.request_timeout_s + 10 if s.request_timeout_s else None
+
+    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """``Paraphraser.<method>(*args)`` on a model replica, with its errors as HTTP errors."""
+        try:
+            return await asyncio.wait_for(getattr(self.model, method).remote(*args), timeout or self._timeout)
+        except HTTPException as e:  # raised on the model replica: re-raise it plainly here
+            cause = getattr(e, "cause", e)
+            raise HTTPException(cause.status_code, cause.detail, headers=cause.headers) from None
+        except BackPressureError as e:
+            raise busy(f"server busy: {e}", e.retry_after_s or RESTART_RETRY_S) from None
+        except RayActorError:
+            raise busy(
+                "the model replica stopped while serving this request and is being replaced; it changed nothing, "
+                "so send the same request again after the Retry-After seconds",
+                RESTART_RETRY_S,
+            ) from None
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"the model replica did not answer within {timeout or self._timeout:g} s") from None
+
+    async def health_problem(self) -> str | None:
+        try:
+            return await self.call("health_problem", timeout=5)
+        except HTTPException as e:
+            return str(e.detail)
+
+    async def paraphrase(self, req: ParaphraseRequest) -> ParaphraseResponse:
+        return await self.call("paraphrase", req.model_dump(exclude_unset=True))
+
+    async def list_prompts(self) -> dict[str, Any]:
+        return await self.call("list_prompts")
+
+    async def explain(self, name: str, top_k: int, metric: str) -> dict[str, Any]:
+        return await self.call("explain", name, top_k, metric)
+
+    async def stats(self) -> dict[str, Any]:
+        return {**await self.call("stats"), **self.metrics.summary()}
+
+
 # -- building ------------------------------------------------------------------------------------------------------
 def build_app(settings: ServeSettings, **deployment_options: Any) -> serve.Application:
-    """The bound application; ``deployment_options`` go to ``Paraphraser.options`` (replicas, resources)."""
-    dep = Paraphraser.options(**deployment_options) if deployment_options else Paraphraser
-    return dep.bind(dataclasses.asdict(settings))
+    """The bound application: ``ParaphraseAPI`` (HTTP) in front of ``Paraphraser`` (the model).
+
+    ``deployment_options`` override ``DEPLOYMENT_DEFAULTS`` for the model deployment (replicas, resources,
+    health checks); its ``runtime_env`` goes to the ingress too (the API key may come from there). The FastAPI
+    app is built on each ingress replica from ``settings`` (``serve.ingress`` with a builder function), so its
+    request schema carries this application's limits.
+    """
+
+    def asgi_app():
+        from .serve_http import make_api
+
+        return make_api(settings, _replica)
+
+    options = {**DEPLOYMENT_DEFAULTS, **deployment_options}
+    ingress_options = dict(INGRESS_DEFAULTS)
+    runtime_env = (options.get("ray_actor_options") or {}).get("runtime_env")
+    if runtime_env:
+        ingress_options["ray_actor_options"] = {**ingress_options["ray_actor_options"], "runtime_env": runtime_env}
+    model = serve.deployment(name=DEPLOYMENT_NAME, **options)(Paraphraser)
+    ingress = serve.deployment(name=INGRESS_NAME, **ingress_options)(serve.ingress(asgi_app)(ParaphraseAPI))
+    args = dataclasses.asdict(settings)
+    return ingress.bind(model.bind(args), args)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -23,6 +23,7 @@ from paraphrase_ray.serve_schema import ENV_API_KEY
 from paraphrase_ray.serving import (
     APP_NAME,
     DEPLOYMENT_NAME,
+    INGRESS_NAME,
     ZERO_SHOT,
     ServeSettings,
     app_builder,
@@ -92,9 +93,11 @@ def test_config_file_keys_are_all_known():
     _check_keys(app, ServeApplicationSchema, "applications[0]")
     assert app["import_path"] == "paraphrase_ray.serving:app_builder"
     assert app["name"] == APP_NAME
-    (dep,) = app["deployments"]
-    _check_keys(dep, DeploymentSchema, "deployments[0]")
-    assert dep["name"] == DEPLOYMENT_NAME
+    ingress, dep = app["deployments"]
+    for i, d in enumerate(app["deployments"]):
+        _check_keys(d, DeploymentSchema, f"deployments[{i}]")
+    assert (ingress["name"], dep["name"]) == (INGRESS_NAME, DEPLOYMENT_NAME)
+    assert dep["max_queued_requests"] > 0 and dep["health_check_period_s"] > 0
     _check_keys(dep["autoscaling_config"], AutoscalingConfig, "autoscaling_config")
     AutoscalingConfig(**dep["autoscaling_config"])
     _check_keys(dep["ray_actor_options"], RayActorOptionsSchema, "ray_actor_options")
@@ -303,7 +306,8 @@ def test_prompts_health_docs_and_auth(server, client, prompt_dirs):
     assert "/paraphrase" in client.get("/openapi.json").json()["paths"]
     bare = httpx.Client(base_url=server, timeout=60)
     assert bare.get("/healthz").json() == {"status": "ok"}
-    for method, path in (("GET", "/prompts"), ("GET", "/stats"), ("GET", "/docs"), ("POST", "/paraphrase")):
+    assert bare.get("/docs").status_code == 200  # the docs page stays open: Swagger's Authorize button takes the key
+    for method, path in (("GET", "/prompts"), ("GET", "/stats"), ("POST", "/paraphrase")):
         r = bare.request(method, path, json={"text": "hi"})
         assert r.status_code == 401 and "Bearer" in r.json()["detail"], (path, r.text)
     r = bare.post("/paraphrase", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"})
@@ -325,7 +329,7 @@ BAD = [
     ({"texts": ["hi"] * 9}, 413, "limit of 8"),
     ({"text": "x" * 301}, 413, "limit of 300"),
     ({"text": "word " * 50}, 413, "source tokens"),
-    ({"text": "hi", "max_new_tokens": 17}, 422, "cap of 16"),
+    ({"text": "hi", "max_new_tokens": 17}, 422, "less than or equal to 16"),
     ({"text": "hi", "num_candidates": 2, "do_sample": False}, 422, "num_candidates"),
     ({"text": "hi", "prompt": "nope"}, 404, "available: a, b, zero-shot"),
 ]
