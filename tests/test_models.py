@@ -42,3 +42,22 @@ def test_dtype_policy():
 
 def test_embedded_alias_loads(smollm):
     assert smollm.embed_dim == 576 and smollm.is_chat and smollm.tokenizer.pad_token_id is not None
+
+
+def test_embedded_model_gives_the_recorded_logits(smollm):
+    """The GGUF -> safetensors conversion yields the real SmolLM2-135M-Instruct: a fixed input gives the
+    logits recorded when this test was written (fp32 on CPU), not merely some tensor of the right shape."""
+    tok = smollm.tokenizer
+    ids = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert ids == [504, 3575, 282, 4649, 314]
+    assert tok.convert_ids_to_tokens(ids) == ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]
+    with torch.no_grad():
+        logits = smollm.model(input_ids=torch.tensor([ids])).logits[0].float()  # (5, vocab)
+    assert logits.shape == (5, 49152)
+    assert logits.argmax(-1).tolist() == [29, 282, 260, 314, 7042]  # next tokens: '-', ' of', ' the', ' is', ' Paris'
+    top = logits[-1].topk(5)
+    assert top.indices.tolist() == [7042, 260, 4528, 2250, 1315]  # ' Paris', ' the', ' London', ' Le', ' New'
+    torch.testing.assert_close(top.values, torch.tensor([17.3713, 14.8886, 13.2450, 13.0095, 12.9515]),
+                               atol=2e-3, rtol=0)
+    picked = logits[-1, [0, 1, 100, 5000, 49151]]
+    torch.testing.assert_close(picked, torch.tensor([1.6136, -11.8719, 1.3192, 2.5706, -7.9939]), atol=2e-3, rtol=0)
