@@ -184,6 +184,7 @@ def get_evaluator(
     max_batch_rows: int = 512,
     cache_items: int = 20_000,
     scheduling_strategy: Any = None,
+    max_restarts: int = 0,
 ) -> ray.actor.ActorHandle:
     """The named Evaluator actor, created on first use (``get_if_exists``); returns at once, loads async.
 
@@ -191,7 +192,9 @@ def get_evaluator(
     ``max_concurrency`` bounds requests in flight inside the actor (all of them may join one batch).
     ``lifetime=None`` fate-shares with the creating process; ``"detached"`` outlives it (see module doc).
     ``cache_items``: embeddings kept for texts seen again (0 turns the cache off).
-    ``scheduling_strategy``: where a new actor goes (the Tune driver keeps it on its own node).
+    ``scheduling_strategy``: where a new actor goes (the Tune driver prefers its own node).
+    ``max_restarts``: Ray restarts a dead actor (its node lost) elsewhere, same name, and retries the calls
+    in flight; the Tune driver sets it, so trials keep scoring after a node loss.
     An existing actor is returned as is, whatever its model: use another ``name`` for another model.
     """
     if lifetime not in (None, "detached", "non_detached"):
@@ -207,6 +210,8 @@ def get_evaluator(
         num_gpus=num_gpus,
         max_concurrency=max_concurrency,
         scheduling_strategy=scheduling_strategy,
+        max_restarts=max_restarts,
+        max_task_retries=-1 if max_restarts else 0,
     ).remote(model, batch_wait_s=batch_wait_s, max_batch_rows=max_batch_rows, cache_items=cache_items)
 
 

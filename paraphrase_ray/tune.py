@@ -67,6 +67,7 @@ from .sweep import (
     spec_from_dict,
     spec_to_dict,
 )
+from .tracking import apply_flags, callbacks
 from .trial import TrialContext, _zero_shot, run_trial
 
 log = logging.getLogger("paraphrase_ray")
@@ -201,12 +202,14 @@ def run_sweep(
             store.write_bytes(SPACE_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode())
         # Created by this driver before any trial, so trials only look it up. Holding the handle matters: a
         # non-detached actor dies with its last handle, and each trial's client handle dies with the trial.
-        # On the driver's node (a cluster's head: never preempted), not on a worker that may go away: a
-        # trial's retry on another node then finds it alive. (soft: elsewhere if this node lacks the resources)
+        # Preferably on the driver's node (a cluster's head, never preempted; soft: Ray may place it elsewhere).
+        # Wherever it is, a lost node does not lose it: Ray restarts it on another node, same name, and
+        # retries the trials' calls in flight.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         evaluator = get_evaluator(
             **{k: ctx.evaluator[k] for k in ("name", "namespace", "model", "num_gpus", "num_cpus")},
             scheduling_strategy=here,
+            max_restarts=3,
         )
         stored_zs = store.read_bytes(ZERO_SHOT_FILE)
         zero_shot = json.loads(stored_zs) if stored_zs else []
@@ -230,6 +233,7 @@ def run_sweep(
                 storage_filesystem=store.fs,  # a gs:// URI's options reach every node with it
                 verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                callbacks=callbacks(spec.tracking, store),  # MLflow / W&B: one run per trial (tracking.py)
                 checkpoint_config=tune.CheckpointConfig(  # the best-scoring checkpoint, and always the latest
                     num_to_keep=1,
                     checkpoint_score_attribute=spec.objective.metric,
@@ -318,7 +322,7 @@ def _result_trial_id(result) -> str:
 
 def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> dict[str, Any] | None:
     """Copy the best trial's best-scoring prompt to ``<storage>/<name>/best`` with its metrics and the sweep."""
-    from .prompt import CONFIG_FILE, META_FILE, WEIGHTS_FILE, update_meta
+    from .prompt import CARD_FILE, CONFIG_FILE, META_FILE, WEIGHTS_FILE, update_meta
 
     metric, sign = spec.objective.metric, (1 if spec.objective.mode == "max" else -1)
     ranked = [
@@ -343,7 +347,7 @@ def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> 
             metrics={k: metrics.get(k) for k in (*SUMMARY_KEYS, "val_loss")},
             zero_shot=[{k: z.get(k) for k in ("system", "model", *COMPONENTS)} for z in zero_shot],
         )
-        store.upload_dir(local, BEST_DIR, (WEIGHTS_FILE, CONFIG_FILE, META_FILE))
+        store.upload_dir(local, BEST_DIR, (WEIGHTS_FILE, CONFIG_FILE, META_FILE, CARD_FILE))  # card: update_meta
     return {**best_row, "path": store.display(BEST_DIR)}
 
 
@@ -362,6 +366,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.num_samples < 1:
             raise ConfigError("--num-samples must be >= 1")
         spec = dataclasses.replace(spec, num_samples=args.num_samples)
+    spec = apply_flags(spec, args.mlflow, args.mlflow_uri, args.wandb)
     out = run_sweep(spec, name, args.storage, resume=args.resume, address=args.address)
     print()
     print(format_table(out.rows, out.spec))
