@@ -92,6 +92,9 @@ class DataConfig:
     # drop *training* pairs rewritten so freely that they often change the meaning (self-BLEU < this). On MRPC
     # positives only 56% of pairs under self-BLEU 20 keep MiniLM adequacy >= 0.75, vs 68-90% between 20 and 60.
     min_train_self_bleu: float | None = None
+    # drop *training* pairs whose target invents a name or number the source lacks, or drops a source number
+    # (faithfulness.check): MRPC "paraphrases" often add facts, and the prompt learns to add them too
+    drop_unfaithful_targets: bool = False
     max_source_tokens: int = 64
     max_target_tokens: int = 64
     max_chars: int = 1000  # rows longer than this (either side) are dropped as over-long

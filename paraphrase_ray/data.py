@@ -178,6 +178,8 @@ def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair], DataReport]:
         train, val = split_pairs(pairs, cfg)
         if cfg.max_train_self_bleu is not None or cfg.min_train_self_bleu is not None:
             train = filter_self_bleu(train, cfg.min_train_self_bleu, cfg.max_train_self_bleu, report)
+        if cfg.drop_unfaithful_targets:
+            train = filter_unfaithful(train, report)
         trains.append(train)
         vals.append(val)
     train = interleave(trains, cfg.weights, cfg.seed)
@@ -215,6 +217,19 @@ def filter_self_bleu(
             f"data.min_train_self_bleu={min_self_bleu} / data.max_train_self_bleu={max_self_bleu} drop every "
             "training pair; widen the range"
         )
+    return kept
+
+
+def filter_unfaithful(pairs: list[Pair], report: DataReport) -> list[Pair]:
+    """Training pairs whose target keeps the source's facts (no invented name or number, no dropped number)."""
+    from .faithfulness import check
+
+    kept = [p for p in pairs if check(p.source, p.target).faithful]
+    if len(kept) < len(pairs):
+        report.dropped["unfaithful target (invents a name or number, or drops a number)"] += len(pairs) - len(kept)
+        report.kept -= len(pairs) - len(kept)
+    if not kept:
+        raise DataError("data.drop_unfaithful_targets drops every training pair")
     return kept
 
 
