@@ -160,6 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also score the zero-shot systems under these generation overrides, so no baseline is judged "
         "only by the tuned prompt's decoding (default: %(default)s)",
     )
+    p.add_argument("--quantize", choices=["auto", "q4", "int8", "none"], help="decoding override (default: config's)")
+    p.add_argument("--fact-guard", choices=["on", "off"], help="decoding override (default: config's, on)")
     p.add_argument(
         "--num-candidates", type=int, default=1,
         help="K > 1: every system samples K candidates per row and keeps the best (faithful first, then objective)",
@@ -218,6 +220,8 @@ def main(argv=None) -> int:
         "max_new_tokens_ratio": args.max_new_tokens_ratio,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "source_no_repeat_ngram_size": args.source_no_repeat_ngram_size,
+        "quantize": args.quantize,
+        "fact_guard": {"on": True, "off": False}.get(args.fact_guard),
     }
     gen_overrides = {k: v for k, v in gen_overrides.items() if v is not None}
     template = TemplateConfig()
@@ -301,8 +305,11 @@ def main(argv=None) -> int:
                     "max_new_tokens_ratio",
                     "no_repeat_ngram_size",
                     "source_no_repeat_ngram_size",
+                    "fact_guard",
+                    "quantize",
                 )
             },
+            "num_candidates": args.num_candidates,
             "train_pairs": len(train_pairs),
             "eval_rows": len(eval_pairs),
             "train_steps_run": result.steps if result else None,
