@@ -1,0 +1,108 @@
+"""Files at scale: Parquet in and out in-process, and the same generation through Ray Data on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from paraphrase_ray.cli import main
+from paraphrase_ray.config import ConfigError, PromptConfig, RunConfig
+from paraphrase_ray.prompt import PromptMeta, SoftPrompt
+
+ROWS = [
+    {"id": 1, "source": "The bank raised its rates again."},
+    {"id": 2, "source": "Snow fell all night long."},
+    {"id": 3, "source": "He sold the old car to a neighbour."},
+    {"id": 4, "source": "The meeting was moved to Friday."},
+    {"id": 5, "source": "Prices rose by 3 percent in May."},
+]
+
+
+@pytest.fixture()
+def prompt_dir(tiny, tiny_model_dir, tmp_path):
+    sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="vocab", seed=5))
+    sp.save(tmp_path / "p", str(tiny_model_dir), tiny.model, PromptMeta.record(RunConfig(model=str(tiny_model_dir))))
+    return tmp_path / "p"
+
+
+def in_process(prompt_dir, sources, max_new_tokens=6, batch_size=8) -> list[str]:
+    from paraphrase_ray.api import decoding_for, paraphrase_texts
+    from paraphrase_ray.prompt import load_prompt
+
+    loaded, bundle = load_prompt(prompt_dir, device="cpu")  # the precision the actors pick too
+    gen = decoding_for(bundle.info, 1, max_new_tokens=max_new_tokens)
+    return [c[0] for c in paraphrase_texts(loaded, bundle, sources, gen, batch_size)]
+
+
+def test_parquet_in_and_out_in_process(prompt_dir, tmp_path, capsys):
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), src)
+    assert main(["paraphrase", "--prompt", str(prompt_dir), "--input", str(src), "--output", str(dst),
+                 "--max-new-tokens", "6", "--batch-size", "8", "--device", "cpu"]) == 0
+    out = pq.read_table(dst).to_pylist()
+    assert [(r["id"], r["source"]) for r in out] == [(r["id"], r["source"]) for r in ROWS]  # carried through
+    assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in ROWS])
+    assert "wrote 5 paraphrases" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_data_greedy_equals_in_process_parquet(local_ray, prompt_dir, tmp_path):
+    from paraphrase_ray.batch import paraphrase_dataset
+    from paraphrase_ray.prompt import PromptMeta
+
+    src, dst = tmp_path / "in.parquet", tmp_path / "out"
+    pq.write_table(pa.Table.from_pylist(ROWS), src)
+    gen = PromptMeta.read(prompt_dir).decoding(max_new_tokens=6)
+    paraphrase_dataset(prompt_dir, str(src), str(dst), gen, device="cpu", batch_size=8, concurrency=1)
+    out = pq.read_table(dst).to_pylist()  # a directory of Parquet files, rows in input order
+    assert [r["id"] for r in out] == [1, 2, 3, 4, 5]
+    assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in ROWS])
+
+
+@pytest.mark.slow
+def test_ray_cli_jsonl_with_candidates_and_empty_rows(local_ray, prompt_dir, tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [*ROWS[:3], {"id": 9, "source": ""}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["paraphrase", "--prompt", str(prompt_dir), "--input", str(src), "--output", str(dst), "--ray",
+                 "--concurrency", "2", "--num-cpus", "0.5", "--num-candidates", "2", "--max-new-tokens", "6",
+                 "--device", "cpu"]) == 0
+    assert dst.is_dir() and "wrote paraphrases to" in capsys.readouterr().err
+    out = [json.loads(line) for f in sorted(dst.glob("*.json*")) for line in f.read_text().splitlines()]
+    assert [r["id"] for r in out] == [1, 2, 3, 9]
+    for r in out[:3]:
+        assert len(r["candidates"]) == 2 and r["prediction"] == r["candidates"][0]
+    assert out[3]["prediction"] == "" and out[3]["candidates"] == [""]  # an empty source does not fail the job
+
+
+def test_ray_argument_errors_are_named_before_starting_ray(prompt_dir, tmp_path, capsys):
+    from paraphrase_ray.batch import paraphrase_dataset
+
+    gen = PromptMeta.read(prompt_dir).generation
+    with pytest.raises(ConfigError, match="--concurrency must be >= 1"):
+        paraphrase_dataset(prompt_dir, "x.parquet", "out", gen, concurrency=0)
+    with pytest.raises(ConfigError, match="input not found: .*missing.parquet"):
+        paraphrase_dataset(prompt_dir, str(tmp_path / "missing.parquet"), "out", gen)
+    assert main(["paraphrase", "--prompt", str(prompt_dir), "--text", "Hi there.", "--ray"]) == 2
+    assert "--ray paraphrases files" in capsys.readouterr().err
+
+
+def test_an_actor_pool_that_would_starve_reads_is_refused_on_a_local_ray():
+    from paraphrase_ray.batch import _check_cpus
+
+    _check_cpus(2, 2, 0.5, None)
+    with pytest.raises(ConfigError, match="--concurrency 2 x --num-cpus 1 leaves no CPU for reading"):
+        _check_cpus(2, 2, 1.0, None)
+    _check_cpus(2, 2, 1.0, "auto")  # a cluster may autoscale: a warning only
