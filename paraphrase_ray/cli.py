@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="sweep name (default: the space file's name)")
     g.add_argument("--storage", default="runs/sweeps", help="results root: a local path or gs://BUCKET/PREFIX")
     g.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
+    g = p.add_argument_group("tracking (Tune's TensorBoard files are always written: tensorboard --logdir STORAGE/NAME)")
+    g.add_argument("--mlflow", action="store_true",
+                   help="one MLflow run per trial (params + every reported metric) in STORAGE/NAME/mlflow.db")
+    g.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (implies --mlflow): http://HOST:5000, sqlite:///PATH")
+    g.add_argument("--wandb", action="store_true", help="one W&B run per trial, offline unless tracking.wandb_mode says online")
     p.add_argument("--address", help="Ray cluster address ('auto' for the cluster this runs on); default: local Ray")
     p.set_defaults(func=_lazy("tune", "cmd_tune"))
 

@@ -19,6 +19,7 @@ A search space::
     resources: {cpu: 1, gpu: 0.25}
     evaluator: {model: sentence-transformers/all-MiniLM-L6-v2, cpu: 1, gpu: 0, n_examples: 32}
     objective: {metric: objective, mode: max}
+    tracking: {mlflow: true}   # one MLflow run per trial (default store: <storage>/<name>/mlflow.db); wandb: true
 
 Every key is checked: an unknown one is an error naming it, and every value a searched key can take is checked
 against ``RunConfig``'s own validation, so a range that would fail in trial 37 fails at load time instead.
@@ -40,6 +41,7 @@ from .storage import check_bucket, is_uri, open_uri
 PARAM_TYPES = ("int", "float", "choice")
 SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "none")
+WANDB_MODES = ("offline", "online", "disabled")
 COMPONENTS = tuple(k for k in SUMMARY_KEYS if k != "n")  # what a trial reports from the Evaluator
 OBJECTIVE_METRICS = (*COMPONENTS, "val_loss")
 
@@ -113,6 +115,18 @@ class ObjectiveSpec:
 
 
 @dataclass(frozen=True)
+class TrackingSpec:
+    """Where trials are tracked besides Tune's own files (``tracking.py``; TensorBoard files are always written)."""
+
+    mlflow: bool = False  # one MLflow run per trial: its parameters and every reported metric
+    mlflow_uri: str | None = None  # default: sqlite:///<storage>/<name>/mlflow.db beside a local sweep
+    experiment: str | None = None  # MLflow experiment / W&B group (default: the sweep's name)
+    wandb: bool = False  # the same through W&B (needs `pip install wandb`)
+    wandb_project: str = "paraphrase-ray"
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """A whole sweep, as read from a search-space YAML. ``search`` maps dotted RunConfig keys to ParamSpecs."""
 
@@ -128,6 +142,7 @@ class SweepSpec:
     )
     evaluator: EvaluatorSpec = field(default_factory=EvaluatorSpec)
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     @property
     def models(self) -> list[str]:
@@ -234,6 +249,7 @@ def validate(spec: SweepSpec, where: str = "") -> None:
         (spec.evaluator.batch_size >= 1, "evaluator.batch_size must be >= 1"),
         (spec.objective.metric in OBJECTIVE_METRICS, f"objective.metric must be one of {OBJECTIVE_METRICS}"),
         (spec.objective.mode in ("min", "max"), "objective.mode must be min or max"),
+        (spec.tracking.wandb_mode in WANDB_MODES, f"tracking.wandb_mode must be one of {WANDB_MODES}"),
     ]
     for ok, message in checks:
         if not ok:
