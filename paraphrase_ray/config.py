@@ -282,7 +282,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 @functools.cache
 def _adapter(hint: Any):
-    from pydantic import TypeAdapter
+    from pydantic import TypeAdapter  # imported on first use: pydantic costs ~0.3 s
 
     return TypeAdapter(hint)
 
@@ -290,14 +290,13 @@ def _adapter(hint: Any):
 _YAML11_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _members(hint: Any) -> tuple[Any, ...]:
+def _members(hint: Any) -> tuple[Any, ...]:  # int | None -> (int, NoneType)
     return typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
 
 
 def _as_number(hint: Any, value: Any) -> Any:
     """YAML 1.1 numbers (``3e-2``: a string to PyYAML) and numpy scalars as the plain number the field wants."""
-    members = _members(hint)
-    wants_float, wants_int = float in members, int in members
+    wants_float, wants_int = float in _members(hint), int in _members(hint)
     if not (wants_float or wants_int) or isinstance(value, bool):
         return value
     if isinstance(value, str) and _YAML11_NUMBER.fullmatch(value.strip()):
