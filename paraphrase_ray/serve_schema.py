@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 
 from .config import ZERO_SHOT, ConfigError  # ZERO_SHOT: reserved prompt name, the base model with no prompt
 from .metrics import DEFAULT_EMBEDDER
+from .storage import is_uri, resolve_prompt_dir
 
 ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
 MAX_CANDIDATES = 8
@@ -72,14 +73,20 @@ class ServeSettings:
         parse_prompt_specs(self.prompts, self.default)
 
 
+def split_prompt_spec(spec: str) -> tuple[str, str]:
+    """``[NAME=]DIR`` -> (name, dir); unnamed, the dir's last part names it (a URI's options hold '=' too)."""
+    name, sep, path = str(spec).partition("=")
+    if not sep or is_uri(name):
+        return Path(str(spec).split("?")[0]).name, str(spec)
+    return name, path
+
+
 def parse_prompt_specs(specs: tuple[str, ...], default: str | None = None) -> list[tuple[str, Path]]:
     """``[NAME=]DIR`` entries -> [(name, absolute dir)] with the default first. Checks names and safetensors."""
     out: list[tuple[str, Path]] = []
     for spec in specs:
-        name, sep, path = str(spec).partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        p = Path(path).expanduser().resolve()
+        name, path = split_prompt_spec(spec)
+        p = resolve_prompt_dir(path)  # a gs:// URI is fetched to this machine's cache first (storage.py)
         if not _NAME_RE.match(name):
             raise ConfigError(
                 f"prompt name {name!r} must be 1-64 letters, digits, '_', '.' or '-': use NAME=DIR"

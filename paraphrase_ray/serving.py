@@ -42,7 +42,9 @@ from .serve_schema import (  # noqa: F401  (ZERO_SHOT, ServeSettings, parse_prom
     ParaphraseResult,
     ServeSettings,
     parse_prompt_specs,
+    split_prompt_spec,
 )
+from .storage import is_uri
 
 APP_NAME = "paraphrase"
 DEPLOYMENT_NAME = "Paraphraser"  # the model replicas
@@ -321,5 +323,6 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     elif isinstance(prompts, str):
         args["prompts"] = [prompts]
     settings = from_dict(ServeSettings, args, where="args.")
-    resolved = tuple(f"{n}={p}" for n, p in parse_prompt_specs(settings.prompts, settings.default))
+    uris = dict(np_ for np_ in map(split_prompt_spec, settings.prompts) if is_uri(np_[1]))  # each replica fetches
+    resolved = tuple(f"{n}={uris.get(n, p)}" for n, p in parse_prompt_specs(settings.prompts, settings.default))
     return build_app(dataclasses.replace(settings, prompts=resolved, default=None))
