@@ -181,9 +181,12 @@ class FakeClient:
         self.calls = 0
 
     def score(self, sources, references, predictions):
+        from paraphrase_ray.metrics import SUMMARY_KEYS
+
         self.calls += 1
         assert len(sources) == len(predictions) == len(references)
         return {
+            **dict.fromkeys(SUMMARY_KEYS, 0.0),  # every key the real Evaluator returns (trials record them all)
             "n": len(sources),
             "adequacy": 0.5,
             "ref_similarity": 0.4,
@@ -282,6 +285,8 @@ def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_
         client=FakeClient(),
     )
     assert [s for s, _, _ in resumed] == [20, 30, 30]  # continued after step 10, not from 0
+    assert {m["resumed_from_step"] for _, _, m in resumed} == {10}
+    assert {m["resumed_from_step"] for _, _, m in full} == {0}
     assert resumed[-1][2]["train_status"] == "completed"
     for (step, theirs, _), (step_full, ours, _) in zip(resumed[:2], full[1:3], strict=True):
         assert step == step_full
