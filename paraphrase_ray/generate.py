@@ -22,8 +22,6 @@ generated-token repetition penalty and ``use_cache=False`` go through ``model.ge
 from __future__ import annotations
 
 import inspect
-import logging
-import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from .decoding import (
 from .faithfulness import FactGuard
 from .models import LoadedModel, cache_kwarg
 from .prompt import SoftPrompt
+from .quant import generation_model
 
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
 
@@ -111,35 +110,6 @@ def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor,
         x[i, width - p.shape[0] :] = p
         mask[i, width - p.shape[0] :] = 1
     return x, mask
-
-
-log = logging.getLogger("paraphrase_ray")
-_GEN_MODELS: dict[tuple[int, str], tuple[torch.nn.Module, str]] = {}
-_GEN_LOCK = threading.Lock()
-
-
-def generation_model(loaded: LoadedModel, method: str = "auto") -> tuple[torch.nn.Module, str]:
-    """(module, path) that generation runs: the frozen model with low-bit Linear layers (``quant.py``), built once
-    per model and method and shared by every later call; ``path`` is "q4", "int8" or "fp32".
-
-    ``auto`` never changes the text: the exact Q4_1/Q8_0 kernel for layers that are llama.cpp blocks (the
-    embedded model), fp32 for the rest. int8 is opt-in: fbgemm quantizes activations per tensor, so a row's
-    output depends on the other rows of its batch (Serve mixes callers in one batch).
-    """
-    key = (id(loaded.model), method)
-    with _GEN_LOCK:
-        if key not in _GEN_MODELS:
-            from .quant import quantize_for_generation
-
-            try:
-                module, path = quantize_for_generation(loaded.model, "q4" if method == "auto" else method)
-            except (RuntimeError, ValueError) as e:
-                if method != "auto":
-                    raise
-                log.info("generation stays fp32: %s", e)
-                module, path = loaded.model, "none"
-            _GEN_MODELS[key] = (module, "fp32" if path == "none" else path)
-        return _GEN_MODELS[key]
 
 
 @torch.no_grad()

@@ -332,21 +332,20 @@ def quantize_for_generation(model: nn.Module, method: str = "auto", max_rows: in
         raise ValueError(f"method {method!r} needs an fp32 model on CPU")
     linears = _linears(model)
     if method in ("auto", "q4"):
-        kernels = load_kernels()
-        if kernels is None:
+        packs, summary = {}, {}
+        for name, lin in linears.items():  # packing first: no compiler run for a model with no llama.cpp blocks
+            packed, fmt = pack_q4_1(lin.weight), "q4_1"
+            if packed is None:
+                packed, fmt = pack_q8_0(lin.weight), "q8_0"
+            summary[name] = fmt if packed is not None else "fp32"
+            if packed is not None:
+                packs[name] = (lin, fmt, packed)
+        kernels = load_kernels() if packs else None
+        if packs and kernels is None:
             if method == "q4":
                 raise RuntimeError(f"q4 kernel unavailable: {kernel_error()}")
         else:
-            new, summary = {}, {}
-            for name, lin in linears.items():
-                packed, fmt = pack_q4_1(lin.weight), "q4_1"
-                if packed is None:
-                    packed, fmt = pack_q8_0(lin.weight), "q8_0"
-                if packed is None:
-                    summary[name] = "fp32"
-                    continue
-                new[id(lin)] = LowBitLinear(lin, fmt, packed, kernels, max_rows)
-                summary[name] = fmt
+            new = {id(lin): LowBitLinear(lin, fmt, packed, kernels, max_rows) for lin, fmt, packed in packs.values()}
             total = sum(lin.weight.numel() for lin in linears.values())
             done = sum(linears[n].weight.numel() for n, f in summary.items() if f != "fp32")
             if method == "q4" or (total and done / total >= 0.5):
@@ -362,3 +361,30 @@ def _finish(model: nn.Module, new: dict[int, nn.Module], summary: dict[str, str]
     out = _replaced_copy(model, new)
     object.__setattr__(out, "quant_summary", summary)
     return out, path
+
+
+# ------------------------------------------------------------------------------- what generation runs
+_GEN_MODELS: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+_GEN_LOCK = threading.Lock()
+
+
+def generation_model(loaded, method: str = "auto") -> tuple[nn.Module, str]:
+    """(module, path) that generation runs: the frozen model with low-bit Linear layers (``quant.py``), built once
+    per model and method and shared by every later call; ``path`` is "q4", "int8" or "fp32".
+
+    ``auto`` never changes the text: the exact Q4_1/Q8_0 kernel for layers that are llama.cpp blocks (the
+    embedded model), fp32 for the rest. int8 is opt-in: fbgemm quantizes activations per tensor, so a row's
+    output depends on the other rows of its batch (Serve mixes callers in one batch).
+    """
+    key = (id(loaded.model), method)
+    with _GEN_LOCK:
+        if key not in _GEN_MODELS:
+            try:
+                module, path = quantize_for_generation(loaded.model, "q4" if method == "auto" else method)
+            except (RuntimeError, ValueError) as e:
+                if method != "auto":
+                    raise
+                log.info("generation stays fp32: %s", e)
+                module, path = loaded.model, "none"
+            _GEN_MODELS[key] = (module, "fp32" if path == "none" else path)
+        return _GEN_MODELS[key]
