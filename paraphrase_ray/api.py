@@ -89,8 +89,8 @@ class Paraphraser:
 
         Args:
             path_or_hub_id: a prompt directory written by ``train``/``tune``, one saved by PEFT
-                (``adapter_config.json`` + ``adapter_model.safetensors``), or a Hub repo id ``USER/NAME``
-                (downloaded to the Hugging Face cache).
+                (``adapter_config.json`` + ``adapter_model.safetensors``), a ``gs://`` URI of one (a sweep's
+                ``best/``), or a Hub repo id ``USER/NAME`` (downloaded to the Hugging Face cache).
             model: the base model, overriding the one the prompt records (``base_model`` in
                 ``paraphrase_ray.json``, else PEFT's ``base_model_name_or_path``).
             device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -101,8 +101,12 @@ class Paraphraser:
         Raises ``PromptFileError`` (not a prompt directory, or made for a different model), ``ConfigError`` (no
         base model known: pass ``model``) and ``ModelLoadError`` (the base model cannot be loaded).
         """
+        from .storage import is_uri, resolve_prompt_dir
+
         path = Path(path_or_hub_id).expanduser()
-        if not path.exists():
+        if is_uri(str(path_or_hub_id)):  # gs://BUCKET/.../best: fetched to the local prompt cache
+            path = resolve_prompt_dir(str(path_or_hub_id))
+        elif not path.exists():
             from .prompt_card import download_prompt
 
             path = download_prompt(str(path_or_hub_id))

@@ -12,8 +12,9 @@ rows in input order, with ``prediction`` (and ``candidates``, best first, when K
 ``source`` is empty gets an empty prediction instead of failing the job.
 
 On a multi-node cluster use ``gs://`` (or another shared filesystem) for input and output: a local path is read
-and written on whichever node runs the task. The prompt directory is read once by the driver and shipped to the
-actors, so it may be local.
+and written on whichever node runs the task. A ``gs://`` URI may carry pyarrow's GCS options (``storage.py``: an
+emulator, an endpoint, anonymous access). The prompt directory (local or ``gs://``) is read once by the driver
+and shipped to the actors.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from .config import ConfigError, GenerationConfig, from_dict, to_dict
 from .metrics import DEFAULT_EMBEDDER
 from .prompt import CONFIG_FILE, META_FILE, WEIGHTS_FILE, SoftPrompt
+from .storage import is_uri, open_uri, resolve_prompt_dir
 
 log = logging.getLogger("paraphrase_ray")
 
@@ -72,29 +74,38 @@ class PromptActor:
         return out
 
 
+def _location(path: str) -> tuple[str, Any, str]:
+    """(path for Ray Data, its pyarrow filesystem or None for local, suffix): URIs through ``storage.open_uri``."""
+    if not is_uri(path):
+        return str(Path(path).expanduser().resolve()), None, Path(path).suffix.lower()
+    fs, inner, base, _ = open_uri(path)
+    return inner, fs, Path(base).suffix.lower()
+
+
 def read_dataset(path: str):
     """A Ray Dataset of ``path`` by its suffix (a directory or an unknown suffix is read as Parquet)."""
     import ray.data
 
-    suffix = Path(path.split("?")[0]).suffix.lower()
+    where, fs, suffix = _location(path)
     if suffix in JSON_SUFFIXES:
-        return ray.data.read_json(path, lines=True)
+        return ray.data.read_json(where, lines=True, filesystem=fs)
     if suffix in (".csv", ".tsv"):
         import pyarrow.csv as pacsv
 
         delimiter = "\t" if suffix == ".tsv" else ","
-        return ray.data.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    return ray.data.read_parquet(path)
+        return ray.data.read_csv(where, filesystem=fs, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    return ray.data.read_parquet(where, filesystem=fs)
 
 
 def write_dataset(ds, path: str) -> None:
     """Write ``ds`` as a directory of JSONL files (name ends in .jsonl/.json) or Parquet files, replacing it."""
     from ray.data import SaveMode
 
-    if Path(path.split("?")[0]).suffix.lower() in JSON_SUFFIXES:
-        ds.write_json(path, mode=SaveMode.OVERWRITE, force_ascii=False)
+    where, fs, suffix = _location(path)
+    if suffix in JSON_SUFFIXES:
+        ds.write_json(where, filesystem=fs, mode=SaveMode.OVERWRITE, force_ascii=False)
     else:
-        ds.write_parquet(path, mode=SaveMode.OVERWRITE)
+        ds.write_parquet(where, filesystem=fs, mode=SaveMode.OVERWRITE)
 
 
 def paraphrase_dataset(
@@ -123,11 +134,11 @@ def paraphrase_dataset(
         raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
     if num_gpus < 0 or num_cpus < 0:
         raise ConfigError("--num-gpus and --num-cpus must be >= 0")
-    if "://" not in input_path and not Path(input_path).exists():
+    if not is_uri(input_path) and not Path(input_path).exists():
         raise ConfigError(f"input not found: {input_path}")
-    SoftPrompt.load(prompt_dir)  # fail here, not in every actor, on a bad prompt directory
-    files = {n: (Path(prompt_dir) / n).read_bytes() for n in (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
-             if (Path(prompt_dir) / n).is_file()}
+    local = resolve_prompt_dir(str(prompt_dir))  # a gs:// prompt is fetched once, here
+    SoftPrompt.load(local)  # fail here, not in every actor, on a bad prompt directory
+    files = {n: (local / n).read_bytes() for n in (CONFIG_FILE, WEIGHTS_FILE, META_FILE) if (local / n).is_file()}
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -90,7 +90,9 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
     k = args.num_candidates
     if args.ray:  # Ray Data: a pool of actors, each loading the model once; input/output local or gs://
         from .batch import paraphrase_dataset
+        from .storage import resolve_prompt_dir
 
+        args.prompt = str(resolve_prompt_dir(args.prompt))  # a gs:// prompt (a sweep's best/) comes here once
         gen = decoding_for(PromptMeta.read(args.prompt), k, max_new_tokens=args.max_new_tokens)
         out = paraphrase_dataset(
             args.prompt, args.input, args.output, gen, model=args.model, device=args.device,

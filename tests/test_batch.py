@@ -106,3 +106,27 @@ def test_an_actor_pool_that_would_starve_reads_is_refused_on_a_local_ray():
     with pytest.raises(ConfigError, match="--concurrency 2 x --num-cpus 1 leaves no CPU for reading"):
         _check_cpus(2, 2, 1.0, None)
     _check_cpus(2, 2, 1.0, "auto")  # a cluster may autoscale: a warning only
+
+
+@pytest.mark.slow
+def test_ray_data_reads_and_writes_gs_through_the_emulator(local_ray, prompt_dir, tmp_path, monkeypatch):
+    """gs:// input, output and prompt (a bucket on a local GCS emulator, options in the URI's query)."""
+    import pyarrow.fs as pafs
+    from gcs_emulator import GcsEmulator
+
+    from paraphrase_ray.batch import paraphrase_dataset
+    from paraphrase_ray.prompt import PromptMeta
+
+    monkeypatch.setenv("PARAPHRASE_RAY_CACHE", str(tmp_path / "cache"))
+    with GcsEmulator(bucket="data", log=tmp_path / "emulator.log") as gcs:
+        fs = gcs.fs()
+        with fs.open_output_stream("data/in/part-0.parquet") as f:
+            pq.write_table(pa.Table.from_pylist(ROWS[:3]), f)
+        pafs.copy_files(str(prompt_dir), "data/prompts/p", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        gen = PromptMeta.read(prompt_dir).decoding(max_new_tokens=6)
+        paraphrase_dataset(gcs.uri("prompts/p"), gcs.uri("in"), gcs.uri("out"), gen, device="cpu", batch_size=8)
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector("data/out")) if i.path.endswith(".parquet")]
+        out = [row for path in sorted(files) for row in pq.read_table(path, filesystem=fs).to_pylist()]
+    assert [r["id"] for r in out] == [1, 2, 3]
+    assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in ROWS[:3]])
