@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("paraphrase_ray")
 
-MLFLOW_DB, WANDB_DIR = "mlflow.db", "wandb"
+MLFLOW_DB = "mlflow.db"
 
 
 def apply_flags(spec: SweepSpec, mlflow: bool = False, uri: str | None = None, wandb: bool = False) -> SweepSpec:
@@ -63,10 +63,12 @@ def callbacks(spec: TrackingSpec, store: SweepStorage) -> list[Any]:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         kwargs: dict[str, Any] = {"mode": spec.wandb_mode}
-        if "://" not in store.root:  # offline runs land beside the sweep (`wandb sync` uploads them later)
-            os.makedirs(store.path(WANDB_DIR), exist_ok=True)
-            kwargs["dir"] = store.path(WANDB_DIR)
-        out.append(WandbLoggerCallback(project=spec.wandb_project, group=experiment, tags=list(tags.values()), **kwargs))
+        if spec.wandb_mode != "online":  # Ray's callback asks for an API key unless WANDB_MODE says it needs none
+            os.environ["WANDB_MODE"] = spec.wandb_mode
+        if "://" not in store.root:  # offline runs land in <storage>/<name>/wandb/ (`wandb sync` uploads them)
+            os.makedirs(store.path(), exist_ok=True)
+            kwargs["dir"] = store.path()
+        out.append(WandbLoggerCallback(project=spec.wandb_project, group=experiment, tags=["paraphrase-ray", store.name], **kwargs))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,17 @@ def test_tracking_section_flags_and_default_store(tiny_model_dir, tmp_path):
 def test_wandb_without_the_package_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="tracking.wandb needs the wandb package: pip install wandb"):
         callbacks(TrackingSpec(wandb=True), SweepStorage.parse(str(tmp_path), "s"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (not in the test extra)")
+def test_wandb_callback_is_offline_beside_the_sweep(tmp_path, monkeypatch):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    (cb,) = callbacks(TrackingSpec(wandb=True, wandb_project="p"), SweepStorage.parse(str(tmp_path), "s"))
+    assert isinstance(cb, WandbLoggerCallback) and cb.project == "p" and cb.group == "s"
+    assert cb.kwargs == {"mode": "offline", "dir": str(tmp_path / "s"), "tags": ["paraphrase-ray", "s"]}
+    assert os.environ["WANDB_MODE"] == "offline"  # Ray's callback then needs no API key
 
 
 @pytest.mark.slow
