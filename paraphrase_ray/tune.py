@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -380,8 +381,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     if out.interrupted:
         print(
-            f"sweep interrupted; continue it with: paraphrase-ray tune --space {args.space} --name {name} "
-            f"--storage {args.storage} --resume",
+            f"sweep interrupted; continue it with: paraphrase-ray tune --space {shlex.quote(args.space)} "
+            f"--name {name} --storage {shlex.quote(args.storage)} --resume",  # a gs:// URI's options hold '&'
             file=sys.stderr,
         )
         return 130
