@@ -44,6 +44,7 @@ class DataReport:
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    first_malformed_line: int | None = None  # 1-based line of the first row that is not a JSON object
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
@@ -79,18 +80,17 @@ def read_rows(spec: str, cfg: DataConfig, report: DataReport) -> list[dict[str, 
 def _read_jsonl(path: Path, report: DataReport) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                report.read += 1
-                report.dropped["malformed"] += 1
-                continue
+                row = None
             if not isinstance(row, dict):
                 report.read += 1
                 report.dropped["malformed"] += 1
+                report.first_malformed_line = report.first_malformed_line or number
                 continue
             rows.append(row)
     return rows
@@ -368,7 +368,9 @@ def read_source_file(path: str | Path) -> list[dict[str, Any]]:
     if suffix in (".jsonl", ".json"):
         rows = _read_jsonl(p, report)
         if report.dropped["malformed"]:
-            raise DataError(f"{p}: {report.dropped['malformed']} line(s) are not JSON objects")
+            n = report.dropped["malformed"]
+            more = f" ({n} malformed lines in all)" if n > 1 else ""
+            raise DataError(f"{p}: line {report.first_malformed_line} is not a JSON object{more}")
     elif suffix in (".csv", ".tsv"):
         with p.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))

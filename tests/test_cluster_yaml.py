@@ -228,11 +228,6 @@ def test_default_search_space_fits_gpu_workers(raw: dict):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs README fix: 'Run on Google Cloud' says the default space gives each trial `cpu: 1`; "
-    "search_spaces/default.yaml gives `cpu: 2`",
-)
 def test_docs_state_the_default_trial_resources(raw: dict, docs_text: str):
     gpu, cpu = default_trial_resources()
     m = re.search(r"default search space gives each trial `gpu: ([\d.]+)` and `cpu: ([\d.]+)`", docs_text)

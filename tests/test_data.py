@@ -185,12 +185,10 @@ def test_read_source_file_malformed_jsonl_counts_bad_lines(tmp_path):
     from paraphrase_ray.data import read_source_file
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"source": "ok"}], ["{not json", "[1, 2]"])
-    with pytest.raises(DataError, match=f"^{re.escape(str(bad))}: 2 line\\(s\\) are not JSON objects"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(bad))}: line 2 is not a JSON object \\(2 malformed lines in all\\)"):
         read_source_file(bad)
 
 
-@pytest.mark.xfail(reason="needs code change: read_source_file should name the first malformed line's number",
-                   strict=True)
 def test_read_source_file_malformed_jsonl_names_the_line(tmp_path):
     import re
 
