@@ -78,6 +78,7 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
     from .api import decoding_for, paraphrase_texts
     from .data import read_source_file
     from .prompt import PromptMeta, load_prompt
+    from .storage import resolve_prompt_dir
 
     if (args.text is None) == (args.input is None):
         raise ConfigError("give exactly one of --text or --input")
@@ -88,11 +89,10 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
     if args.ray and args.input is None:
         raise ConfigError("--ray paraphrases files: give --input and --output")
     k = args.num_candidates
+    args.prompt = str(resolve_prompt_dir(args.prompt))  # a gs:// prompt (a sweep's best/) is fetched once
     if args.ray:  # Ray Data: a pool of actors, each loading the model once; input/output local or gs://
         from .batch import paraphrase_dataset
-        from .storage import resolve_prompt_dir
 
-        args.prompt = str(resolve_prompt_dir(args.prompt))  # a gs:// prompt (a sweep's best/) comes here once
         gen = decoding_for(PromptMeta.read(args.prompt), k, max_new_tokens=args.max_new_tokens)
         out = paraphrase_dataset(
             args.prompt, args.input, args.output, gen, model=args.model, device=args.device,
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("paraphrase", help="paraphrase text with a trained prompt", description="Paraphrase a sentence or a file with a trained prompt.")
-    p.add_argument("--prompt", required=True, help="prompt directory written by train or tune, or saved by PEFT")
+    p.add_argument("--prompt", required=True, help="prompt directory written by train or tune, or saved by PEFT; local or gs://")
     p.add_argument("--model", help="override the prompt's recorded base model (needed when a PEFT prompt records none)")
     g = p.add_argument_group("what to paraphrase")
     g.add_argument("--text", help="one sentence to paraphrase")
