@@ -181,21 +181,14 @@ def pack_q8_0(w: torch.Tensor, chunk_rows: int = 4096):
 
 
 # ------------------------------------------------------------------------------------------------ modules
-class LowBitLinear(nn.Module):
-    """A frozen Linear whose weight is held as Q4_1 or Q8_0 blocks and multiplied by the fused kernel.
+class _FrozenLinear(nn.Module):
+    """A replacement for a frozen ``nn.Linear`` that still answers ``weight`` / ``bias`` with the original fp32
+    parameters (shared, not copied or registered: they belong to the original model)."""
 
-    ``weight`` returns the original fp32 parameter (shared, not copied; code reads its shape / dtype), which
-    also serves calls with more than ``max_rows`` rows (prefill), where the fp32 matmul is exact and faster.
-    """
-
-    def __init__(self, linear: nn.Linear, fmt: str, packed: tuple, kernels, max_rows: int = KERNEL_MAX_ROWS):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.fmt, self.max_rows, self._k = fmt, max_rows, kernels
-        self.register_buffer("qs", packed[0], persistent=False)
-        self.register_buffer("d", packed[1], persistent=False)
-        self.register_buffer("m", packed[2] if fmt == "q4_1" else None, persistent=False)
-        object.__setattr__(self, "_w", linear.weight)  # not registered: it belongs to the original model
+        object.__setattr__(self, "_w", linear.weight)
         object.__setattr__(self, "_b", linear.bias)
 
     @property
@@ -205,6 +198,21 @@ class LowBitLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self._b
+
+
+class LowBitLinear(_FrozenLinear):
+    """A frozen Linear whose weight is held as Q4_1 or Q8_0 blocks and multiplied by the fused kernel.
+
+    ``weight`` returns the original fp32 parameter (shared, not copied; code reads its shape / dtype), which
+    also serves calls with more than ``max_rows`` rows (prefill), where the fp32 matmul is exact and faster.
+    """
+
+    def __init__(self, linear: nn.Linear, fmt: str, packed: tuple, kernels, max_rows: int = KERNEL_MAX_ROWS):
+        super().__init__(linear)
+        self.fmt, self.max_rows, self._k = fmt, max_rows, kernels
+        self.register_buffer("qs", packed[0], persistent=False)
+        self.register_buffer("d", packed[1], persistent=False)
+        self.register_buffer("m", packed[2] if fmt == "q4_1" else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -227,12 +235,11 @@ def _vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_FrozenLinear):
     """fbgemm dynamic int8: per-output-channel symmetric int8 weights, activations quantized per call."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         w = linear.weight.detach().float()
         scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
         with warnings.catch_warnings():
@@ -242,16 +249,6 @@ class Int8Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(qw, bias)
         # without VNNI, fbgemm's u8 x s8 multiply-add can saturate int16: use 7-bit activations there
         self.reduce_range = not _vnni()
-        object.__setattr__(self, "_w", linear.weight)
-        object.__setattr__(self, "_b", linear.bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._w
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self._b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.requires_grad:
