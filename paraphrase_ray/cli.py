@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .config import (
@@ -28,6 +29,7 @@ from .metrics import DEFAULT_EMBEDDER
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 DEVICES = ("auto", "cpu", "cuda")
+_QUANTIZE = {"auto": "auto", "fp32": "none", "int8": "int8"}  # paraphrase --precision -> generation.quantize
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -88,12 +90,12 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         raise ConfigError("--text is empty")
     if args.ray and args.input is None:
         raise ConfigError("--ray paraphrases files: give --input and --output")
-    k = args.num_candidates
+    k, quantize = args.num_candidates, _QUANTIZE[args.precision]
     args.prompt = str(resolve_prompt_dir(args.prompt))  # a gs:// prompt (a sweep's best/) is fetched once
     if args.ray:  # Ray Data: a pool of actors, each loading the model once; input/output local or gs://
         from .batch import paraphrase_dataset
 
-        gen = decoding_for(PromptMeta.read(args.prompt), k, max_new_tokens=args.max_new_tokens)
+        gen = decoding_for(PromptMeta.read(args.prompt), k, max_new_tokens=args.max_new_tokens, quantize=quantize)
         out = paraphrase_dataset(
             args.prompt, args.input, args.output, gen, model=args.model, device=args.device,
             batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
@@ -101,20 +103,35 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         )
         print(f"wrote paraphrases to {out}/", file=sys.stderr)
         return 0
+    t0 = time.perf_counter()
     loaded, bundle = load_prompt(args.prompt, args.model, args.device)
-    gen = decoding_for(bundle.info, k, max_new_tokens=args.max_new_tokens)
+    gen = decoding_for(bundle.info, k, max_new_tokens=args.max_new_tokens, quantize=quantize)
     rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
+    from .quant import generation_model
+
+    path = generation_model(loaded, gen.quantize)[1]  # built (once) before the clock starts: it is loading
+    t1 = time.perf_counter()
     cands = paraphrase_texts(
         loaded, bundle, [r["source"] for r in rows], gen, args.batch_size, args.embedder,
         progress=args.input is not None and sys.stderr.isatty(),
     )  # best candidate first when K > 1: usable, then faithful, then by objective (metrics.rank_candidates)
+    t2 = time.perf_counter()
+    # new tokens: every returned candidate, re-tokenized (stop tokens not counted)
+    n_new = sum(len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for cs in cands for c in cs)
+    stats = {"rows": len(rows), "new_tokens": n_new, "generate_s": round(t2 - t1, 3), "load_s": round(t1 - t0, 3),
+             "path": path, "num_candidates": k}
+    if args.stats:
+        from .files import write_json
+
+        write_json(args.stats, stats)
     if args.text is not None:
         for c in cands[0]:
             print(c)
         return 0
     records = [{**row, "prediction": c[0], **({"candidates": c} if k > 1 else {})} for row, c in zip(rows, cands)]
     out = write_records(args.output, records)
-    print(f"wrote {len(rows)} paraphrases to {out}", file=sys.stderr)
+    print(f"wrote {len(rows)} paraphrases to {out} in {t2 - t1:.0f} s "
+          f"({n_new / max(t2 - t1, 1e-9):.0f} new tokens/s, {path}; loading took {t1 - t0:.0f} s)", file=sys.stderr)
     return 0
 
 
@@ -212,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model that ranks candidates")
     g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
+    g.add_argument("--precision", choices=sorted(_QUANTIZE), default="auto",
+                   help="CPU weights when generating: auto (the exact Q4_1 kernel where the weights allow it), "
+                   "fp32 (the plain exact path), int8 (fbgemm, approximate)")
+    g.add_argument("--stats", metavar="FILE.json", help="write rows, new_tokens, generate_s, load_s and path as JSON")
     _add_device_flag(g, "where to run")
     g = p.add_argument_group("at scale (Ray Data)")
     g.add_argument("--ray", action="store_true", help="run through Ray Data: a pool of actors, each loading the model once")

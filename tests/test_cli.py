@@ -293,3 +293,49 @@ def test_serve_command_serves_http_until_sigint(tiny_model_dir, tmp_path):
     assert f"serving prompts mine (default mine; also 'zero-shot') at {url}  docs: {url}/docs  auth: on" in out
     assert "shutting down" in out.splitlines(), out[-3000:]
     assert "warning: binding" not in out
+
+
+def test_paraphrase_stats_file_and_summary_line(tiny_model_dir, tmp_path, capsys):
+    """--stats writes what the one-line summary says; --precision fp32 is the exact path, which the tiny model
+    (no llama.cpp blocks) also takes by default, so both give the same text."""
+    prompt = tmp_path / "p"
+    SoftPrompt(torch.randn(3, 16) * 0.1).save(prompt, str(tiny_model_dir))
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"source": s}) + "\n" for s in ("The bank raised rates.", "Snow fell.")))
+    outs = {}
+    for precision in ("auto", "fp32"):
+        dst, stats = tmp_path / f"{precision}.jsonl", tmp_path / f"{precision}.json"
+        capsys.readouterr()
+        assert main(["paraphrase", "--prompt", str(prompt), "--input", str(src), "--output", str(dst),
+                     "--max-new-tokens", "6", "--precision", precision, "--stats", str(stats)]) == 0
+        st = json.loads(stats.read_text())
+        assert set(st) == {"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates"}
+        assert st["rows"] == 2 and st["path"] == "fp32" and st["generate_s"] >= 0 and st["load_s"] >= 0
+        err = capsys.readouterr().err
+        assert f"wrote 2 paraphrases to {dst} in " in err and "new tokens/s, fp32" in err
+        outs[precision] = [json.loads(line)["prediction"] for line in dst.read_text().splitlines()]
+        assert st["new_tokens"] > 0 or not any(outs[precision])
+    assert outs["auto"] == outs["fp32"]
+
+
+@pytest.mark.slow
+def test_q4_generation_gives_the_exact_paths_tokens(smollm):
+    """On the embedded model (every Linear a llama.cpp Q4_1 / Q8_0 block), the default low-bit path decodes the
+    same tokens as the plain fp32 path, batched and alone."""
+    import dataclasses
+
+    from paraphrase_ray.config import GenerationConfig, TemplateConfig
+    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.quant import generation_model
+
+    if generation_model(smollm, "auto")[1] != "q4":
+        pytest.skip("no compiler / AVX2 here: the q4 kernel did not build")
+    srcs = ["The Danube flows for about 2,850 kilometres from the Black Forest to the Black Sea.",
+            "Marie Curie won the Nobel Prize in Physics in 1903.",
+            "She could not attend the meeting because her flight was delayed."]
+    gen = GenerationConfig(max_new_tokens=24)
+    t = TemplateConfig()
+    fast = paraphrase(smollm, srcs, None, t, gen, batch_size=3)
+    exact = paraphrase(smollm, srcs, None, t, dataclasses.replace(gen, quantize="none"), batch_size=3)
+    alone = [paraphrase(smollm, [s], None, t, gen)[0] for s in srcs]
+    assert fast == exact == alone and all(c[0] for c in fast)
