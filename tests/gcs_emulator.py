@@ -3,6 +3,7 @@
     with GcsEmulator(bucket="sweeps") as gcs:
         storage = gcs.uri("prefix")   # gs://sweeps/prefix?endpoint_override=127.0.0.1:PORT&scheme=http&anonymous=true...
         fs = gcs.fs()                 # the same bucket as a pyarrow GcsFileSystem
+        gcs.listing("prefix"), gcs.read("prefix/file")   # what tests check
 
 It keeps objects in memory and serves one request at a time; it stops (the process is killed) on exit.
 """
@@ -45,6 +46,19 @@ class GcsEmulator:
         return pafs.GcsFileSystem(
             anonymous=True, scheme="http", endpoint_override=self.endpoint, retry_time_limit=timedelta(seconds=10)
         )
+
+    def listing(self, prefix: str) -> dict[str, int]:
+        """Files under gs://BUCKET/prefix: relative path -> size."""
+        import pyarrow.fs as pafs
+
+        root = f"{self.bucket}/{prefix}"
+        infos = self.fs().get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return {i.path[len(root) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def read(self, path: str) -> bytes:
+        """The bytes of gs://BUCKET/path."""
+        with self.fs().open_input_stream(f"{self.bucket}/{path}") as f:
+            return f.read()
 
     def start(self) -> GcsEmulator:
         cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1"]

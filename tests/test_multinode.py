@@ -11,6 +11,7 @@ started in an empty directory; everything they write goes to the bucket.
   trial and continues the unfinished ones from their checkpoints;
 - serving: ``paraphrase-ray serve --prompt gs://...`` and ``serve run`` of a config file load ``best/`` from the
   bucket, each replica fetching it itself;
+- the sweep's evaluator survives the loss of its node (Ray restarts it elsewhere, same name);
 - a bucket that cannot be reached, or does not exist, is an error naming it.
 """
 
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from gcs_emulator import GcsEmulator, free_port
@@ -33,6 +35,7 @@ from gcs_emulator import GcsEmulator, free_port
 from paraphrase_ray.config import ConfigError
 
 pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "paraphrase_ray.cli"]
 EVERY, STEPS = 100, 600  # a trial reports (and checkpoints) every EVERY steps; ~30 ms a step here
 
 
@@ -91,12 +94,10 @@ def driver_env(tmp: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PARAPHRASE_RAY_CACHE": str(tmp / "driver-cache")}
 
 
-def start(args: list[str], cwd: Path, log: Path, env: dict, module: str = "paraphrase_ray.cli"):
+def start(argv: list[str], cwd: Path, log: Path, env: dict) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -110,26 +111,12 @@ def tail(log: Path, n: int = 4000) -> str:
 
 
 # --------------------------------------------------------------------------------------- bucket reading
-def listing(gcs: GcsEmulator, prefix: str) -> dict[str, int]:
-    """Files under gs://BUCKET/prefix: relative path -> size."""
-    import pyarrow.fs as pafs
-
-    root = f"{gcs.bucket}/{prefix}"
-    infos = gcs.fs().get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {i.path[len(root) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
-
-
-def read(gcs: GcsEmulator, path: str) -> bytes:
-    with gcs.fs().open_input_stream(f"{gcs.bucket}/{path}") as f:
-        return f.read()
-
-
 def reports(gcs: GcsEmulator, exp: str) -> dict[str, list[dict]]:
     """Every trial's reports, from its result.json in the bucket: trial id -> reports in order."""
     out = {}
-    for rel in listing(gcs, exp):
+    for rel in gcs.listing(exp):
         if rel.endswith("/result.json") and rel.count("/") == 1:
-            lines = read(gcs, f"{exp}/{rel}").decode().splitlines()
+            lines = gcs.read(f"{exp}/{rel}").decode().splitlines()
             rows = [json.loads(line) for line in lines if line.strip()]
             if rows:
                 out[rows[0]["trial_id"]] = rows
@@ -138,16 +125,16 @@ def reports(gcs: GcsEmulator, exp: str) -> dict[str, list[dict]]:
 
 def statuses(gcs: GcsEmulator, exp: str) -> dict[str, str]:
     """Trial id -> status in the newest experiment state Tune saved to the bucket (what --resume sees)."""
-    states = sorted(rel for rel in listing(gcs, exp) if rel.startswith("experiment_state-"))
+    states = sorted(rel for rel in gcs.listing(exp) if rel.startswith("experiment_state-"))
     if not states:
         return {}
-    data = json.loads(read(gcs, f"{exp}/{states[-1]}"))
+    data = json.loads(gcs.read(f"{exp}/{states[-1]}"))
     trials = [json.loads(trial_json) for trial_json, _ in data["trial_data"]]
     return {t["trial_id"]: t["status"] for t in trials}
 
 
 def leaderboard_rows(gcs: GcsEmulator, exp: str) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(read(gcs, f"{exp}/leaderboard.csv").decode())))
+    return list(csv.DictReader(io.StringIO(gcs.read(f"{exp}/leaderboard.csv").decode())))
 
 
 def finished(rows: list[dict]) -> bool:
@@ -170,7 +157,7 @@ def node_loss_sweep(cluster, gcs, tiny_model_dir, tmp_path_factory):
     cwd, log = tmp / "driver-cwd", tmp / "driver.log"
     args = ["tune", "--space", str(space), "--name", "node-loss", "--storage", storage]
     t0 = time.time()
-    proc = start([*args, "--address", cluster.address], cwd, log, driver_env(tmp))
+    proc = start([*CLI, *args, "--address", cluster.address], cwd, log, driver_env(tmp))
     lost = None
     try:
         deadline = time.time() + 420
@@ -193,7 +180,7 @@ def node_loss_sweep(cluster, gcs, tiny_model_dir, tmp_path_factory):
 def test_multinode_sweep_writes_everything_to_the_bucket(node_loss_sweep, gcs):
     out = node_loss_sweep
     assert out["rc"] == 0, tail(out["log"])
-    files = listing(gcs, out["exp"])
+    files = gcs.listing(out["exp"])
     for name in ("space.yaml", "zero_shot.json", "leaderboard.csv", "sweep.png", "tuner.pkl"):
         assert name in files, sorted(files)
     assert {"best/adapter_model.safetensors", "best/adapter_config.json", "best/paraphrase_ray.json"} <= set(files)
@@ -203,7 +190,7 @@ def test_multinode_sweep_writes_everything_to_the_bucket(node_loss_sweep, gcs):
     assert list(out["cwd"].iterdir()) == []  # nothing in the driver's working directory
     printed = out["log"].read_text()
     assert f"best prompt: gs://sweeps/{out['exp']}/best?endpoint_override={gcs.endpoint}" in printed
-    meta = json.loads(read(gcs, f"{out['exp']}/best/paraphrase_ray.json"))
+    meta = json.loads(gcs.read(f"{out['exp']}/best/paraphrase_ray.json"))
     assert meta["sweep"] == "node-loss" and meta["metrics"]["objective"] is not None
 
 
@@ -243,7 +230,7 @@ def test_multinode_driver_killed_then_resumed_from_another_directory(cluster, gc
     args = ["tune", "--space", str(space), "--name", "killed", "--storage", gcs.uri("multinode")]
     args += ["--address", cluster.address]
     env = driver_env(tmp_path)
-    first = start(args, tmp_path / "first-cwd", tmp_path / "first.log", env)
+    first = start([*CLI, *args], tmp_path / "first-cwd", tmp_path / "first.log", env)
     try:
         deadline = time.time() + 420
         while time.time() < deadline and first.poll() is None:
@@ -262,7 +249,7 @@ def test_multinode_driver_killed_then_resumed_from_another_directory(cluster, gc
     before = reports(gcs, exp)
     killed_at = time.time()
 
-    second = start([*args, "--resume"], tmp_path / "second-cwd", tmp_path / "second.log", env)
+    second = start([*CLI, *args, "--resume"], tmp_path / "second-cwd", tmp_path / "second.log", env)
     try:
         rc = second.wait(timeout=600)
     finally:
@@ -280,14 +267,12 @@ def test_multinode_driver_killed_then_resumed_from_another_directory(cluster, gc
         assert new[0]["step"] == new[0]["resumed_from_step"] + EVERY and new[-1]["train_status"] == "completed"
     trials = [r for r in leaderboard_rows(gcs, exp) if r["status"] != "baseline"]
     assert len(trials) == 3 and {r["status"] for r in trials} == {"completed"}
-    assert "best/adapter_model.safetensors" in listing(gcs, exp)
+    assert "best/adapter_model.safetensors" in gcs.listing(exp)
     assert list((tmp_path / "first-cwd").iterdir()) == [] and list((tmp_path / "second-cwd").iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------- serve from GCS
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300):
-    import httpx
-
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, tail(log)
@@ -302,8 +287,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300
 
 
 def _ask(url: str) -> dict:
-    import httpx
-
     r = httpx.post(f"{url}/paraphrase", json={"text": "The cat sat on the mat."}, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
@@ -319,7 +302,7 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
 
     assert node_loss_sweep["rc"] == 0
     best = f"{node_loss_sweep['storage'].split('?')[0]}/node-loss/best?{gcs.options()}"
-    meta = json.loads(read(gcs, f"{node_loss_sweep['exp']}/best/paraphrase_ray.json"))
+    meta = json.loads(gcs.read(f"{node_loss_sweep['exp']}/best/paraphrase_ray.json"))
     replica_copy = cache_dir() / "prompts" / prompt_cache_key(best)  # the nodes' cache (the default one)
     driver_copy = tmp_path / "driver-cache" / "prompts" / prompt_cache_key(best)
     port = free_port()
@@ -328,7 +311,7 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
     shutil.rmtree(replica_copy, ignore_errors=True)
     log = tmp_path / "serve-cli.log"
     args = ["serve", "--prompt", best, "--address", cluster.address, "--port", str(port)]
-    proc = start(args, tmp_path / "cli-cwd", log, driver_env(tmp_path))
+    proc = start([*CLI, *args], tmp_path / "cli-cwd", log, driver_env(tmp_path))
     try:
         listed = _wait_http(url, proc, log)
         assert listed["prompts"][0]["name"] == "best"
@@ -352,13 +335,9 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
     model["num_replicas"] = 1
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     log = tmp_path / "serve-run.log"
-    serve_bin = str(Path(sys.executable).parent / "serve")
+    serve_run = [str(Path(sys.executable).parent / "serve"), "run", str(tmp_path / "serve.yaml")]
     env = {**driver_env(tmp_path), "PARAPHRASE_RAY_CACHE": str(tmp_path / "serve-run-cache")}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [serve_bin, "run", str(tmp_path / "serve.yaml"), "--address", cluster.address],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
+    proc = start([*serve_run, "--address", cluster.address], tmp_path / "run-cwd", log, env)
     try:
         _wait_http(url, proc, log)
         assert _ask(url)["prompt"] == "best"
@@ -367,6 +346,41 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
         proc.wait(timeout=120)
     finally:
         stop(proc)
+
+
+# ------------------------------------------------------------------------------------- evaluator's node
+def test_multinode_evaluator_survives_the_loss_of_its_node(cluster):
+    """The sweep's shared evaluator is restartable (what tune.py asks for): its node lost, Ray restarts it on
+    another node under the same name, and a client's call made after the loss is answered by the new one."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from paraphrase_ray.evaluator import EvaluatorClient, get_evaluator
+
+    name, namespace = "evaluator-node-loss-test", "paraphrase-ray-test"
+    triple = (["The cat sat on the mat."], ["A cat was sitting on the mat."], ["The cat sat on a mat."])
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+        handle = get_evaluator(
+            name, namespace, num_cpus=0, max_restarts=3,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(victim.node_id, soft=True),
+        )
+        client = EvaluatorClient(name, namespace, num_cpus=0, timeout_s=300)
+        before = client.info()
+        node = ray._private.state.actors(before["actor_id"])["Address"]["NodeID"]  # where Ray put it
+        victim = next((n for n in cluster.worker_nodes if n.node_id == node), None)
+        if victim is None:
+            pytest.skip("Ray placed the evaluator on the head (soft affinity); its loss is the head's loss")
+        scores = client.score(*triple)
+        cluster.remove_node(victim, allow_graceful=False)
+        cluster.add_node(num_cpus=1)  # the replacement VM (for the tests after this one)
+        assert client.score(*triple) == scores  # answered after the loss...
+        after = client.info()
+        assert after["actor_id"] == before["actor_id"] and after["pid"] != before["pid"]  # ...by a restart
+        ray.kill(handle)
+    finally:
+        ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------ bucket errors
