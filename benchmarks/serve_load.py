@@ -110,6 +110,7 @@ def main() -> int:
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="server batch cap (local run)")
     p.add_argument("--batch-wait", type=float, default=0.01, help="server batch_wait_timeout_s (local run)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the local replica runs")
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args()
     if not args.url and not args.prompt:
@@ -125,7 +126,7 @@ def main() -> int:
             batch_wait_timeout_s=args.batch_wait,
         )
         t0 = time.perf_counter()
-        url = serve_runner.run_local(settings, "127.0.0.1", free_port(), device="cpu")
+        url = serve_runner.run_local(settings, "127.0.0.1", free_port(), device=args.device)
         print(f"server ready in {time.perf_counter() - t0:.0f} s at {url}", file=sys.stderr)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
