@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import numbers
-import re
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from .typecheck import check_value
+from .typecheck import field_types as _field_types
 
 T = TypeVar("T")
 
@@ -198,6 +196,9 @@ class GenerationConfig:
     # frozen Linear weights when generating on CPU (quant.py): auto = the exact Q4_1/Q8_0 kernel when the weights
     # are llama.cpp blocks (the embedded model), else fbgemm int8; none = the exact fp32 path. Training is fp32.
     quantize: str = "auto"
+    # greedy, one row at a time: draft up to this many tokens from the source and verify them in one forward
+    # pass (lookup.py; same tokens, fewer passes). 0 = off
+    prompt_lookup: int = 0
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0
@@ -219,6 +220,8 @@ class GenerationConfig:
             raise ConfigError("repetition penalties must be > 0 (1.0 disables)")
         if self.no_repeat_ngram_size < 0 or self.source_no_repeat_ngram_size < 0:
             raise ConfigError("generation.no_repeat_ngram_size and source_no_repeat_ngram_size must be >= 0")
+        if not 0 <= self.prompt_lookup <= 16:
+            raise ConfigError(f"generation.prompt_lookup must be in 0..16, got {self.prompt_lookup}")
         if self.quantize not in QUANTIZE_METHODS:
             raise ConfigError(f"generation.quantize must be one of {QUANTIZE_METHODS}, got {self.quantize!r}")
 
@@ -272,79 +275,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a check __post_init__ could not make on a value the type check let through
         raise ConfigError(f"bad value in {where or cls.__name__}: {e}") from e
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved annotation (the modules use ``from __future__ import annotations``)."""
-    return typing.get_type_hints(cls)
-
-
-@functools.cache
-def _adapter(hint: Any):
-    from pydantic import TypeAdapter  # imported on first use: pydantic costs ~0.3 s
-
-    return TypeAdapter(hint)
-
-
-_YAML11_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def _members(hint: Any) -> tuple[Any, ...]:  # int | None -> (int, NoneType)
-    return typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-
-
-def _as_number(hint: Any, value: Any) -> Any:
-    """YAML 1.1 numbers (``3e-2``: a string to PyYAML) and numpy scalars as the plain number the field wants."""
-    wants_float, wants_int = float in _members(hint), int in _members(hint)
-    if not (wants_float or wants_int) or isinstance(value, bool):
-        return value
-    if isinstance(value, str) and _YAML11_NUMBER.fullmatch(value.strip()):
-        value = float(value)
-    elif isinstance(value, numbers.Integral):
-        value = int(value)
-    elif isinstance(value, numbers.Real):
-        value = float(value)
-    if isinstance(value, float) and wants_int and not wants_float and value.is_integer():
-        return int(value)  # "1e3" steps
-    return value
-
-
-def _describe(hint: Any) -> str:
-    members = _members(hint)
-    if len(members) > 1:
-        return " or ".join("null" if m is type(None) else _describe(m) for m in members)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
-        return f"a list of {len(args)} values" if args else "a list"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
-    if dataclasses.is_dataclass(hint):
-        return f"a mapping of {hint.__name__} keys"
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_value(hint: Any, value: Any, key: str) -> Any:
-    """``value`` checked against type ``hint`` (strict, except YAML 1.1 numbers); ConfigError names ``key``."""
-    from pydantic import ValidationError
-
-    if isinstance(value, list):
-        value = tuple(value)
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple and isinstance(value, tuple) and args:
-        homogeneous = len(args) == 2 and args[1] is Ellipsis  # tuple[float, ...]
-        elems = [args[0] if homogeneous else args[min(i, len(args) - 1)] for i in range(len(value))]
-        value = tuple(_as_number(t, v) for t, v in zip(elems, value))
-    else:
-        value = _as_number(hint, value)
-    try:
-        return _adapter(hint).validate_python(value, strict=True)
-    except ValidationError:
-        boolish = bool in _members(hint) and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no")
-        quoted = " (a quoted string: write it without quotes)" if boolish else ""
-        shown = list(value) if isinstance(value, tuple) else value
-        raise ConfigError(f"{key} must be {_describe(hint)}, got {shown!r}{quoted}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

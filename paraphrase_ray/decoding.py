@@ -156,3 +156,16 @@ def ngram_bans(seq: list[int], n: int) -> list[int]:
         return []
     prefix = seq[len(seq) - n + 1 :]
     return [seq[j + n - 1] for j in range(len(seq) - n + 1) if seq[j : j + n - 1] == prefix]
+
+
+def ban_row(scores: torch.Tensor, seq: list[int], no_repeat_ngram: int = 0,
+            ngrams: dict[tuple[int, ...], list[int]] | None = None, ngram_n: int = 0, guard: Any = None) -> None:
+    """Every ban of one row after its generated tokens ``seq``, in place on its scores (vocab,): no-repeat
+    n-grams, source n-grams, and the ``FactGuard`` (HF's processors set -inf, so their order does not matter)."""
+    banned = ngram_bans(seq, no_repeat_ngram) if no_repeat_ngram else []
+    if ngram_n and ngrams:
+        banned += source_bans(seq, ngrams, ngram_n)
+    if banned:
+        scores[banned] = -float("inf")
+    if guard is not None:
+        scores[guard.bans_tensor(seq, scores.device, scores.shape[0])] = -float("inf")

@@ -35,10 +35,9 @@ from .decoding import (
     SourceNgramBlock,
     SourceRepetitionPenalty,
     StopAtLineEnd,
+    ban_row,
     newline_token_ids,
-    ngram_bans,
     skip_penalty_ids,
-    source_bans,
     source_ngrams,
     word_continuation_ids,
 )
@@ -132,7 +131,15 @@ def generate_rows(
                 src_mask[i, ids] = True
     stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
     nl_ids = newline_token_ids(tok) if gen.stop_at_newline else []
-    if use_cache and fast_greedy_applies(model, gen, tok):
+    if use_cache and gen.prompt_lookup and len(rows) == 1 and fast_greedy_applies(model, gen, tok):
+        from .lookup import lookup_decode  # one row: draft from its source, verify in one pass (same tokens)
+
+        r = rows[0]
+        out = lookup_decode(
+            model, x, r.max_new_tokens, r.source_ids, gen.prompt_lookup, src_mask, gen.source_repetition_penalty,
+            stop_ids, nl_ids, gen.no_repeat_ngram_size, r.source_ngrams, gen.source_no_repeat_ngram_size, r.guard,
+        )
+    elif use_cache and fast_greedy_applies(model, gen, tok):
         out = greedy_decode(
             model, x, mask, [r.max_new_tokens for r in rows], src_mask, gen.source_repetition_penalty,
             stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
@@ -281,17 +288,10 @@ def greedy_decode(
     n_steps = 0
     for step in range(steps):
         scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
-        if block or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
-            for k, r in enumerate(active.tolist()):  # HF's processors: -inf, so their order does not matter
-                banned = ngram_bans(seqs[r], no_repeat_ngram) if no_repeat_ngram else []
-                if block:
-                    banned += source_bans(seqs[r], source_ngrams[r] or {}, source_ngram_n)
-                if banned:
-                    scores[k, banned] = -float("inf")
-        if guard:
+        if block or guard or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
             for k, r in enumerate(active.tolist()):
-                if guards[r] is not None:
-                    scores[k, guards[r].bans_tensor(seqs[r], dev, scores.shape[1])] = -float("inf")
+                ban_row(scores[k], seqs[r], no_repeat_ngram, source_ngrams[r] if block else None, source_ngram_n,
+                        guards[r] if guard else None)
         if src is not None:
             scores = SourceRepetitionPenalty(src, penalty)(None, scores)
         nxt = scores.argmax(dim=-1)  # (rows in batch,)
