@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import paraphrase_ray.generate as G
+import paraphrase_ray.lookup as lookup
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
 from paraphrase_ray.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -78,19 +79,20 @@ def kept(ids: list[int], limit: int, eos: int, nl: set[int], stop_at_newline: bo
 class Spy:
     """Records what a generate function returned (token ids) without changing it."""
 
-    def __init__(self, name: str):
-        self.name, self.orig, self.out = name, getattr(G, name), None
+    def __init__(self, name: str, module=G):
+        self.name, self.module, self.out = name, module, None
+        self.orig = getattr(module, name)
 
     def __enter__(self):
         def wrapped(*a, **k):
             self.out = self.orig(*a, **k)
             return self.out
 
-        setattr(G, self.name, wrapped)
+        setattr(self.module, self.name, wrapped)
         return self
 
     def __exit__(self, *exc):
-        setattr(G, self.name, self.orig)
+        setattr(self.module, self.name, self.orig)
 
 
 def plain_hf(loaded: LoadedModel, rows: list[G.Row], gen: GenerationConfig):
@@ -203,12 +205,14 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
 
     def ours_with(g):
         def run():
-            with Spy("greedy_decode") as spy:
+            with Spy("greedy_decode") as spy, Spy("lookup_decode", lookup) as lspy:
                 texts = [c[0] for c in G.generate_rows(loaded, rows, g)]
-            return texts, spy.out.tolist()
+            return texts, (spy.out if spy.out is not None else lspy.out).tolist()
         return run
 
     paths = {"hf": hf, "ours": ours_with(gen), "ours_fp32": ours_with(dataclasses.replace(gen, quantize="none"))}
+    if len(rows) == 1:  # prompt-lookup drafting runs on one row at a time
+        paths["ours_lookup"] = ours_with(dataclasses.replace(gen, prompt_lookup=4))
     for name, g in (extra or {}).items():
         paths[name] = ours_with(g)
     t0 = time.perf_counter()
@@ -234,7 +238,8 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
                      "new_tokens_per_s": round(sum(counts) / wall, 1)}
     for name in res:
         res[name]["speedup_vs_hf_ms_per_token"] = round(res["hf"]["ms_per_token"] / res[name]["ms_per_token"], 2)
-    return {"q4_same_as_fp32": outputs["ours"][0] == outputs["ours_fp32"][0], "quant_path": G.generation_model(
+    lookup_same = outputs["ours_lookup"][0] == outputs["ours"][0] if "ours_lookup" in outputs else None
+    return {"q4_same_as_fp32": outputs["ours"][0] == outputs["ours_fp32"][0], "lookup_same": lookup_same, "quant_path": G.generation_model(
         loaded, gen.quantize)[1], "quant_build_s": round(build_s, 2), **res}
 
 
