@@ -186,12 +186,12 @@ def load_avg() -> list[float]:
 
 
 def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int, prompt, warmup: bool = True,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, template: TemplateConfig | None = None) -> dict:
     """Plain HF greedy (fp32, inputs_embeds) vs our defaults, interleaved; ms per new token per path."""
     import dataclasses
 
     tok, cuda = loaded.tokenizer, loaded.device.type == "cuda"
-    t = TemplateConfig()
+    t = template or TemplateConfig()  # a trained prompt runs with the template it was trained with
     gen = GenerationConfig(max_new_tokens=n_new, max_new_tokens_ratio=100.0)
     rows = [G.row_for(loaded, s, prompt, t, gen) for s in sources]
     x, mask = G.build_batch(loaded, rows)
@@ -262,8 +262,12 @@ def main() -> None:
     name = args.model or ("opt-125m-random" if args.device == "cuda" else DEFAULT_MODEL)
     n_new = args.new_tokens or (32 if args.device == "cuda" else 16)
     loaded = load(name, args.device)
+    template = None
     if args.prompt:
+        from paraphrase_ray.prompt import PromptMeta
+
         prompt = SoftPrompt.load(args.prompt, expected_dim=loaded.embed_dim).to(loaded.device)
+        template = PromptMeta.read(args.prompt).template
     else:
         prompt = SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=N_PROMPT)).to(loaded.device)
     pool = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines() if line.strip()]
@@ -272,7 +276,7 @@ def main() -> None:
         sources = [pool[i % len(pool)] for i in range(b)]
         for scenario in args.scenarios:
             if scenario == "fast":
-                res = bench_fast(loaded, sources, n_new, args.repeats, prompt, args.warmup)
+                res = bench_fast(loaded, sources, n_new, args.repeats, prompt, args.warmup, template=template)
             else:
                 res = bench(loaded, sources, scenario, n_new, args.repeats, prompt, args.warmup)
             print(json.dumps({"bench": "generate_throughput", "scenario": scenario, "batch": b, "model": name,
