@@ -47,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from paraphrase_ray import report  # noqa: E402
 from paraphrase_ray.config import (
+    DEFAULT_CANDIDATES,
     DataConfig,
     GenerationConfig,
     PromptConfig,
@@ -163,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["auto", "q4", "int8", "none"], help="decoding override (default: config's)")
     p.add_argument("--fact-guard", choices=["on", "off"], help="decoding override (default: config's, on)")
     p.add_argument(
-        "--num-candidates", type=int, default=1,
+        "--num-candidates", type=int, default=DEFAULT_CANDIDATES,
         help="K > 1: every system samples K candidates per row and keeps the best (faithful first, then objective)",
     )
     p.add_argument("--data-file", help="score these rows (JSONL with source[/target]) instead of MRPC's held-out split")

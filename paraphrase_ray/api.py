@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, GenerationConfig, replace_nested
+from .config import DEFAULT_CANDIDATES, ConfigError, GenerationConfig, replace_nested
 from .metrics import DEFAULT_EMBEDDER
 from .models import LoadedModel
 from .prompt import PromptBundle, PromptMeta, load_prompt
@@ -123,7 +123,8 @@ class Paraphraser:
         return self.bundle.prompt.n_tokens
 
     def paraphrase(
-        self, texts: Sequence[str], num_candidates: int = 1, return_candidates: bool = False, **decoding: Any
+        self, texts: Sequence[str], num_candidates: int = DEFAULT_CANDIDATES, return_candidates: bool = False,
+        **decoding: Any,
     ) -> list[str] | list[list[str]]:
         """One paraphrase per text, in order.
 

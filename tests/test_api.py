@@ -33,7 +33,7 @@ def paraphraser(prompt_dir):
 def test_greedy_paraphrases_equal_the_library_path(paraphraser, prompt_dir):
     from paraphrase_ray.generate import paraphrase
 
-    got = paraphraser.paraphrase(TEXTS, max_new_tokens=8)
+    got = paraphraser.paraphrase(TEXTS, num_candidates=1, max_new_tokens=8)  # greedy
     info = paraphraser.meta
     expected = paraphrase(paraphraser.loaded, TEXTS, paraphraser.bundle.prompt, info.template,
                           info.decoding(max_new_tokens=8), batch_size=16, max_source_tokens=info.max_source_tokens)

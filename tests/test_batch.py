@@ -41,7 +41,7 @@ def test_parquet_in_and_out_in_process(prompt_dir, tmp_path, capsys):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), src)
     assert main(["paraphrase", "--prompt", str(prompt_dir), "--input", str(src), "--output", str(dst),
-                 "--max-new-tokens", "6", "--batch-size", "8", "--device", "cpu"]) == 0
+                 "--max-new-tokens", "6", "--batch-size", "8", "--device", "cpu", "--num-candidates", "1"]) == 0
     out = pq.read_table(dst).to_pylist()
     assert [(r["id"], r["source"]) for r in out] == [(r["id"], r["source"]) for r in ROWS]  # carried through
     assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in ROWS])
