@@ -107,7 +107,7 @@ def run_trial(
     """
     from .data import Pair
     from .models import load_model
-    from .prompt import PromptMeta, update_meta
+    from .prompt import PromptMeta, read_meta, update_meta
     from .train import train  # looked up per call: tests replace train.train
 
     report = report or tune.report
@@ -139,6 +139,9 @@ def run_trial(
         # In every report, so a retried or resumed trial shows where it continued from (0: from scratch).
         info["resumed_from_step"] = _checkpoint_step(resume)
         info["setup_s"] = round(time.perf_counter() - t0, 3)
+        if resume is not None:  # scores of the checkpoint's eval: the final report carries them even when the
+            # trial was stopped after its last checkpoint, so training resumes at its end and evaluates nothing
+            last.update((read_meta(resume).get("metrics") or {}), step=info["resumed_from_step"])
 
         def on_eval(event: dict[str, Any], prompt) -> None:
             t = time.perf_counter()

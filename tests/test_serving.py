@@ -201,6 +201,8 @@ def offline(prompt_dirs, tmp_path_factory):
             str(dst),
             "--device",
             "cpu",
+            "--num-candidates",  # greedy: the default samples 8 and reranks
+            "1",
         ]
         assert main(argv) == 0
         out[name] = {r["source"]: r["prediction"] for r in map(json.loads, dst.read_text().splitlines())}
