@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decoding")
     g.add_argument("--num-candidates", type=int, default=None,
                    help=f"sample K candidates (temperature 0.8) and keep the best: usable, faithful, then by objective "
-                   f"(default {DEFAULT_CANDIDATES}; 1 = greedy, ~15x faster, fewer faithful rows). Given explicitly, "
+                   f"(default {DEFAULT_CANDIDATES}; 1 = greedy, ~12x faster, fewer faithful rows). Given explicitly, "
                    "--text prints all K, best first, and --output adds them as 'candidates'")
     g.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model that ranks candidates")
     g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")

@@ -27,7 +27,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "plateau")
 QUANTIZE_METHODS = ("auto", "q4", "int8", "none")
 # Candidates sampled and reranked per text by `paraphrase`, `evaluate` and the Python API (1 = greedy). Measured on
-# 100 held-out MRPC rows (docs/BENCHMARKS.md, "Quality"): faithful success 0.60 at 1, 0.88 at 8, for ~15x the time.
+# 100 held-out MRPC rows (docs/BENCHMARKS.md, "Quality"): faithful success 0.60 at 1, 0.88 at 8, for 12x the time.
 DEFAULT_CANDIDATES = 8
 # The name of the base model run with no soft prompt: a report's baseline system and Serve's reserved prompt.
 ZERO_SHOT = "zero-shot"
