@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -218,8 +219,9 @@ class PromptBundle:
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
-    @property
+    @functools.cached_property
     def info(self) -> PromptMeta:
+        """``meta`` parsed and type-checked once (the API reads it on every call)."""
         return PromptMeta.from_dict(self.meta)
 
     @property
