@@ -202,6 +202,9 @@ class GenerationConfig:
     # greedy, one row at a time: draft up to this many tokens from the source and verify them in one forward
     # pass (lookup.py; same tokens, fewer passes; measured 1.2x at batch 1 on CPU). 0 = off
     prompt_lookup: int = 4
+    # compute the keys and values of [soft prompt][template head] once per prompt and reuse them for every row
+    # (prefix_cache.py; same tokens, a shorter prefill). false = prefill every row whole
+    prefix_cache: bool = True
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0

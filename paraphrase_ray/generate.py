@@ -21,6 +21,7 @@ generated-token repetition penalty and ``use_cache=False`` go through ``model.ge
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from . import prefix_cache
 from .config import GenerationConfig, TemplateConfig
 from .data import encode_chat, encode_source
 from .decoding import (
@@ -60,6 +62,7 @@ class Row:
     # source (n-1)-gram -> the tokens that follow it in the source: what ``source_no_repeat_ngram_size`` bans
     source_ngrams: dict[tuple[int, ...], list[int]] | None = None
     guard: FactGuard | None = None  # bans inventing names / numbers (``generation.fact_guard``)
+    head: tuple[int, ...] | None = None  # ids every row of this template starts with (prefix_cache.py)
 
 
 def row_for(
@@ -74,11 +77,7 @@ def row_for(
     """Encode one source. ``chat=True`` (zero-shot baseline only) wraps it in the model's chat template."""
     tok = loaded.tokenizer
     src_only = tok(source, add_special_tokens=False)["input_ids"]
-    if chat:
-        # the baseline's source is never cut (Serve's zero-shot accepts any length)
-        ids = encode_chat(tok, ZERO_SHOT_INSTRUCTION.format(source=""), source, "", len(src_only))
-    else:
-        ids = encode_source(tok, source, template, max_source_tokens)
+    ids = _encode(tok, source, template, max_source_tokens, chat)
     limit = min(gen.max_new_tokens, int(gen.max_new_tokens_ratio * len(src_only)) + 8)
     penalised = src_only
     if gen.source_penalty_skip_common and gen.source_repetition_penalty != 1.0:
@@ -88,17 +87,32 @@ def row_for(
     if gen.source_no_repeat_ngram_size:
         ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size, word_continuation_ids(tok))
     guard = FactGuard(tok, source) if gen.fact_guard else None
-    return Row(prompt, ids, penalised, max(1, limit), ngrams, guard)
+    head = _template_head(tok, template, max_source_tokens, chat)
+    return Row(prompt, ids, penalised, max(1, limit), ngrams, guard, head)
 
 
-def build_batch(loaded: LoadedModel, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (inputs_embeds (B, L, d_embed), attention_mask (B, L)) for rows with mixed prompts."""
+def _encode(tok, source: str, template: TemplateConfig, max_source_tokens: int, chat: bool) -> list[int]:
+    if chat:  # the baseline's source is never cut (Serve's zero-shot accepts any length)
+        n = len(tok(source, add_special_tokens=False)["input_ids"])
+        return encode_chat(tok, ZERO_SHOT_INSTRUCTION.format(source=""), source, "", n)
+    return encode_source(tok, source, template, max_source_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_head(tok, template: TemplateConfig, max_source_tokens: int, chat: bool) -> tuple[int, ...]:
+    return prefix_cache.head_of(*(_encode(tok, s, template, max_source_tokens, chat) for s in ("x", "Q")))
+
+
+def build_batch(loaded: LoadedModel, rows: Sequence[Row], skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (inputs_embeds (B, L, d_embed), attention_mask (B, L)) for rows with mixed prompts.
+
+    ``skip`` > 0: only each row's ids after its first ``skip`` (a cached prefix, which holds the prompt too)."""
     model, dev = loaded.model, loaded.device
     embed = model.get_input_embeddings()
     parts = []
     for r in rows:
-        e = embed(torch.tensor(r.ids, device=dev))  # (S_i, d_embed)
-        if r.prompt is not None:
+        e = embed(torch.tensor(r.ids[skip:], device=dev))  # (S_i, d_embed)
+        if r.prompt is not None and not skip:
             e = torch.cat([r.prompt.weight.to(device=dev, dtype=e.dtype), e], dim=0)  # (P_i + S_i, d_embed)
         parts.append(e)
     width = max(p.shape[0] for p in parts)
@@ -120,7 +134,15 @@ def generate_rows(
         return []
     tok = loaded.tokenizer
     model, _ = generation_model(loaded, gen.quantize)  # low-bit Linear layers on CPU unless quantize: none
-    x, mask = build_batch(loaded, rows)
+    fast = use_cache and fast_greedy_applies(model, gen, tok)
+    skip = prefix_cache.shared_prefix(rows) if fast and gen.prefix_cache else 0
+    past = None
+    x, mask = build_batch(loaded, rows, skip)
+    if skip:  # [prompt][head] from the cache; only the rest of each row is prefilled (prefix_cache.py)
+        past, n_past = prefix_cache.prefix_kv(
+            model, loaded.model.get_input_embeddings(), rows[0].prompt, rows[0].ids[:skip], len(rows), cache_kwarg(model)
+        )
+        mask = torch.cat([mask.new_ones(len(rows), n_past), mask], dim=1)
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     src_mask = None
     if gen.source_repetition_penalty != 1.0:
@@ -131,21 +153,23 @@ def generate_rows(
                 src_mask[i, ids] = True
     stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
     nl_ids = newline_token_ids(tok) if gen.stop_at_newline else []
-    if use_cache and gen.prompt_lookup and len(rows) == 1 and fast_greedy_applies(model, gen, tok):
+    if fast and gen.prompt_lookup and len(rows) == 1:
         from .lookup import lookup_decode  # one row: draft from its source, verify in one pass (same tokens)
 
         r = rows[0]
         out = lookup_decode(
             model, x, r.max_new_tokens, r.source_ids, gen.prompt_lookup, src_mask, gen.source_repetition_penalty,
             stop_ids, nl_ids, gen.no_repeat_ngram_size, r.source_ngrams, gen.source_no_repeat_ngram_size, r.guard,
+            past=past,
         )
-    elif use_cache and fast_greedy_applies(model, gen, tok):
+    elif fast:
         out = greedy_decode(
             model, x, mask, [r.max_new_tokens for r in rows], src_mask, gen.source_repetition_penalty,
             stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
             [r.source_ngrams for r in rows] if gen.source_no_repeat_ngram_size else None,
             gen.source_no_repeat_ngram_size,
             [r.guard for r in rows] if gen.fact_guard else None,
+            past=past,
         )
     else:
         out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model)
@@ -246,8 +270,12 @@ def greedy_decode(
     source_ngrams: Sequence[dict[tuple[int, ...], list[int]] | None] | None = None,
     source_ngram_n: int = 0,
     guards: Sequence[FactGuard | None] | None = None,
+    past=None,
 ) -> torch.Tensor:
     """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
+
+    ``past``: a KV cache that already holds the first ``mask.shape[1] - L`` positions of every row (a shared
+    prefix, ``prefix_cache.py``); ``mask`` then covers those positions too and x only the rest.
 
     Mirrors HF greedy ``generate`` call for call -- position ids from the mask's cumulative sum, the mask
     dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
@@ -276,7 +304,9 @@ def greedy_decode(
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, L), as HF builds them
     attn = None if bool((mask == 1).all()) else mask
 
-    kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
+    kwargs = dict(extra, position_ids=pos[:, -x.shape[1] :]) if pass_pos else dict(extra)
+    if past is not None:
+        kwargs[cache_key] = past
     res = model(inputs_embeds=x, attention_mask=attn, use_cache=True, **kwargs)
     cache = res.get(cache_key)
     prunable = hasattr(cache, "batch_select_indices")

@@ -53,18 +53,26 @@ def lookup_decode(
     ngram_n: int = 0,
     guard: Any = None,
     stats: dict | None = None,
+    past=None,
 ) -> torch.Tensor:
     """Greedy tokens (1, steps) for one unpadded row ``x`` (1, L, d), the same as ``greedy_decode`` gives.
 
     ``stats`` (if given) accumulates ``passes`` (forward passes after the prefill), ``tokens`` and ``drafted``
-    / ``accepted`` draft tokens.
+    / ``accepted`` draft tokens. ``past``: a KV cache already holding this row's first positions (a shared
+    prefix, ``prefix_cache.py``); x is then the rest of the row.
     """
     key = cache_kwarg(model)
     params = inspect.signature(model.forward).parameters
     keep, pass_pos = "logits_to_keep" in params, "position_ids" in params
     stops, newlines = set(stop_ids), set(newline_ids)
-    res = model(inputs_embeds=x, use_cache=True, **({"logits_to_keep": 1} if keep else {}))
-    cache, length = res.get(key), x.shape[1]  # tokens in the cache
+    n_past = past.get_seq_length() if past is not None else 0
+    kw = {"logits_to_keep": 1} if keep else {}
+    if past is not None:
+        kw[key] = past
+        if pass_pos:
+            kw["position_ids"] = torch.arange(n_past, n_past + x.shape[1], device=x.device)[None]
+    res = model(inputs_embeds=x, use_cache=True, **kw)
+    cache, length = res.get(key), n_past + x.shape[1]  # tokens in the cache
     seq: list[int] = []
     has_text = False
 
