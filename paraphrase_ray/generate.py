@@ -15,14 +15,16 @@ Fast path (the default): greedy decoding with the KV cache runs our own loop (``
 of the last position only) and applies the same source penalty and stopping rules, so the output is the same,
 but it drops each row from the batch once it stops (at eos, at the end of its line, or at its own
 ``max_new_tokens``), where ``generate`` keeps computing every row until the slowest one ends, and it skips
-``generate``'s per-step bookkeeping; it implements the same no-repeat n-gram bans too. Sampling, beams, HF's
+``generate``'s per-step bookkeeping; it implements the same no-repeat n-gram bans too. Sampled candidates
+(``num_candidates`` > 1, temperature / top-p) run in the same loop (``decode_loop.py``): each row is prefilled
+once and its cache copied per candidate, where ``generate`` prefills every candidate. Beams, HF's
 generated-token repetition penalty and ``use_cache=False`` go through ``model.generate`` unchanged.
+Loop, rules and routing: ``decode_loop.py``; the shared-prefix cache: ``prefix_cache.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,11 +35,11 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from . import prefix_cache
 from .config import GenerationConfig, TemplateConfig
 from .data import encode_chat, encode_source
+from .decode_loop import fast_greedy_applies, fast_sample_applies, greedy_decode, make_sampler  # noqa: F401
 from .decoding import (
     SourceNgramBlock,
     SourceRepetitionPenalty,
     StopAtLineEnd,
-    ban_row,
     newline_token_ids,
     skip_penalty_ids,
     source_ngrams,
@@ -135,7 +137,8 @@ def generate_rows(
     tok = loaded.tokenizer
     model, _ = generation_model(loaded, gen.quantize)  # low-bit Linear layers on CPU unless quantize: none
     fast = use_cache and fast_greedy_applies(model, gen, tok)
-    skip = prefix_cache.shared_prefix(rows) if fast and gen.prefix_cache else 0
+    sample = use_cache and not fast and fast_sample_applies(model, gen, tok)  # K candidates in our loop too
+    skip = prefix_cache.shared_prefix(rows) if (fast or sample) and gen.prefix_cache else 0
     past = None
     x, mask = build_batch(loaded, rows, skip)
     if skip:  # [prompt][head] from the cache; only the rest of each row is prefilled (prefix_cache.py)
@@ -162,14 +165,21 @@ def generate_rows(
             stop_ids, nl_ids, gen.no_repeat_ngram_size, r.source_ngrams, gen.source_no_repeat_ngram_size, r.guard,
             past=past,
         )
-    elif fast:
+    elif fast or sample:
+        k = gen.num_return_sequences if sample else 1
+
+        def each(values):  # one entry per output row: row i's k candidates are rows i*k .. i*k+k-1
+            return [v for v in values for _ in range(k)]
+
         out = greedy_decode(
-            model, x, mask, [r.max_new_tokens for r in rows], src_mask, gen.source_repetition_penalty,
+            model, x, mask, each(r.max_new_tokens for r in rows),
+            src_mask.repeat_interleave(k, 0) if src_mask is not None else None, gen.source_repetition_penalty,
             stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
-            [r.source_ngrams for r in rows] if gen.source_no_repeat_ngram_size else None,
+            each(r.source_ngrams for r in rows) if gen.source_no_repeat_ngram_size else None,
             gen.source_no_repeat_ngram_size,
-            [r.guard for r in rows] if gen.fact_guard else None,
+            each(r.guard for r in rows) if gen.fact_guard else None,
             past=past,
+            sampler=make_sampler(gen, loaded.device) if sample else None,
         )
     else:
         out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model)
@@ -223,140 +233,6 @@ def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cac
             pad_token_id=tok.pad_token_id,
             use_cache=use_cache,
         )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
-
-
-def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
-    """True when ``greedy_decode`` gives exactly what ``model.generate`` would for this config."""
-    if gen.do_sample or gen.num_beams != 1 or gen.num_return_sequences != 1:
-        return False
-    if gen.repetition_penalty != 1.0:
-        return False  # HF's generated-token penalty stays on HF's path
-    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        return False  # without eos HF keeps emitting tokens after a stop; not worth mirroring
-    if model.config.is_encoder_decoder or cache_kwarg(model) is None:
-        return False
-    return not _hf_adds_processors(getattr(model, "generation_config", None))
-
-
-def _hf_adds_processors(hf) -> bool:
-    """True when the model's own generation config makes greedy ``generate`` add logits processors (the
-    conditions of transformers' ``_get_logits_processor``); the fast loop implements none of them."""
-    if hf is None:
-        return False
-
-    def g(name):
-        return getattr(hf, name, None)
-
-    return bool(
-        g("guidance_scale") not in (None, 1) or (g("min_length") or 0) > 0 or (g("min_new_tokens") or 0) > 0
-        or g("remove_invalid_values") is True
-        or any(g(f) is not None for f in ("sequence_bias", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
-                                          "exponential_decay_length_penalty", "suppress_tokens",
-                                          "begin_suppress_tokens", "watermarking_config"))
-    )
-
-
-def greedy_decode(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    max_new: Sequence[int],
-    src_mask: torch.Tensor | None = None,
-    penalty: float = 1.0,
-    stop_ids: Sequence[int] = (),
-    newline_ids: Sequence[int] = (),
-    pad_id: int = 0,
-    no_repeat_ngram: int = 0,
-    source_ngrams: Sequence[dict[tuple[int, ...], list[int]] | None] | None = None,
-    source_ngram_n: int = 0,
-    guards: Sequence[FactGuard | None] | None = None,
-    past=None,
-) -> torch.Tensor:
-    """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
-
-    ``past``: a KV cache that already holds the first ``mask.shape[1] - L`` positions of every row (a shared
-    prefix, ``prefix_cache.py``); ``mask`` then covers those positions too and x only the rest.
-
-    Mirrors HF greedy ``generate`` call for call -- position ids from the mask's cumulative sum, the mask
-    dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
-    and stops each row on its own: at a ``stop_ids`` token (kept, like HF keeps eos), at a ``newline_ids``
-    token after some text (``StopAtLineEnd``), or after ``max_new[i]`` tokens. A stopped row leaves the batch
-    (its cache rows are dropped), so the work per step shrinks as rows finish. ``no_repeat_ngram`` n > 0
-    bans any token that would repeat an n-gram of the row's own generated tokens (transformers'
-    ``NoRepeatNGramLogitsProcessor``, which with ``inputs_embeds`` sees only the generated tokens too);
-    ``source_ngrams`` (one ``source_ngrams()`` map per row) with ``source_ngram_n`` bans copying a source n-gram
-    (``SourceNgramBlock``); ``guards`` (one ``FactGuard`` per row) ban inventing a name or number
-    (``FactGuardProcessor``).
-    """
-    bsz, dev = x.shape[0], x.device
-    cache_key = cache_kwarg(model)
-    fwd_params = inspect.signature(model.forward).parameters
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
-    pass_pos = "position_ids" in fwd_params
-    limits = torch.as_tensor(list(max_new), device=dev)
-    steps = int(limits.max())
-    out = torch.full((bsz, steps), pad_id, dtype=torch.long, device=dev)
-    stop_t = torch.as_tensor(list(stop_ids), dtype=torch.long, device=dev)
-    nl_t = torch.as_tensor(list(newline_ids), dtype=torch.long, device=dev)
-    active = torch.arange(bsz, device=dev)  # original row index of each row still in the batch
-    has_text = torch.zeros(bsz, dtype=torch.bool, device=dev)  # a non-newline token was generated
-    lim, src = limits, src_mask  # per row still in the batch
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, L), as HF builds them
-    attn = None if bool((mask == 1).all()) else mask
-
-    kwargs = dict(extra, position_ids=pos[:, -x.shape[1] :]) if pass_pos else dict(extra)
-    if past is not None:
-        kwargs[cache_key] = past
-    res = model(inputs_embeds=x, attention_mask=attn, use_cache=True, **kwargs)
-    cache = res.get(cache_key)
-    prunable = hasattr(cache, "batch_select_indices")
-    done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-    seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
-    block = bool(source_ngram_n and source_ngrams is not None)
-    guard = guards is not None and any(g is not None for g in guards)
-    track = block or guard or bool(no_repeat_ngram)  # keep each row's generated ids
-    n_steps = 0
-    for step in range(steps):
-        scores = res.logits[:, -1].float()  # (rows in batch, vocab), as HF copies them
-        if block or guard or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
-            for k, r in enumerate(active.tolist()):
-                ban_row(scores[k], seqs[r], no_repeat_ngram, source_ngrams[r] if block else None, source_ngram_n,
-                        guards[r] if guard else None)
-        if src is not None:
-            scores = SourceRepetitionPenalty(src, penalty)(None, scores)
-        nxt = scores.argmax(dim=-1)  # (rows in batch,)
-        if prunable:
-            out[active, step] = nxt  # every row in the batch is live
-        else:
-            out[active[~done], step] = nxt[~done]
-        n_steps = step + 1
-        if track:
-            for r, t in zip(active.tolist(), nxt.tolist()):
-                seqs[r].append(t)
-        stop = lim <= n_steps
-        if stop_t.numel():
-            stop |= torch.isin(nxt, stop_t)
-        if nl_t.numel():
-            is_nl = torch.isin(nxt, nl_t)
-            stop |= is_nl & has_text
-            has_text = has_text | ~is_nl
-        done = done | stop
-        n_done = int(done.sum())  # one host sync per step, as in HF's loop
-        if n_done == done.shape[0]:
-            break
-        if prunable and n_done:
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            active, nxt, pos, done, lim, has_text = (t[keep] for t in (active, nxt, pos, done, lim, has_text))
-            attn = attn[keep] if attn is not None else None
-            src = src[keep] if src is not None else None
-        # (without pruning, stopped rows run on; rows never see each other, so their tokens change nothing)
-        if attn is not None:
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
-        res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
-    return out[:, :n_steps]
 
 
 def clean_text(text: str) -> str:
