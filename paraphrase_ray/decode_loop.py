@@ -15,6 +15,7 @@ import torch
 from .config import GenerationConfig
 from .decoding import SourceRepetitionPenalty, ban_row
 from .faithfulness import FactGuard
+from .lean import StaticKV, lean_step
 from .models import cache_kwarg
 
 
@@ -103,6 +104,7 @@ def greedy_decode(
     guards: Sequence[FactGuard | None] | None = None,
     past=None,
     sampler=None,
+    use_lean: bool = True,
 ) -> torch.Tensor:
     """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
 
@@ -110,7 +112,8 @@ def greedy_decode(
     prefix, ``prefix_cache.py``); ``mask`` then covers those positions too and x only the rest.
     ``sampler`` (``make_sampler``): draw each token instead of taking the argmax, after the same rules. With
     ``len(max_new)`` = k x B, every input row gives k output rows (rows i*k .. i*k+k-1): the rows are prefilled
-    once and their cache copied k times; every per-row argument is then per output row.
+    once and their cache copied k times; every per-row argument is then per output row. ``use_lean``: decode
+    steps through ``lean.py`` where it applies (Llama-architecture models on the low-bit kernel).
 
     Mirrors HF greedy ``generate`` call for call -- position ids from the mask's cumulative sum, the mask
     dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
@@ -146,6 +149,9 @@ def greedy_decode(
     res = model(inputs_embeds=x, attention_mask=attn, use_cache=True, **kwargs)
     cache = res.get(cache_key)
     last = res.logits[:, -1]  # (B, vocab)
+    lean = lean_step(model) if use_lean else None  # decode steps without HF's per-layer overhead (lean.py)
+    if lean is not None:
+        cache = StaticKV.from_hf(cache, steps + 1)
     if expand > 1:  # k candidates per row share its prefill: (B, ...) -> (k x B, ...)
         cache.batch_repeat_interleave(expand)
         last, pos = last.repeat_interleave(expand, 0), pos.repeat_interleave(expand, 0)
@@ -196,6 +202,9 @@ def greedy_decode(
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
         kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
-        res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
-        last = res.logits[:, -1]
+        if lean is not None:
+            last = lean(nxt[:, None], pos, attn, cache)[:, -1]
+        else:
+            res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
+            last = res.logits[:, -1]
     return out[:, :n_steps]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .decoding import SourceRepetitionPenalty, ban_row
+from .lean import StaticKV, lean_step
 from .models import cache_kwarg
 
 NGRAM = 1  # match the last generated token: measured best on MRPC paraphrases (1.23 tokens kept per draft)
@@ -54,6 +55,7 @@ def lookup_decode(
     guard: Any = None,
     stats: dict | None = None,
     past=None,
+    use_lean: bool = True,
 ) -> torch.Tensor:
     """Greedy tokens (1, steps) for one unpadded row ``x`` (1, L, d), the same as ``greedy_decode`` gives.
 
@@ -73,6 +75,9 @@ def lookup_decode(
             kw["position_ids"] = torch.arange(n_past, n_past + x.shape[1], device=x.device)[None]
     res = model(inputs_embeds=x, use_cache=True, **kw)
     cache, length = res.get(key), n_past + x.shape[1]  # tokens in the cache
+    lean = lean_step(model) if use_lean else None  # decode steps without HF's per-layer overhead (lean.py)
+    if lean is not None:
+        cache = StaticKV.from_hf(cache, max_new + k + 1)
     seq: list[int] = []
     has_text = False
 
@@ -99,8 +104,13 @@ def lookup_decode(
         kw = {"logits_to_keep": len(feed)} if keep else {}
         if pass_pos:  # as greedy_decode numbers them: an unpadded row's positions are 0, 1, 2, ...
             kw["position_ids"] = torch.arange(length, length + len(feed), device=x.device)[None]
-        res = model(input_ids=torch.tensor([feed], device=x.device), use_cache=True, **kw, **{key: cache})
-        logits = res.logits[0, -len(feed) :]  # (1 + k, vocab): what follows each fed token
+        ids = torch.tensor([feed], device=x.device)
+        if lean is not None:
+            pos = torch.arange(length, length + len(feed), device=x.device)[None]
+            logits = lean(ids, pos, None, cache, keep=len(feed))[0]
+        else:
+            res = model(input_ids=ids, use_cache=True, **kw, **{key: cache})
+            logits = res.logits[0, -len(feed) :]  # (1 + k, vocab): what follows each fed token
         passes, drafted = passes + 1, drafted + len(draft)
         kept = 0  # draft tokens confirmed (they are in the cache and in seq)
         for i in range(len(feed)):

@@ -1,0 +1,80 @@
+"""The lean decode step (lean.py) against the Hugging Face forward of the same low-bit model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
+from paraphrase_ray.data import SAMPLE_PATH
+from paraphrase_ray.generate import build_batch, generate_rows, row_for
+from paraphrase_ray.lean import StaticKV, lean_step
+from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.quant import generation_model
+
+SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:4]]
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+def test_lean_logits_match_the_hf_forward_padded_batch_and_multi_token(smollm):
+    model, path = generation_model(smollm, "auto")
+    lean = lean_step(model)
+    assert path == "q4" and lean is not None
+    rows = [row_for(smollm, s, None, TemplateConfig(), GenerationConfig()) for s in SOURCES[:3]]
+    x, mask = build_batch(smollm, rows)  # mixed lengths: left padding
+    assert not bool(mask.all())
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        res = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    hf_cache = res.past_key_values
+    kv = StaticKV.from_hf(hf_cache, 16)
+    nxt, attn, p = res.logits[:, -1].argmax(-1), mask, pos[:, -1:]
+    for _ in range(3):  # one token per row per step, with padding
+        attn, p = torch.cat([attn, attn.new_ones(3, 1)], 1), p + 1
+        with torch.no_grad():
+            ref = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=p, past_key_values=hf_cache,
+                        use_cache=True, logits_to_keep=1).logits[:, -1]
+        ours = lean(nxt[:, None], p, attn, kv)[:, -1]
+        assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+        nxt = ref.argmax(-1)
+    # several tokens at once on one unpadded row (what a lookup verify pass feeds), causal among themselves
+    x0, _ = build_batch(smollm, rows[:1])
+    with torch.no_grad():
+        c0 = model(inputs_embeds=x0, use_cache=True, logits_to_keep=1).past_key_values
+        kv0 = StaticKV.from_hf(c0, 8)
+        n0 = x0.shape[1]
+        feed, fpos = torch.tensor([[504, 279, 3145, 28]]), torch.arange(n0, n0 + 4)[None]
+        ref = model(input_ids=feed, position_ids=fpos, past_key_values=c0, use_cache=True, logits_to_keep=4).logits[0]
+    ours = lean(feed, fpos, None, kv0, keep=4)[0]  # (4, vocab)
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all() and kv0.length == n0 + 4
+    kv0.crop(-3)  # what lookup does with rejected drafts
+    assert kv0.length == n0 + 1
+
+
+def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, monkeypatch):
+    import paraphrase_ray.decode_loop as loop
+    import paraphrase_ray.lookup as lookup
+
+    prompt = SoftPrompt.init(smollm.model, smollm.tokenizer, PromptConfig(n_tokens=6, init="vocab", seed=0))
+    chat = TemplateConfig(prefix="Paraphrase the following sentence. Reply with the paraphrase only.\n\n", chat=True)
+    gen = GenerationConfig(max_new_tokens=20)
+    rows = [row_for(smollm, s, prompt, chat, gen) for s in SOURCES]
+    cold = dataclasses.replace(gen, do_sample=True, num_return_sequences=2, temperature=1e-6)
+
+    def run():
+        return ([generate_rows(smollm, [r], gen)[0] for r in rows],  # lookup, batch 1
+                generate_rows(smollm, rows, gen),  # greedy batch, padded
+                generate_rows(smollm, rows[:2], cold))  # sampled candidates
+    with_lean = run()
+    calls = []
+    real = lean_step
+    monkeypatch.setattr(loop, "lean_step", lambda m: calls.append(1) and None)
+    monkeypatch.setattr(lookup, "lean_step", lambda m: calls.append(1) and None)
+    without = run()
+    assert calls and real(generation_model(smollm, "auto")[0]) is not None
+    assert with_lean == without
+    assert with_lean[0] == with_lean[1] and with_lean[2] == [c * 2 for c in with_lean[1][:2]]
