@@ -2,16 +2,17 @@
 
 After quant.py, a batch-1 step of the embedded 135M model spent ~7 ms in the kernels and ~13 ms in everything
 else: ~2,000 small ATen ops and the Python of 30 Hugging Face decoder layers, mask building, and a KV cache
-that grows by ``torch.cat`` (a copy of the whole cache per layer per token). This step does the same math
-with less: q/k/v and gate/up each in one fused kernel call (their blocks concatenated along the output dim;
-every output is the same dot product), keys and values written in place into preallocated buffers
-(``StaticKV``), no mask when no row is padded, HF's own rotary embedding and ``apply_rotary_pos_emb``.
+that grows by ``torch.cat`` (a copy of the whole cache per layer per token). This step does the same math in
+eight calls per layer into the compiled extension (csrc/lowbit_linear.cpp): q/k/v and gate/up each as one
+fused kernel call (their blocks concatenated along the output dim; every output is the same dot product),
+RMSNorm, SiLU-and-multiply, and ``attend``, which applies RoPE with HF's own rotary tables, writes keys and
+values in place into preallocated buffers (``StaticKV``) and runs grouped-query attention.
 
 Only decode steps run here; the prefill stays Hugging Face's forward (any length, any mask) and its cache is
 copied into a ``StaticKV``. ``lean_step(model)`` returns None (use the HF forward) unless the model is a
-``LlamaForCausalLM`` with plain RoPE-free-of-surprises settings (no attention / MLP bias, SiLU, default RoPE
-type, SDPA or eager attention) whose decoder Linear layers are all quant.py ``LowBitLinear`` of one format.
-Logits agree with the HF forward of the same low-bit model to float tolerance (tests/test_lean.py).
+``LlamaForCausalLM`` with plain settings (no attention / MLP bias, SiLU, default RoPE type, SDPA or eager
+attention) whose decoder Linear layers are all quant.py ``LowBitLinear``. Logits agree with the HF forward of
+the same low-bit model to float tolerance (tests/test_lean.py).
 """
 
 from __future__ import annotations
@@ -67,18 +68,8 @@ class StaticKV:
         self.keys = [k.repeat_interleave(r, 0) for k in self.keys]
         self.values = [v.repeat_interleave(r, 0) for v in self.values]
 
-    def write(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D) at the next T positions of layer i; return that layer's keys and values so
-        far (views, no copy). ``advance`` moves the length once all layers are written."""
-        t = k.shape[2]
-        end = self.length + t
-        if end > self.keys[i].shape[2]:
-            raise RuntimeError(f"StaticKV full: {end} > {self.keys[i].shape[2]} positions")
-        self.keys[i][:, :, self.length : end] = k
-        self.values[i][:, :, self.length : end] = v
-        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
-
     def advance(self, t: int) -> None:
+        """Count ``t`` positions written (by ``attend``, layer by layer) as cached."""
         self.length += t
 
 
@@ -104,61 +95,55 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LeanLlama:
-    """The decode step: ``(ids (B, T), positions (B, T), mask (B, S) or None, StaticKV, keep) -> logits (B, keep, V)``."""
+    """The decode step: ``(ids (B, T), positions (B, T), mask (B, S) or None, StaticKV, keep) -> logits (B, keep, V)``.
+
+    Per layer, six calls into the compiled extension (csrc/lowbit_linear.cpp) and two adds: RMSNorm, the fused
+    q/k/v kernel, ``attend`` (RoPE, the KV write and grouped-query attention in one call), o, RMSNorm, the fused
+    gate/up kernel, ``silu_mul``, down -- where HF's layer makes ~65 ATen calls.
+    """
 
     def __init__(self, model: nn.Module):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self.rope_apply = apply_rotary_pos_emb
         cfg = model.config
         inner = model.model
-        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
-        self.head = model.lm_head
+        self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
+        self.norm_w, self.norm_eps = inner.norm.weight.detach(), inner.norm.variance_epsilon
+        head = model.lm_head
+        self.head = _Fused([head]) if isinstance(head, LowBitLinear) else head
         self.n_q, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
+        self.k = inner.layers[0].self_attn.q_proj._k
         self.layers = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                _Fused([a.q_proj, a.k_proj, a.v_proj]), a.o_proj, a.scaling,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                _Fused([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
+                layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon,
+                _Fused([a.q_proj, a.k_proj, a.v_proj]), _Fused([a.o_proj]), a.scaling,
+                layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon,
+                _Fused([mlp.gate_proj, mlp.up_proj]), _Fused([mlp.down_proj]),
             ))
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, kv: StaticKV,
                  keep: int = 1) -> torch.Tensor:
         b, t = ids.shape
+        k = self.k
         h = self.embed(ids)  # (B, T, d)
         cos, sin = self.rotary(h, pos)  # (B, T, D) each
-        s = kv.length + t
-        attn_mask = None
-        if mask is not None:  # (B, S) 1 = real: key j is visible to query i if real and j <= S - T + i
-            causal = torch.ones(t, s, dtype=torch.bool, device=ids.device).tril(s - t)
-            attn_mask = mask.bool()[:, None, None, :] & causal  # (B, 1, T, S)
-        elif t > 1:
-            attn_mask = torch.ones(t, s, dtype=torch.bool, device=ids.device).tril(s - t)
-        m = b * t
-        nq, nkv, dh = self.n_q * self.d_head, self.n_kv * self.d_head, self.d_head
+        m, d = b * t, h.shape[-1]
+        cos, sin = cos.reshape(m, -1).contiguous(), sin.reshape(m, -1).contiguous()
+        key_mask = mask if mask is not None else _EMPTY
+        h = h.reshape(m, d).contiguous()  # (M, d), row b*T + t
         for i, (w1, e1, qkv, o, scale, w2, e2, gate_up, down) in enumerate(self.layers):
-            x = _rms(h, w1, e1).reshape(m, -1)
-            y = qkv(x)  # (M, nq + 2 nkv)
-            q = y[:, :nq].view(b, t, self.n_q, dh).transpose(1, 2)
-            k = y[:, nq : nq + nkv].view(b, t, self.n_kv, dh).transpose(1, 2)
-            v = y[:, nq + nkv :].view(b, t, self.n_kv, dh).transpose(1, 2)
-            q, k = self.rope_apply(q, k, cos, sin)
-            keys, values = kv.write(i, k, v)
-            a = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, values, attn_mask=attn_mask, scale=scale, enable_gqa=self.n_q != self.n_kv
-            )  # (B, H_q, T, D)
-            h = h + o(a.transpose(1, 2).reshape(b, t, nq))
-            x = _rms(h, w2, e2).reshape(m, -1)
-            g = gate_up(x)  # (M, 2 I)
-            n_i = g.shape[1] // 2
-            h = h + down((nn.functional.silu(g[:, :n_i]) * g[:, n_i:]).view(b, t, n_i))
+            y = qkv(k.rms_norm(h, w1, e1))  # (M, (Hq + 2 Hkv) D)
+            a = k.attend(y, cos, sin, kv.keys[i], kv.values[i], kv.length, key_mask, self.n_q, self.n_kv, scale)
+            h = h + o(a)
+            h = h + down(k.silu_mul(gate_up(k.rms_norm(h, w2, e2))))
         kv.advance(t)
-        return self.head(self.norm(h[:, -keep:]))  # (B, keep, V)
+        last = h.view(b, t, d)[:, -keep:].reshape(-1, d).contiguous()
+        return self.head(k.rms_norm(last, self.norm_w, self.norm_eps)).view(b, keep, -1)  # (B, keep, V)
+
+
+_EMPTY = torch.empty(0, dtype=torch.long)
 
 
 def _applies(model: nn.Module) -> bool:
@@ -176,7 +161,7 @@ def _applies(model: nn.Module) -> bool:
     for layer in model.model.layers:
         a, mlp = layer.self_attn, layer.mlp
         linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    if not all(isinstance(x, LowBitLinear) for x in linears):
+    if not all(isinstance(x, LowBitLinear) for x in linears) or not hasattr(linears[0]._k, "attend"):
         return False
     same = lambda parts: len({p.fmt for p in parts}) == 1  # noqa: E731
     return all(same([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) and

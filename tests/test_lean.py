@@ -78,3 +78,41 @@ def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, mo
     assert calls and real(generation_model(smollm, "auto")[0]) is not None
     assert with_lean == without
     assert with_lean[0] == with_lean[1] and with_lean[2] == [c * 2 for c in with_lean[1][:2]]
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+def test_tiny_llama_lean_step_matches_hf_forward_head_dim_16():
+    """A 2-layer random Llama rounded to Q4_1 blocks (head_dim 16: the attention's scalar path, GQA 4:2), no
+    embedded model needed: padded one-token steps and a causal multi-token pass against the HF forward."""
+    from test_quant import tiny_llama
+
+    from paraphrase_ray.quant import load_kernels, quantize_for_generation
+
+    if load_kernels() is None:
+        pytest.skip("low-bit kernel unavailable here")
+    model, path = quantize_for_generation(tiny_llama(seed=3), "q4")
+    lean = lean_step(model)
+    assert path == "q4" and lean is not None
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 left-padded
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = res.past_key_values
+        kv = StaticKV.from_hf(cache, 8)
+        nxt, p = res.logits[:, -1].argmax(-1), pos[:, -1:]
+        for _ in range(3):
+            mask, p = torch.cat([mask, mask.new_ones(2, 1)], 1), p + 1
+            ref = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=p, past_key_values=cache,
+                        use_cache=True).logits[:, -1]
+            ours = lean(nxt[:, None], p, mask, kv)[:, -1]
+            assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+            nxt = ref.argmax(-1)
+        one = model(input_ids=ids[:1], use_cache=True).past_key_values  # row 0 alone, then 3 tokens at once
+        kv1 = StaticKV.from_hf(one, 4)
+        feed, fpos = torch.tensor([[5, 17, 42]]), torch.arange(7, 10)[None]
+        ref = model(input_ids=feed, position_ids=fpos, past_key_values=one, use_cache=True).logits[0]
+    ours = lean(feed, fpos, None, kv1, keep=3)[0]
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()

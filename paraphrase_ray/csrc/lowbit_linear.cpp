@@ -13,7 +13,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -242,7 +244,138 @@ torch::Tensor q8_0_mm(const torch::Tensor& x, const torch::Tensor& qs, const tor
   return lowbit_mm<Q80>(x, qs, d, c10::nullopt, bias);
 }
 
+// ------------------------------------------------------------------------------------------------------
+// Decode-step helpers (lean.py): each replaces several small ATen ops whose dispatch cost dominated a batch-1
+// step once the Linear layers were fast. fp32, contiguous inputs.
+
+// y = w * (x * rsqrt(mean(x^2) + eps)) per row of x (M, K): LlamaRMSNorm
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous fp32 (M, K)");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == x.size(1), "w: fp32 (K,)");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    const float* xr = xp + r * K;
+    const float inv = 1.0f / std::sqrt(dot(xr, xr, K) / static_cast<float>(K) + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) yp[r * K + k] = wp[k] * (xr[k] * inv);
+  }
+  return y;
+}
+
+// g (M, 2I) -> silu(g[:, :I]) * g[:, I:]: the gated MLP's activation
+torch::Tensor silu_mul(const torch::Tensor& g) {
+  TORCH_CHECK(g.dim() == 2 && g.scalar_type() == torch::kFloat && g.is_contiguous() && g.size(1) % 2 == 0,
+              "g: contiguous fp32 (M, 2I)");
+  const int64_t M = g.size(0), I = g.size(1) / 2;
+  auto y = torch::empty({M, I}, g.options());
+  const float* gp = g.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = gp[r * 2 * I + i];
+      yp[r * I + i] = a / (1.0f + std::exp(-a)) * gp[r * 2 * I + I + i];
+    }
+  return y;
+}
+
+// Attention of T new positions per row, fused with RoPE and the KV-cache write.
+//   y (B*T, (Hq + 2 Hkv) * D): the fused q | k | v projections of the new positions (row b*T + t)
+//   cos, sin (B*T, D): HF's rotary tables for those positions (rotate_half convention)
+//   keys, values (B, Hkv, cap, D): buffers holding `length` positions; the T new ones are written after them
+//   mask: empty, or (B, length + T) with 0 for padding keys
+// Query t of row b sees keys j <= length + t that the mask allows; query head h reads key / value head
+// h / (Hq / Hkv) (grouped-query attention, as HF's repeat_kv). Returns (B*T, Hq * D).
+torch::Tensor attend(const torch::Tensor& y, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor keys,
+                     torch::Tensor values, int64_t length, const torch::Tensor& mask, int64_t n_q, int64_t n_kv,
+                     double scale) {
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kFloat && y.is_contiguous(), "y: contiguous fp32");
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
+              keys.scalar_type() == torch::kFloat, "keys / values: contiguous fp32 (B, Hkv, cap, D)");
+  const int64_t B = keys.size(0), cap = keys.size(2), D = keys.size(3), half = D / 2;
+  const int64_t T = y.size(0) / B;
+  TORCH_CHECK(keys.size(1) == n_kv && y.size(0) == B * T && y.size(1) == (n_q + 2 * n_kv) * D, "y / keys shapes");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * T * D && sin.numel() == B * T * D &&
+              cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat, "cos / sin: fp32 (B*T, D)");
+  TORCH_CHECK(length + T <= cap, "KV buffer full: ", length + T, " > ", cap);
+  const int64_t S = length + T;
+  const int64_t* mp = nullptr;
+  torch::Tensor m64;
+  if (mask.numel()) {
+    m64 = mask.to(torch::kLong).contiguous();
+    TORCH_CHECK(m64.dim() == 2 && m64.size(0) == B && m64.size(1) == S, "mask: (B, length + T)");
+    mp = m64.data_ptr<int64_t>();
+  }
+  const int64_t W = y.size(1), rep = n_q / n_kv;
+  const float *yp = y.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  auto qrot = torch::empty({B * T, n_q * D}, y.options());
+  float* qp = qrot.data_ptr<float>();
+  auto rope = [&](const float* src, const float* c, const float* s, float* dst) {
+    for (int64_t d = 0; d < half; ++d) dst[d] = src[d] * c[d] - src[d + half] * s[d];
+    for (int64_t d = half; d < D; ++d) dst[d] = src[d] * c[d] + src[d - half] * s[d];
+  };
+  for (int64_t r = 0; r < B * T; ++r) {
+    const int64_t b = r / T, t = r % T;
+    const float *row = yp + r * W, *c = cp + r * D, *s = sp + r * D;
+    for (int64_t h = 0; h < n_q; ++h) rope(row + h * D, c, s, qp + r * n_q * D + h * D);
+    for (int64_t h = 0; h < n_kv; ++h) {
+      const int64_t at = ((b * n_kv + h) * cap + length + t) * D;
+      rope(row + (n_q + h) * D, c, s, kp + at);
+      std::memcpy(vp + at, row + (n_q + n_kv + h) * D, D * sizeof(float));
+    }
+  }
+  auto out = torch::empty({B * T, n_q * D}, y.options());
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * n_q, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / n_q, h = bh % n_q;
+      const float* kb = kp + (b * n_kv + h / rep) * cap * D;
+      const float* vb = vp + (b * n_kv + h / rep) * cap * D;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* q = qp + (b * T + t) * n_q * D + h * D;
+        const int64_t n = length + t + 1;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = (mp && mp[b * S + j] == 0) ? -INFINITY : dot(q, kb + j * D, D) * sc;
+          mx = std::max(mx, p[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - mx);
+          sum += p[j];
+        }
+        float* o = op + (b * T + t) * n_q * D + h * D;
+        __m256 acc[8];
+        const bool vec = D == 64;
+        if (vec) {
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+          for (int64_t j = 0; j < n; ++j) {
+            if (p[j] == 0.f) continue;
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vb + j * D + 8 * i), acc[i]);
+          }
+          const __m256 inv = _mm256_set1_ps(1.0f / sum);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t d = 0; d < D; ++d) o[d] += p[j] * vb[j * D + d];
+          for (int64_t d = 0; d < D; ++d) o[d] /= sum;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("rms_norm", &rms_norm, "LlamaRMSNorm of the rows of x");
+  mod.def("silu_mul", &silu_mul, "silu(g[:, :I]) * g[:, I:]");
+  mod.def("attend", &attend, "RoPE + KV write + grouped-query attention of the new positions");
   mod.def("q4_1_mm", &q4_1_mm, "y = x @ dequant(Q4_1)^T + bias");
   mod.def("q8_0_mm", &q8_0_mm, "y = x @ dequant(Q8_0)^T + bias");
   mod.def("set_dense_min_rows", [](int64_t m) { DENSE_MIN_ROWS = m; }, "rows of x from which the dense path runs");
