@@ -7,10 +7,13 @@ same rows (sources from the bundled sample), medians over ``--repeats``:
   may end earlier at eos). ``hf``: ``model.generate(input_ids=..., attention_mask=...)``, what a user would
   run instead; ``ours``: ``generate.generate_rows`` on the same rows.
 - ``fast`` (issue 18's target): ``hf`` is plain fp32 HF greedy ``generate`` with the soft prompt passed as
-  ``inputs_embeds`` (no decoding rules: what a user would write by hand); ``ours`` is ``generate_rows`` with the
-  product defaults (Q4_1/Q8_0 kernel where exact, fact guard, source blocking, newline stop); ``ours_fp32`` the
-  same with ``quantize: none``. The texts differ by design (ours applies the rules), so ``ms_per_token`` is per
-  path over its own tokens; ``q4_same_as_fp32`` says whether the low-bit path gave the exact path's text.
+  ``inputs_embeds`` (no decoding rules: what a user would write by hand). Then an ablation of ours, all with the
+  product's decoding rules (fact guard, source blocking, newline stop): ``ours_fp32`` (``quantize: none``),
+  ``q4_kernel`` (the Q4_1/Q8_0 kernel, HF's forward per step, no lookup, no prefix cache), ``q4_lean`` (+ the
+  lean decode step), ``q4_lean_lookup`` (+ prompt lookup, batch 1 only), ``ours_cold`` (the defaults on the first
+  request of a prompt: prefix cache cleared before each call) and ``ours`` (the defaults, prefix cache warm).
+  The texts differ from ``hf`` by design (ours applies the rules), so ``ms_per_token`` is per path over its own
+  tokens; ``<path>_same_text`` says whether a path gave the exact ``ours_fp32`` text.
 - ``paraphrase``: our defaults: a 20-token soft prompt per row, source repetition penalty 1.3, stop at the
   end of the line, per-row limits (2 x source tokens + 8, capped at ``--new-tokens``). ``hf``: the same
   through ``model.generate`` with our penalty and stopping rule as HF processors (the path ``generate_rows``
@@ -36,8 +39,10 @@ from pathlib import Path
 
 import torch
 
+import paraphrase_ray.decode_loop as decode_loop
 import paraphrase_ray.generate as G
 import paraphrase_ray.lookup as lookup
+from paraphrase_ray import prefix_cache
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
 from paraphrase_ray.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -74,6 +79,23 @@ def kept(ids: list[int], limit: int, eos: int, nl: set[int], stop_at_newline: bo
             return i + 1
         seen_text |= t not in nl
     return min(limit, len(ids))
+
+
+class NoLean:
+    """Decode steps through the HF forward instead of lean.py (for the ablation)."""
+
+    def __init__(self, active: bool):
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            self.saved = decode_loop.lean_step, lookup.lean_step
+            decode_loop.lean_step = lookup.lean_step = lambda model: None
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            decode_loop.lean_step, lookup.lean_step = self.saved
 
 
 class Spy:
@@ -203,16 +225,23 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
                                         pad_token_id=tok.pad_token_id, eos_token_id=eos)
         return [G.clean_text(tok.decode(o, skip_special_tokens=True)) for o in out.tolist()], out.tolist()
 
-    def ours_with(g):
+    def ours_with(g, lean: bool = True, cold: bool = False):
         def run():
-            with Spy("greedy_decode") as spy, Spy("lookup_decode", lookup) as lspy:
+            if cold:  # the first request for this prompt: its [prompt][template head] is not cached yet
+                prefix_cache.clear()
+            with Spy("greedy_decode") as spy, Spy("lookup_decode", lookup) as lspy, NoLean(not lean):
                 texts = [c[0] for c in G.generate_rows(loaded, rows, g)]
             return texts, (spy.out if spy.out is not None else lspy.out).tolist()
         return run
 
-    paths = {"hf": hf, "ours": ours_with(gen), "ours_fp32": ours_with(dataclasses.replace(gen, quantize="none"))}
+    plain = dataclasses.replace(gen, prompt_lookup=0, prefix_cache=False)
+    # the ablation, each row adding one thing; "ours" is the product default with a warm prefix cache
+    paths = {"hf": hf, "ours_fp32": ours_with(dataclasses.replace(gen, quantize="none")),
+             "q4_kernel": ours_with(plain, lean=False), "q4_lean": ours_with(plain)}
     if len(rows) == 1:  # prompt-lookup drafting runs on one row at a time
-        paths["ours_lookup"] = ours_with(dataclasses.replace(gen, prompt_lookup=4))
+        paths["q4_lean_lookup"] = ours_with(dataclasses.replace(plain, prompt_lookup=gen.prompt_lookup))
+    paths["ours_cold"] = ours_with(gen, cold=True)
+    paths["ours"] = ours_with(gen)
     for name, g in (extra or {}).items():
         paths[name] = ours_with(g)
     t0 = time.perf_counter()
@@ -238,9 +267,8 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
                      "new_tokens_per_s": round(sum(counts) / wall, 1)}
     for name in res:
         res[name]["speedup_vs_hf_ms_per_token"] = round(res["hf"]["ms_per_token"] / res[name]["ms_per_token"], 2)
-    lookup_same = outputs["ours_lookup"][0] == outputs["ours"][0] if "ours_lookup" in outputs else None
-    return {"q4_same_as_fp32": outputs["ours"][0] == outputs["ours_fp32"][0], "lookup_same": lookup_same, "quant_path": G.generation_model(
-        loaded, gen.quantize)[1], "quant_build_s": round(build_s, 2), **res}
+    same = {f"{name}_same_text": outputs[name][0] == outputs["ours_fp32"][0] for name in outputs if name != "hf"}
+    return {**same, "quant_path": G.generation_model(loaded, gen.quantize)[1], "quant_build_s": round(build_s, 2), **res}
 
 
 def main() -> None:

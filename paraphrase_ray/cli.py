@@ -109,9 +109,9 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
     loaded, bundle = load_prompt(args.prompt, args.model, args.device)
     gen = decoding_for(bundle.info, k, max_new_tokens=args.max_new_tokens, quantize=quantize)
     rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
-    from .quant import generation_model
+    from .generate import engine_label
 
-    path = generation_model(loaded, gen.quantize)[1]  # built (once) before the clock starts: it is loading
+    path = engine_label(loaded, gen, len(rows))  # builds the low-bit copy (once) before the clock starts: loading
     t1 = time.perf_counter()
     cands = paraphrase_texts(
         loaded, bundle, [r["source"] for r in rows], gen, args.batch_size, args.embedder,

@@ -194,6 +194,20 @@ def generate_rows(
     return results
 
 
+def engine_label(loaded: LoadedModel, gen: GenerationConfig, n_rows: int) -> str:
+    """What generation runs, for ``--stats`` and the summary line: the weights (``q4`` / ``int8`` / ``fp32``)
+    and the engine parts that apply, e.g. ``q4+lean+prefix-cache+lookup`` or ``fp32+hf-generate`` (beams)."""
+    from .lean import lean_step
+
+    model, path = generation_model(loaded, gen.quantize)
+    tok = loaded.tokenizer
+    greedy, sampled = fast_greedy_applies(model, gen, tok), fast_sample_applies(model, gen, tok)
+    if not (greedy or sampled):
+        return f"{path}+hf-generate"
+    parts = [path] + ["lean"] * (lean_step(model) is not None) + ["prefix-cache"] * gen.prefix_cache
+    return "+".join(parts + ["lookup"] * bool(greedy and gen.prompt_lookup and n_rows == 1))
+
+
 def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model=None) -> torch.Tensor:
     """The reference path: ``model.generate`` (default ``loaded.model``) with our rules as HF processors."""
     tok, model = loaded.tokenizer, model if model is not None else loaded.model

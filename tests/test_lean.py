@@ -77,6 +77,11 @@ def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, mo
     without = run()
     assert calls and real(generation_model(smollm, "auto")[0]) is not None
     assert with_lean == without
+    from paraphrase_ray.generate import engine_label  # what --stats and the summary line report
+
+    assert engine_label(smollm, gen, 1) == "q4+lean+prefix-cache+lookup"
+    assert engine_label(smollm, gen, 4) == engine_label(smollm, cold, 1) == "q4+lean+prefix-cache"
+    assert engine_label(smollm, dataclasses.replace(gen, num_beams=2), 1) == "q4+hf-generate"
     assert with_lean[0] == with_lean[1] and with_lean[2] == [c * 2 for c in with_lean[1][:2]]
 
 
