@@ -48,7 +48,7 @@ def prompt_key(prompt) -> str | None:
     """Content hash of a soft prompt's values (a trained prompt changes between evaluations: never stale)."""
     if prompt is None:
         return None
-    w = prompt.weight.detach().to("cpu").contiguous()
+    w = prompt.weight.detach().to("cpu", torch.float32).contiguous()  # numpy has no bf16
     return f"{tuple(w.shape)}:{w.dtype}:{hashlib.blake2b(w.numpy().tobytes(), digest_size=16).hexdigest()}"
 
 
