@@ -76,7 +76,7 @@ def test_wandb_callback_is_offline_beside_the_sweep(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_real_sweep_logs_one_mlflow_run_per_trial(tiny_model_dir, tmp_path):
+def test_a_real_sweep_logs_one_mlflow_run_per_trial(ray_session, tiny_model_dir, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     from paraphrase_ray.tune import run_sweep
 

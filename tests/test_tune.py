@@ -339,8 +339,9 @@ def test_resume_and_name_clashes_are_user_errors(tmp_path, tiny_model_dir):
 
 # --------------------------------------------------------------------------------------- real local Ray
 @pytest.mark.slow
-def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
-    """The default space's resources (cpu 2, gpu 0.25) put four trials on one GPU at once."""
+def test_fractional_gpus_pack_four_trials_on_one_card(ray_session, tmp_path):
+    """The default space's resources (cpu 2, gpu 0.25) put four trials on one GPU at once (the shared Ray has one
+    logical GPU and CPUs to spare: as one L4 worker)."""
     import ray
     from ray import tune
 
@@ -369,11 +370,9 @@ def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
         together = ray.get(barrier.count.remote()) == 4  # all four trials alive at once
         tune.report({"together": together, "gpus": ",".join(map(str, ray.get_gpu_ids()))})
 
-    ray.init(  # one L4 worker, logically; address="local": our own cluster, never one already running here
-        address="local", num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING"
-    )
+    assert ray.available_resources().get("GPU") == 1 and ray.available_resources()["CPU"] >= 8  # room for four
+    barrier = Barrier.options(name="barrier", namespace="packing-test").remote()
     try:
-        barrier = Barrier.options(name="barrier", namespace="packing-test").remote()
         ray.get(barrier.count.remote())
         tuner = tune.Tuner(
             tune.with_resources(probe, trial_resources(spec)),
@@ -383,7 +382,7 @@ def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
         )
         df = tuner.fit().get_dataframe()
     finally:
-        ray.shutdown()
+        ray.kill(barrier)
     assert len(df) == 4 and set(df["gpus"]) == {"0"}  # all four on the one card
     assert df["together"].all()  # and all four at the same time
 
@@ -398,7 +397,7 @@ def _result_lines(exp: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
+def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_dir):
     """A real tiny sweep on file:// storage: ASHA stops some trials, a failing trial does not stop the others,
     Ctrl-C interrupts it, --resume finishes it without re-running finished trials, and the results are complete
     and loadable."""
@@ -441,7 +440,7 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     done_before = {t: lines for t, lines in before.items() if lines and "train_status" in lines[-1]}
     assert done_before
 
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume"]) == 0  # in-process, on the run's shared Ray (tune attaches to it)
     after = _result_lines(exp)
     for tid, lines in done_before.items():  # finished trials were neither re-run nor lost
         assert after[tid] == lines
