@@ -135,6 +135,29 @@ def _record(tid, status, n, init, lr, objectives, train_status=None, error=""):
     return TrialRecord(tid, status, config, reports, error)
 
 
+def test_a_failed_trial_restored_without_a_config_keeps_its_saved_params(tmp_path):
+    """A trial that failed before Ctrl-C and never reported comes back from --resume with ``Result.config`` None
+    (Tune knows only its id); its row still names its searched values, from the params.json Tune saved."""
+    import types
+
+    import pyarrow.fs as pafs
+
+    from paraphrase_ray.tune import trial_records
+
+    trial_dir = tmp_path / "run_trial_x"
+    trial_dir.mkdir()
+    (trial_dir / "params.json").write_text(json.dumps({"train.device": "cuda:99", "prompt.n_tokens": 8}))
+    restored = types.SimpleNamespace(
+        metrics={"trial_id": "x"}, config=None, error=RuntimeError("no CUDA device cuda:99"),
+        metrics_dataframe=None, path=str(trial_dir), filesystem=pafs.LocalFileSystem(),
+    )
+    (rec,) = trial_records([restored])
+    assert (rec.trial_id, rec.tune_status, rec.error) == ("x", "ERROR", "no CUDA device cuda:99")
+    assert rec.config == {"train.device": "cuda:99", "prompt.n_tokens": 8}
+    restored.path = str(tmp_path / "gone")  # nothing saved either: an empty config, not a crash
+    assert trial_records([restored])[0].config == {}
+
+
 def test_leaderboard_table_csv_and_plot(tmp_path, tiny_model_dir):
     import matplotlib.image
 
