@@ -28,7 +28,7 @@ def tiny_space(model_dir: Path, **tracking) -> dict:
                                                               {"prompt.n_tokens": 3, "train.lr": 0.05}]},
         "scheduler": {"name": "none", "grace_period": 2},
         "num_samples": 2,
-        "max_concurrent_trials": 1,
+        "max_concurrent_trials": 2,  # both at once: the shared Ray has the CPUs
         "resources": {"cpu": 1},
         "evaluator": {"cpu": 0, "n_examples": 2, "batch_size": 2},
         "tracking": tracking,

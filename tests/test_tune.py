@@ -430,7 +430,9 @@ def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_d
     from paraphrase_ray.prompt import PromptMeta, load_bundle
 
     space = tmp_path / "tiny.yaml"
-    space.write_text(yaml.safe_dump(tiny_space(tiny_model_dir)))
+    data = tiny_space(tiny_model_dir)
+    data["run"]["train"]["steps"] = 20  # evals at 10 and 20: ASHA's rungs (10, 20) are the same as at 30 steps
+    space.write_text(yaml.safe_dump(data))
     exp = tmp_path / "runs" / "tiny"
     # A file:// URI stands in for gs://: Tune's state and checkpoints and our leaderboard, plot and best/ all
     # go through pyarrow's filesystem layer, as they do for a bucket.
