@@ -201,6 +201,22 @@ def serve_prompt_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return {**dirs, **make_playground_prompts(root, tiny_model_dir, loaded)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_temp_dir(tmp_path_factory):
+    """Every Ray of the run (the shared one, test_multinode's cluster, the CLI's in subprocesses, which inherit the
+    variable) keeps its session directory (logs, sockets, spilled objects) in the run's temp dir, not /tmp/ray."""
+    old, base = os.environ.get("RAY_TMPDIR"), str(tmp_path_factory.mktemp("ray"))
+    # Ray's longest socket path adds 68 bytes (/ray/session_<date>_<time>_<us>_<pid>/sockets/plasma_store) and must
+    # fit 107: a long temp dir (a long user name) keeps Ray's default, /tmp/ray
+    if len(base) + 68 <= 107:
+        os.environ["RAY_TMPDIR"] = base
+    yield
+    if old is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = old
+
+
 @pytest.fixture(scope="session")
 def _shared_ray():
     shared = SharedRay()
