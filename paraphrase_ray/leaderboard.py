@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,16 @@ class TrialRecord:
     config: dict[str, Any]  # the searched values
     reports: list[dict[str, Any]] = field(default_factory=list)  # every tune.report, in order
     error: str = ""
+
+
+def saved_config(result: Any) -> dict[str, Any]:
+    """The config Tune saved beside a trial (``params.json``), for a ``Result`` without one: a trial that failed
+    before the sweep was interrupted, and never reported, comes back from ``--resume`` with no config."""
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
 
 
 def _num(v: Any) -> float | None:

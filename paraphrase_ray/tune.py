@@ -52,6 +52,7 @@ from .leaderboard import (
     PLOT_FILE,
     TrialRecord,
     format_table,
+    saved_config,
     leaderboard,
     overhead,
     write_leaderboard,
@@ -310,7 +311,7 @@ def trial_records(grid) -> list[TrialRecord]:
             status = "ERROR"
         else:
             status = "TERMINATED" if last.get("done") else "RUNNING" if reports else "PENDING"
-        config = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
+        config = {k: v for k, v in (result.config or saved_config(result)).items() if not k.startswith("_")}
         records.append(TrialRecord(_result_trial_id(result), status, config, reports, error))
     return records
 

@@ -48,17 +48,8 @@ def test_parquet_in_and_out_in_process(prompt_dir, tmp_path, capsys):
     assert "wrote 5 paraphrases" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_ray_data_greedy_equals_in_process_parquet(local_ray, prompt_dir, tmp_path):
+def test_ray_data_greedy_equals_in_process_parquet(ray_session, prompt_dir, tmp_path):
     from paraphrase_ray.batch import paraphrase_dataset
     from paraphrase_ray.prompt import PromptMeta
 
@@ -72,7 +63,7 @@ def test_ray_data_greedy_equals_in_process_parquet(local_ray, prompt_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_ray_cli_jsonl_with_candidates_and_empty_rows(local_ray, prompt_dir, tmp_path, capsys):
+def test_ray_cli_jsonl_with_candidates_and_empty_rows(ray_session, prompt_dir, tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     rows = [*ROWS[:3], {"id": 9, "source": ""}]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -109,7 +100,7 @@ def test_an_actor_pool_that_would_starve_reads_is_refused_on_a_local_ray():
 
 
 @pytest.mark.slow
-def test_ray_data_reads_and_writes_gs_through_the_emulator(local_ray, prompt_dir, tmp_path, monkeypatch):
+def test_ray_data_reads_and_writes_gs_through_the_emulator(ray_session, prompt_dir, tmp_path, monkeypatch):
     """gs:// input, output and prompt (a bucket on a local GCS emulator, options in the URI's query)."""
     import pyarrow.fs as pafs
     from gcs_emulator import GcsEmulator

@@ -1,4 +1,5 @@
-"""The Evaluator actor on a real local Ray (2 CPUs). One actor is shared by the whole module, as in a sweep."""
+"""The Evaluator actor on the run's shared local Ray (conftest ``ray_session``: a logical GPU too). One actor is
+shared by the whole module, as in a sweep."""
 
 from __future__ import annotations
 
@@ -32,21 +33,7 @@ PREDICTIONS = [REFERENCES[0], SOURCES[1], "Penguins huddle together to stay warm
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    if ray.is_initialized():  # another module's cluster: reuse it, leave it running
-        yield
-        return
-    # Ray >= 2.59 turns token auth on for new local clusters and writes a token to ~/.ray; that works as is
-    # for a local test cluster, so no auth settings are needed here.
-    # num_gpus=1 is a logical GPU on a CPU machine: it lets a test place the actor on a fractional GPU.
-    # address="local": a fresh cluster of our own, never one someone else started on this machine
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def name(ray_cluster):
+def name(ray_session):
     actor_name = f"evaluator-test-{uuid.uuid4().hex[:8]}"
     yield actor_name
     shutdown_evaluator(actor_name, NAMESPACE)
@@ -117,7 +104,7 @@ def test_bad_input_is_a_clear_error_and_the_actor_survives(client, name):
     assert client.score(SOURCES, None, PREDICTIONS)["n"] == 3
 
 
-def test_client_validates_before_touching_ray(ray_cluster):
+def test_client_validates_before_touching_ray(ray_session):
     never = f"never-created-{uuid.uuid4().hex[:8]}"
     c = EvaluatorClient(name=never, namespace=NAMESPACE)
     with pytest.raises(ValueError, match="sources must be a list of strings"):
@@ -132,7 +119,7 @@ def test_model_mismatch_on_an_existing_name_is_an_error(client, name):
         other.score(SOURCES, None, PREDICTIONS)
 
 
-def test_unloadable_model_is_a_clear_error(ray_cluster):
+def test_unloadable_model_is_a_clear_error(ray_session):
     c = EvaluatorClient(
         name=f"bad-model-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE, model="/no/such/embedder"
     )
@@ -140,7 +127,7 @@ def test_unloadable_model_is_a_clear_error(ray_cluster):
         c.score(SOURCES, None, PREDICTIONS)
 
 
-def test_fractional_gpu_actor_falls_back_to_cpu_without_cuda(ray_cluster):
+def test_fractional_gpu_actor_falls_back_to_cpu_without_cuda(ray_session):
     import torch
 
     gpu_name = f"gpu-{uuid.uuid4().hex[:8]}"
@@ -153,7 +140,7 @@ def test_fractional_gpu_actor_falls_back_to_cpu_without_cuda(ray_cluster):
         shutdown_evaluator(gpu_name, NAMESPACE)
 
 
-def test_shutdown_evaluator_kills_a_detached_actor(ray_cluster):
+def test_shutdown_evaluator_kills_a_detached_actor(ray_session):
     detached = f"detached-{uuid.uuid4().hex[:8]}"
     get_evaluator(detached, NAMESPACE, lifetime="detached")
     assert shutdown_evaluator(detached, NAMESPACE)
@@ -162,7 +149,7 @@ def test_shutdown_evaluator_kills_a_detached_actor(ray_cluster):
         get_evaluator(detached, NAMESPACE, lifetime="forever")
 
 
-def test_killed_actor_is_recreated_by_the_client(ray_cluster):
+def test_killed_actor_is_recreated_by_the_client(ray_session):
     # Its own actor: killing the module's shared one would make every later test pay another model load.
     own = f"killed-{uuid.uuid4().hex[:8]}"
     client = EvaluatorClient(name=own, namespace=NAMESPACE, num_cpus=1)

@@ -34,7 +34,9 @@ from gcs_emulator import GcsEmulator, free_port
 
 from paraphrase_ray.config import ConfigError
 
-pytestmark = pytest.mark.slow
+# Its own three-node cluster, not the run's shared Ray (conftest): a node layout of its own (a CPU-less head, nodes
+# removed and added), and this process connects to it (one process, one Ray). The shared Ray is stopped first.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shared_ray")]
 CLI = [sys.executable, "-m", "paraphrase_ray.cli"]
 EVERY, STEPS = 100, 600  # a trial reports (and checkpoints) every EVERY steps; ~30 ms a step here
 

@@ -1,4 +1,5 @@
-"""Playground page end to end: headless Debian chromium (Selenium + chromedriver) against a real Serve app.
+"""Playground page end to end: headless Debian chromium (Selenium + chromedriver) against the run's shared Serve
+app (conftest ``serve_app``; its prompts a, b, known and other; the key from the replicas' environment).
 
 The screenshot lands in artifacts/playground.png (CI keeps it as a test artifact).
 """
@@ -6,42 +7,18 @@ The screenshot lands in artifacts/playground.png (CI keeps it as a test artifact
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
-
-from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig, to_dict
-from paraphrase_ray.prompt import SoftPrompt
+from serve_helpers import KEY
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-KEY = "playground-key"
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_model_dir, tmp_path_factory):
-    from paraphrase_ray.models import load_model
-    from paraphrase_ray.serve_runner import ServeSettings, run_local, shutdown
-
-    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
-    table = loaded.model.get_input_embeddings().weight
-    root = tmp_path_factory.mktemp("pg")
-    meta = {"template": to_dict(TemplateConfig()), "generation": to_dict(GenerationConfig(max_new_tokens=10)),
-            "init": "vocab", "train_config": {"precision": "fp32"}}
-    SoftPrompt(table[[11, 12, 13]]).save(root / "known", str(tiny_model_dir), loaded.model, meta)
-    SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, seed=2)).save(
-        root / "other", str(tiny_model_dir), loaded.model, meta)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = ServeSettings(prompts=(f"known={root / 'known'}", f"other={root / 'other'}"), api_key=KEY,
-                             device="cpu")
-    try:  # a failed start (port taken, replica error) must not leave Ray and Serve running
-        url = run_local(settings, "127.0.0.1", port)
-        yield url
-    finally:
-        shutdown()
+def app_url(serve_app):
+    return serve_app
 
 
 def test_page_and_explain_endpoint(app_url):
@@ -92,10 +69,10 @@ def test_browser_compares_prompts_with_zero_shot(app_url):
         text.clear()
         text.send_keys("The bank raised its rates on Tuesday.")
         text.send_keys(Keys.CONTROL, Keys.ENTER)  # keyboard submit
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 3)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 5)
         assert driver.find_element(By.ID, "error").text == ""
         cards = {c.get_attribute("data-prompt"): c for c in driver.find_elements(By.CSS_SELECTOR, "#results .card")}
-        assert set(cards) == {"known", "other", "zero-shot"}
+        assert set(cards) == {"a", "b", "known", "other", "zero-shot"}  # one card per served prompt
         for card in cards.values():
             assert "adequacy" in card.text and "novelty" in card.text
         ARTIFACTS.mkdir(exist_ok=True)

@@ -1,7 +1,8 @@
 """Serve operations on a real local Ray: health that can fail, crash recovery, back-pressure, timeouts, metrics,
 the published schema, auth that keeps /docs open, and schema fuzzing.
 
-One Serve app (tiny random OPT, two prompts, an API key, small limits) serves the whole module. Two tests
+One Serve app of its own (tiny random OPT, two prompts, an API key, small limits, fast health checks) serves the
+whole module, deployed beside the shared app on the run's shared Ray and Serve (conftest), at ``/ops``. Two tests
 replace its replica on purpose (a stalled generation, a SIGKILL); every test first waits until it answers.
 ``pytest -k "health or fault or fuzz or crash"`` selects them all.
 """
@@ -10,34 +11,28 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
 from collections import Counter
 
 import pytest
-from test_serving import TEXTS, make_prompt
+from serve_helpers import TEXTS, make_prompt
 
 from paraphrase_ray.serve_schema import DEBUG_STALL_MARK, ENV_API_KEY, ServeSettings
-from paraphrase_ray.serving import APP_NAME, build_app
+from paraphrase_ray.serving import build_app
 
 KEY = "ops-key-456"
 LIMITS = {"max_texts": 4, "max_chars": 200, "max_new_tokens": 8, "max_queued_rows": 8}
 REQUEST_TIMEOUT_S, STUCK_BATCH_S = 10.0, 3.0
+OPS_APP, OPS_ROUTE = "paraphrase-ops", "/ops"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ops(tiny_model_dir, tmp_path_factory):
-    """(base URL, metrics URL) of the module's app; Serve and Ray are shut down whatever happens."""
-    import ray
+def ops(ray_session, tiny_model_dir, tmp_path_factory):
+    """(base URL, metrics URL) of the module's app; the app is deleted whatever happens (Ray and Serve are the
+    run's, stopped at its end)."""
     from ray import serve
 
     from paraphrase_ray.models import load_model
@@ -45,14 +40,8 @@ def ops(tiny_model_dir, tmp_path_factory):
     loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
     root = tmp_path_factory.mktemp("ops-prompts")
     dirs = {n: make_prompt(root / n, tiny_model_dir, loaded, seed) for n, seed in (("a", 1), ("b", 2))}
-    metrics_port = _free_port()
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-        _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
-    )
+    base = ray_session.serve()
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ServeSettings(
             prompts=(f"a={dirs['a']}", f"b={dirs['b']}"), device="cpu", batch_wait_timeout_s=0.01,
             request_timeout_s=REQUEST_TIMEOUT_S, stuck_batch_s=STUCK_BATCH_S, debug_stall_s=60.0, **LIMITS,
@@ -65,11 +54,10 @@ def ops(tiny_model_dir, tmp_path_factory):
             # an unhealthy replica drains: in-flight requests get their 504 before it stops
             graceful_shutdown_timeout_s=REQUEST_TIMEOUT_S + 5,
         )
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+        serve.run(app, name=OPS_APP, route_prefix=OPS_ROUTE)
+        yield base + OPS_ROUTE, ray_session.metrics_url
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(OPS_APP)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def tiny_space(model_dir: Path, **tracking) -> dict:
                                                               {"prompt.n_tokens": 3, "train.lr": 0.05}]},
         "scheduler": {"name": "none", "grace_period": 2},
         "num_samples": 2,
-        "max_concurrent_trials": 1,
+        "max_concurrent_trials": 2,  # both at once: the shared Ray has the CPUs
         "resources": {"cpu": 1},
         "evaluator": {"cpu": 0, "n_examples": 2, "batch_size": 2},
         "tracking": tracking,
@@ -76,7 +76,7 @@ def test_wandb_callback_is_offline_beside_the_sweep(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_real_sweep_logs_one_mlflow_run_per_trial(tiny_model_dir, tmp_path):
+def test_a_real_sweep_logs_one_mlflow_run_per_trial(ray_session, tiny_model_dir, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     from paraphrase_ray.tune import run_sweep
 

@@ -135,6 +135,29 @@ def _record(tid, status, n, init, lr, objectives, train_status=None, error=""):
     return TrialRecord(tid, status, config, reports, error)
 
 
+def test_a_failed_trial_restored_without_a_config_keeps_its_saved_params(tmp_path):
+    """A trial that failed before Ctrl-C and never reported comes back from --resume with ``Result.config`` None
+    (Tune knows only its id); its row still names its searched values, from the params.json Tune saved."""
+    import types
+
+    import pyarrow.fs as pafs
+
+    from paraphrase_ray.tune import trial_records
+
+    trial_dir = tmp_path / "run_trial_x"
+    trial_dir.mkdir()
+    (trial_dir / "params.json").write_text(json.dumps({"train.device": "cuda:99", "prompt.n_tokens": 8}))
+    restored = types.SimpleNamespace(
+        metrics={"trial_id": "x"}, config=None, error=RuntimeError("no CUDA device cuda:99"),
+        metrics_dataframe=None, path=str(trial_dir), filesystem=pafs.LocalFileSystem(),
+    )
+    (rec,) = trial_records([restored])
+    assert (rec.trial_id, rec.tune_status, rec.error) == ("x", "ERROR", "no CUDA device cuda:99")
+    assert rec.config == {"train.device": "cuda:99", "prompt.n_tokens": 8}
+    restored.path = str(tmp_path / "gone")  # nothing saved either: an empty config, not a crash
+    assert trial_records([restored])[0].config == {}
+
+
 def test_leaderboard_table_csv_and_plot(tmp_path, tiny_model_dir):
     import matplotlib.image
 
@@ -339,8 +362,9 @@ def test_resume_and_name_clashes_are_user_errors(tmp_path, tiny_model_dir):
 
 # --------------------------------------------------------------------------------------- real local Ray
 @pytest.mark.slow
-def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
-    """The default space's resources (cpu 2, gpu 0.25) put four trials on one GPU at once."""
+def test_fractional_gpus_pack_four_trials_on_one_card(ray_session, tmp_path):
+    """The default space's resources (cpu 2, gpu 0.25) put four trials on one GPU at once (the shared Ray has one
+    logical GPU and CPUs to spare: as one L4 worker)."""
     import ray
     from ray import tune
 
@@ -369,11 +393,9 @@ def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
         together = ray.get(barrier.count.remote()) == 4  # all four trials alive at once
         tune.report({"together": together, "gpus": ",".join(map(str, ray.get_gpu_ids()))})
 
-    ray.init(  # one L4 worker, logically; address="local": our own cluster, never one already running here
-        address="local", num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="WARNING"
-    )
+    assert ray.available_resources().get("GPU") == 1 and ray.available_resources()["CPU"] >= 8  # room for four
+    barrier = Barrier.options(name="barrier", namespace="packing-test").remote()
     try:
-        barrier = Barrier.options(name="barrier", namespace="packing-test").remote()
         ray.get(barrier.count.remote())
         tuner = tune.Tuner(
             tune.with_resources(probe, trial_resources(spec)),
@@ -383,7 +405,7 @@ def test_fractional_gpus_pack_four_trials_on_one_card(tmp_path):
         )
         df = tuner.fit().get_dataframe()
     finally:
-        ray.shutdown()
+        ray.kill(barrier)
     assert len(df) == 4 and set(df["gpus"]) == {"0"}  # all four on the one card
     assert df["together"].all()  # and all four at the same time
 
@@ -398,7 +420,7 @@ def _result_lines(exp: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
+def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_dir):
     """A real tiny sweep on file:// storage: ASHA stops some trials, a failing trial does not stop the others,
     Ctrl-C interrupts it, --resume finishes it without re-running finished trials, and the results are complete
     and loadable."""
@@ -408,7 +430,9 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     from paraphrase_ray.prompt import PromptMeta, load_bundle
 
     space = tmp_path / "tiny.yaml"
-    space.write_text(yaml.safe_dump(tiny_space(tiny_model_dir)))
+    data = tiny_space(tiny_model_dir)
+    data["run"]["train"]["steps"] = 20  # evals at 10 and 20: ASHA's rungs (10, 20) are the same as at 30 steps
+    space.write_text(yaml.safe_dump(data))
     exp = tmp_path / "runs" / "tiny"
     # A file:// URI stands in for gs://: Tune's state and checkpoints and our leaderboard, plot and best/ all
     # go through pyarrow's filesystem layer, as they do for a bucket.
@@ -441,7 +465,7 @@ def test_real_sweep_interrupted_then_resumed(tmp_path, tiny_model_dir):
     done_before = {t: lines for t, lines in before.items() if lines and "train_status" in lines[-1]}
     assert done_before
 
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume"]) == 0  # in-process, on the run's shared Ray (tune attaches to it)
     after = _result_lines(exp)
     for tid, lines in done_before.items():  # finished trials were neither re-run nor lost
         assert after[tid] == lines

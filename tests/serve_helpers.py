@@ -1,0 +1,49 @@
+"""Prompt directories for the Serve tests, and a free loopback port (imported by conftest and the Serve tests)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig, to_dict
+from paraphrase_ray.prompt import SoftPrompt
+
+KEY = "test-key-123"  # the shared app's key; its replicas read it from PARAPHRASE_RAY_API_KEY
+TEXTS = [
+    "The committee approved the budget.",
+    "She missed the meeting because her flight was late.",
+    "Prices rose sharply in the third quarter of the year.",
+    "He said the plan would work.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_prompt(out: Path, model_dir: Path, loaded, seed: int) -> Path:
+    """A random 4-token prompt whose recorded objective is 0.1 * seed (so /prompts can be checked)."""
+    sp = SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, init="random", seed=seed))
+    meta = {
+        "template": to_dict(TemplateConfig()),
+        "generation": to_dict(GenerationConfig(max_new_tokens=12)),
+        "max_source_tokens": 64,
+        "init": "random",
+        "metrics": {"objective": 0.1 * seed},
+        "train_config": {"precision": "fp32"},
+    }
+    sp.save(out, base_model=str(model_dir), model=loaded.model, meta=meta)
+    return out
+
+
+def make_playground_prompts(root: Path, model_dir: Path, loaded) -> dict[str, Path]:
+    """``known``: rows 11, 12, 13 of the embedding table (its explain view must name them); ``other``: random."""
+    table = loaded.model.get_input_embeddings().weight
+    meta = {"template": to_dict(TemplateConfig()), "generation": to_dict(GenerationConfig(max_new_tokens=10)),
+            "init": "vocab", "train_config": {"precision": "fp32"}}
+    SoftPrompt(table[[11, 12, 13]]).save(root / "known", str(model_dir), loaded.model, meta)
+    SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, seed=2)).save(
+        root / "other", str(model_dir), loaded.model, meta)
+    return {"known": root / "known", "other": root / "other"}
