@@ -14,6 +14,8 @@ from ray import serve
 from .serve_schema import ENV_API_KEY, ZERO_SHOT, ServeSettings, parse_prompt_specs
 from .serving import APP_NAME, build_app
 
+_STARTED = {"ray": False}  # whether start_local started the Ray this process is connected to
+
 
 def start_local(
     address: str | None = None, num_cpus: int | None = None, port: int = 8000, host: str = "127.0.0.1"
@@ -22,6 +24,7 @@ def start_local(
     import ray
 
     if not ray.is_initialized():
+        _STARTED["ray"] = True  # ours to shut down later; a Ray that was already running is left alone
         kwargs = (
             {"address": address}
             if address
@@ -38,7 +41,8 @@ def run_local(
     import ray
 
     start_local(address, port=port, host=host)
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if address is None else 1
+    # a Ray we started is ours: the replica may use all of it; in someone else's, it asks for one CPU
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if address is None and _STARTED["ray"] else 1
     gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     serve.run(
         build_app(settings, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}),
@@ -49,15 +53,19 @@ def run_local(
 
 
 def shutdown(local: bool = True) -> None:
-    """Local Ray: stop Serve and Ray. A shared cluster: delete only this application."""
+    """A local Ray that ``start_local`` started: stop Serve and Ray. Otherwise (a cluster, or a Ray that was
+    already running in this process): delete only this application and leave the rest running."""
     import ray
 
     if not ray.is_initialized():
         return
+    ours = local and _STARTED["ray"]
     try:
-        serve.shutdown() if local else serve.delete(APP_NAME)
+        serve.shutdown() if ours else serve.delete(APP_NAME)
     finally:
-        ray.shutdown()
+        if ours or not local:
+            ray.shutdown()  # disconnect from a cluster; stop a Ray we started
+            _STARTED["ray"] = False
 
 
 def cmd_serve(args) -> int:

@@ -52,9 +52,9 @@ from .leaderboard import (
     PLOT_FILE,
     TrialRecord,
     format_table,
-    saved_config,
     leaderboard,
     overhead,
+    saved_config,
     write_leaderboard,
     write_plot,
 )
