@@ -7,6 +7,7 @@
 """
 
 import os
+import signal
 import time
 
 from ray import serve
@@ -79,6 +80,11 @@ def cmd_serve(args) -> int:
             f"warning: binding {args.host} without an API key; anyone who can reach it may use it "
             f"(set --api-key or {ENV_API_KEY})"
         )
+    # Ctrl-C / SIGINT stops the server even when this process inherited SIGINT as ignored (POSIX shells start
+    # background jobs `paraphrase-ray serve ... &` that way, and Python then installs no handler); SIGTERM (process
+    # managers, `kill`) shuts down the same clean way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         url = run_local(settings, args.host, args.port, args.address, args.device)
         print(

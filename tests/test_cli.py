@@ -268,6 +268,9 @@ def test_serve_command_serves_http_until_sigint(tiny_model_dir, tmp_path):
             [sys.executable, "-m", "paraphrase_ray.cli", "serve", "--prompt", f"mine={p}", "--port", str(port),
              "--device", "cpu"],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+            # started as a shell starts a background job (`paraphrase-ray serve ... &`): SIGINT ignored; Ctrl-C
+            # must still stop it (it hung here when `make test` itself ran in the background)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
     url = f"http://127.0.0.1:{port}"
     try:
