@@ -79,7 +79,7 @@ def row_for(
     """Encode one source. ``chat=True`` (zero-shot baseline only) wraps it in the model's chat template."""
     tok = loaded.tokenizer
     src_only = tok(source, add_special_tokens=False)["input_ids"]
-    ids = _encode(tok, source, template, max_source_tokens, chat)
+    ids = _encode(tok, source, template, max_source_tokens, chat, len(src_only))
     limit = min(gen.max_new_tokens, int(gen.max_new_tokens_ratio * len(src_only)) + 8)
     penalised = src_only
     if gen.source_penalty_skip_common and gen.source_repetition_penalty != 1.0:
@@ -93,9 +93,10 @@ def row_for(
     return Row(prompt, ids, penalised, max(1, limit), ngrams, guard, head)
 
 
-def _encode(tok, source: str, template: TemplateConfig, max_source_tokens: int, chat: bool) -> list[int]:
+def _encode(tok, source: str, template: TemplateConfig, max_source_tokens: int, chat: bool,
+            n_source: int | None = None) -> list[int]:
     if chat:  # the baseline's source is never cut (Serve's zero-shot accepts any length)
-        n = len(tok(source, add_special_tokens=False)["input_ids"])
+        n = n_source if n_source is not None else len(tok(source, add_special_tokens=False)["input_ids"])
         return encode_chat(tok, ZERO_SHOT_INSTRUCTION.format(source=""), source, "", n)
     return encode_source(tok, source, template, max_source_tokens)
 

@@ -101,14 +101,15 @@ def lookup_decode(
     while not done:
         draft = draft_tokens(seq, source, min(k, max_new - len(seq)))
         feed = [seq[-1], *draft]
-        kw = {"logits_to_keep": len(feed)} if keep else {}
-        if pass_pos:  # as greedy_decode numbers them: an unpadded row's positions are 0, 1, 2, ...
-            kw["position_ids"] = torch.arange(length, length + len(feed), device=x.device)[None]
         ids = torch.tensor([feed], device=x.device)
+        # as greedy_decode numbers them: an unpadded row's positions are 0, 1, 2, ...
+        pos = torch.arange(length, length + len(feed), device=x.device)[None]
         if lean is not None:
-            pos = torch.arange(length, length + len(feed), device=x.device)[None]
             logits = lean(ids, pos, None, cache, keep=len(feed))[0]
         else:
+            kw = {"logits_to_keep": len(feed)} if keep else {}
+            if pass_pos:
+                kw["position_ids"] = pos
             res = model(input_ids=ids, use_cache=True, **kw, **{key: cache})
             logits = res.logits[0, -len(feed) :]  # (1 + k, vocab): what follows each fed token
         passes, drafted = passes + 1, drafted + len(draft)
