@@ -4,15 +4,25 @@
 2. paraphrase a few sentences with the best prompt (offline path)
 3. deploy the best prompt with Ray Serve, send requests over HTTP, print the answers, shut down
 
+One process and one local Ray for all three steps, each step run as its CLI command runs it
+(``cli.main``). Serve's controller and proxy start beside the sweep; step 3's deployment starts in the
+background once step 1 has exported the prompt, so the model replica's start-up overlaps step 2's model load
+and decoding (on 2 cores each is mostly one thread). The end is ``ray.shutdown()``: it stops Serve with the
+rest of the Ray this demo started (nothing is in flight by then; Serve's graceful drain would only wait).
+
 Safe to re-run: a finished sweep of the same name is reloaded (``--resume``) instead of trained again.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import subprocess
+import logging
+import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SENTENCES = [
@@ -22,50 +32,85 @@ SENTENCES = [
 ]
 
 
-def cli_main(args: list[str]) -> int:
-    """Each step in its own process: Tune's and Serve's Ray sessions never share state."""
-    return subprocess.call([sys.executable, "-m", "paraphrase_ray.cli", *args])
-
-
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
 def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
+    import ray
     from ray import tune
+
+    from . import serve_runner
+    from .cli import main as cli_main
+    from .serve_schema import ServeSettings
+    from .tune import _init_ray
 
     t0 = time.perf_counter()
     space = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
     sweep_dir = Path(storage) / name
-    _banner(f"1/3 quickstart sweep -> {sweep_dir}")
-    args = ["tune", "--space", str(space), "--name", name, "--storage", storage]
-    if sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir.resolve())):
-        args.append("--resume")  # Tune saved state: reload (finished trials are not re-run)
-    rc = cli_main(args)
-    if rc != 0:
-        return rc
-    best = sweep_dir / "best"
-    if not (best / "adapter_model.safetensors").is_file():
-        print(f"error: the sweep exported no best prompt in {best}", file=sys.stderr)
-        return 1
-    print(f"plot: {sweep_dir / 'sweep.png'}\nleaderboard: {sweep_dir / 'leaderboard.csv'}")
+    # torch (~1.5 s to import) is needed by the sweep's first step; import it while Ray starts its processes
+    threading.Thread(target=importlib.import_module, args=("paraphrase_ray.data",), daemon=True).start()
+    _init_ray(None)  # a fresh local Ray, ours: the sweep and Serve both run on it
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would land inside Tune's table
+    background = ThreadPoolExecutor(1, thread_name_prefix="serve")
+    port = serve_runner.free_port()
+    # Serve's controller and HTTP proxy start now, beside the sweep's start-up: they need no prompt, and once
+    # up they idle; the deployment itself (model replica) waits for the sweep's best prompt.
+    background.submit(serve_runner.start_local, port=port, host="127.0.0.1", log_level="WARNING")
+    try:
+        _banner(f"1/3 quickstart sweep -> {sweep_dir}")
+        args = ["tune", "--space", str(space), "--name", name, "--storage", storage]
+        if sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir.resolve())):
+            args.append("--resume")  # Tune saved state: reload (finished trials are not re-run)
+        print("$ paraphrase-ray " + " ".join(args), flush=True)
+        rc = cli_main(args)
+        if rc != 0:
+            return rc
+        best = sweep_dir / "best"
+        if not (best / "adapter_model.safetensors").is_file():
+            print(f"error: the sweep exported no best prompt in {best}", file=sys.stderr)
+            return 1
 
-    _banner("2/3 paraphrases from the best prompt (offline)")
-    inp = sweep_dir / "demo_input.jsonl"
-    inp.write_text("".join(json.dumps({"source": s}) + "\n" for s in SENTENCES))
-    out = sweep_dir / "demo_output.jsonl"
-    rc = cli_main(["paraphrase", "--prompt", str(best), "--input", str(inp), "--output", str(out)])
-    if rc != 0:
-        return rc
-    for line in out.read_text().splitlines():
-        row = json.loads(line)
-        print(f"  {row['source']}\n    -> {row['prediction']}")
+        # Step 3's deployment, started now: it runs while step 2 loads the model and decodes.
+        settings = ServeSettings(prompts=(f"best={best}",))
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # the sweep is over: the replica may use all of it
+        deploy = background.submit(
+            serve_runner.run_local,
+            settings,
+            "127.0.0.1",
+            port,
+            replica_cpus=cpus,
+            log_level="WARNING",
+        )
 
-    _banner("3/3 Ray Serve over HTTP")
-    rc = subprocess.call([sys.executable, "-m", "paraphrase_ray.serve_runner", "--demo", f"best={best}"])
+        _banner("2/3 paraphrases from the best prompt (offline)")
+        inp = sweep_dir / "demo_input.jsonl"
+        inp.write_text("".join(json.dumps({"source": s}) + "\n" for s in SENTENCES))
+        out = sweep_dir / "demo_output.jsonl"
+        args = ["paraphrase", "--prompt", str(best), "--input", str(inp), "--output", str(out)]
+        print("$ paraphrase-ray " + " ".join(args), flush=True)
+        rc = cli_main(args)
+        if rc != 0:
+            return rc
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            print(f"  {row['source']}\n    -> {row['prediction']}")
+
+        _banner("3/3 Ray Serve over HTTP")
+        print(f"(the same app from a shell: paraphrase-ray serve --prompt best={best})", flush=True)
+        serve_runner.ask_all(deploy.result())
+    finally:
+        background.shutdown(wait=False, cancel_futures=True)
+        ray.shutdown()
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
-    return rc
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    rc = run()
+    # Everything is written and Ray is stopped: skip the interpreter's teardown of the torch, transformers and
+    # Ray modules (~2 s on 2 cores) that would only delay the prompt.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

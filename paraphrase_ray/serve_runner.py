@@ -19,9 +19,16 @@ _STARTED = {"ray": False}  # whether start_local started the Ray this process is
 
 
 def start_local(
-    address: str | None = None, num_cpus: int | None = None, port: int = 8000, host: str = "127.0.0.1"
+    address: str | None = None,
+    num_cpus: int | None = None,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    log_level: str | None = None,
 ) -> None:
-    """Connect to ``address`` or start a fresh local Ray (never someone else's), then Serve on host:port."""
+    """Connect to ``address`` or start a fresh local Ray (never someone else's), then Serve on host:port.
+
+    ``log_level`` (e.g. "WARNING") quiets Serve's own actors, whose INFO lines reach a driver that
+    forwards worker logs (the demo's Ray does, for Tune's trials)."""
     import ray
 
     if not ray.is_initialized():
@@ -32,23 +39,37 @@ def start_local(
             else {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
         )
         ray.init(**kwargs, logging_level="WARNING", log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, **_logging(log_level))
+
+
+def _logging(log_level: str | None) -> dict:
+    return {"logging_config": {"log_level": log_level}} if log_level else {}
 
 
 def run_local(
-    settings: ServeSettings, host: str, port: int, address: str | None = None, device: str = "auto"
+    settings: ServeSettings,
+    host: str,
+    port: int,
+    address: str | None = None,
+    device: str = "auto",
+    replica_cpus: int | None = None,
+    log_level: str | None = None,
 ) -> str:
-    """Deploy ``settings`` on a local (or given) Ray; returns the base URL once the app is ready."""
+    """Deploy ``settings`` on a local (or given) Ray; returns the base URL once the app is ready.
+
+    ``replica_cpus`` (default: all of a Ray we started, else one) is also the replica's torch threads."""
     import ray
 
-    start_local(address, port=port, host=host)
+    start_local(address, port=port, host=host, log_level=log_level)
     # a Ray we started is ours: the replica may use all of it; in someone else's, it asks for one CPU
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if address is None and _STARTED["ray"] else 1
+    ours = address is None and _STARTED["ray"]
+    cpus = replica_cpus or (int(ray.cluster_resources().get("CPU", 1)) if ours else 1)
     gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     serve.run(
         build_app(settings, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}),
         name=APP_NAME,
         route_prefix="/",
+        **_logging(log_level),
     )
     return f"http://{host}:{port}"
 
@@ -101,42 +122,52 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def demo(prompt_dirs: list[str], port: int = 0, texts: list[str] | None = None) -> int:
-    """Deploy the prompts, ask every prompt (and zero-shot) at once over HTTP, print the answers, shut down."""
+DEMO_TEXTS = (
+    "The committee approved the new budget after a long debate.",
+    "She could not attend the meeting because her flight was delayed.",
+)
+
+
+def free_port() -> int:
     import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ask_all(url: str, texts: list[str] | tuple[str, ...] = DEMO_TEXTS) -> None:
+    """Ask every deployed prompt (and zero-shot) for ``texts`` at once over HTTP; print answers and batching."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
-    if not port:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    texts = texts or [
-        "The committee approved the new budget after a long debate.",
-        "She could not attend the meeting because her flight was delayed.",
-    ]
-    url = run_local(ServeSettings(prompts=tuple(prompt_dirs)), "127.0.0.1", port)
+    with httpx.Client(base_url=url, timeout=600) as client:
+        info = client.get("/prompts").json()
+        names = [p["name"] for p in info["prompts"]]
+        print(f"serving {', '.join(names)} on {info['base_model']} at {url}")
+
+        def ask(name: str) -> dict:  # concurrent requests: their rows share one forward pass
+            r = client.post("/paraphrase", json={"texts": list(texts), "prompt": name})
+            r.raise_for_status()
+            return r.json()
+
+        with ThreadPoolExecutor(len(names)) as pool:
+            for answer in pool.map(ask, names):
+                print(f"[{answer['prompt']}]")
+                for res in answer["results"]:
+                    print(f"  {res['text']}\n    -> {res['paraphrase']}")
+        st = client.get("/stats").json()
+        print(
+            f"{st['rows']} rows in {st['batches']} forward passes ({st['mixed_prompt_batches']} mixed-prompt)"
+        )
+
+
+def demo(prompt_dirs: list[str], port: int = 0, texts: list[str] | None = None) -> int:
+    """Deploy the prompts, ask every prompt (and zero-shot) at once over HTTP, print the answers, shut down."""
+    url = run_local(ServeSettings(prompts=tuple(prompt_dirs)), "127.0.0.1", port or free_port())
     try:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            info = client.get("/prompts").json()
-            names = [p["name"] for p in info["prompts"]]
-            print(f"serving {', '.join(names)} on {info['base_model']} at {url}")
-
-            def ask(name: str) -> dict:  # concurrent requests: their rows share one forward pass
-                r = client.post("/paraphrase", json={"texts": texts, "prompt": name})
-                r.raise_for_status()
-                return r.json()
-
-            with ThreadPoolExecutor(len(names)) as pool:
-                for answer in pool.map(ask, names):
-                    print(f"[{answer['prompt']}]")
-                    for res in answer["results"]:
-                        print(f"  {res['text']}\n    -> {res['paraphrase']}")
-            st = client.get("/stats").json()
-            print(
-                f"{st['rows']} rows in {st['batches']} forward passes ({st['mixed_prompt_batches']} mixed-prompt)"
-            )
+        ask_all(url, texts or DEMO_TEXTS)
     finally:
         shutdown()
     return 0
