@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,14 +126,24 @@ def reports(gcs: GcsEmulator, exp: str) -> dict[str, list[dict]]:
     return out
 
 
-def statuses(gcs: GcsEmulator, exp: str) -> dict[str, str]:
-    """Trial id -> status in the newest experiment state Tune saved to the bucket (what --resume sees)."""
+def _saved_trials(gcs: GcsEmulator, exp: str) -> list[tuple[dict, str]]:
+    """(trial, run metadata JSON) per trial in the newest experiment state Tune saved to the bucket."""
     states = sorted(rel for rel in gcs.listing(exp) if rel.startswith("experiment_state-"))
     if not states:
-        return {}
+        return []
     data = json.loads(gcs.read(f"{exp}/{states[-1]}"))
-    trials = [json.loads(trial_json) for trial_json, _ in data["trial_data"]]
-    return {t["trial_id"]: t["status"] for t in trials}
+    return [(json.loads(trial_json), meta) for trial_json, meta in data["trial_data"]]
+
+
+def statuses(gcs: GcsEmulator, exp: str) -> dict[str, str]:
+    """Trial id -> status in the newest experiment state Tune saved to the bucket (what --resume sees)."""
+    return {t["trial_id"]: t["status"] for t, _ in _saved_trials(gcs, exp)}
+
+
+def checkpointed(gcs: GcsEmulator, exp: str) -> set[str]:
+    """Trial ids whose checkpoint the newest saved experiment state records (what --resume continues from).
+    A report reaches the bucket (result.json) before the driver's next state save records its checkpoint."""
+    return {t["trial_id"] for t, meta in _saved_trials(gcs, exp) if re.search(r"checkpoint_\d{6}", meta)}
 
 
 def leaderboard_rows(gcs: GcsEmulator, exp: str) -> list[dict]:
@@ -239,7 +250,7 @@ def test_multinode_driver_killed_then_resumed_from_another_directory(cluster, gc
             state, reps = statuses(gcs, exp), reports(gcs, exp)
             done = [t for t, s in state.items() if s == "TERMINATED"]
             mid = [t for t, rows in reps.items() if not finished(rows) and EVERY <= rows[-1]["step"] < STEPS - EVERY]
-            if done and mid:
+            if done and mid and set(mid) <= checkpointed(gcs, exp):
                 break
             time.sleep(0.5)
         assert first.poll() is None, tail(tmp_path / "first.log")
