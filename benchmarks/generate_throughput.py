@@ -31,6 +31,7 @@ process CPU time, for busy shared machines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -167,13 +168,18 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
                 texts = [c[0] for c in G.generate_rows(loaded, rows, gen)]
             return texts, spy.out.tolist()
 
-    def ours():
-        with Spy("greedy_decode") as spy:
-            texts = [c[0] for c in G.generate_rows(loaded, rows, gen)]
-        assert spy.out is not None, "the fast loop did not run"
-        return texts, spy.out.tolist()
+    def ours_with(g: GenerationConfig):
+        def ours():
+            with Spy("greedy_decode") as spy:
+                texts = [c[0] for c in G.generate_rows(loaded, rows, g)]
+            assert spy.out is not None, "the fast loop did not run"
+            return texts, spy.out.tolist()
 
-    paths = {"hf": hf, "ours": ours}
+        return ours
+
+    paths = {"hf": hf, "ours": ours_with(gen)}
+    if cuda and scenario == "paraphrase":  # the CUDA-graph step's own gain, same run (graph_step.py)
+        paths["ours_no_graphs"] = ours_with(dataclasses.replace(gen, cuda_graphs="off"))
     samples = {k: {"wall": [], "cpu": []} for k in paths}
     outputs = {}
     for name, fn in paths.items():  # warm-up (first-call overheads; the outputs checked if nothing else runs)
@@ -187,7 +193,7 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
     nl = set(G.newline_token_ids(tok)) if gen.stop_at_newline else set()
     counts = {name: [kept(ids, r.max_new_tokens, tok.eos_token_id, nl, gen.stop_at_newline)
                      for ids, r in zip(out[1], rows)] for name, out in outputs.items()}
-    same = outputs["hf"][0] == outputs["ours"][0] and counts["hf"] == counts["ours"]
+    same = all(outputs["hf"][0] == outputs[k][0] and counts["hf"] == counts[k] for k in paths)
     new_tokens, steps = sum(counts["hf"]), max(counts["hf"])
     res = {}
     for name, s in samples.items():
@@ -198,6 +204,8 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
     return {"same_output": same, "new_tokens": new_tokens, "steps": steps,
             "row_limits": sorted({r.max_new_tokens for r in rows}), **{k: v for k, v in res.items()},
             "speedup": round(res["hf"]["wall_s"] / res["ours"]["wall_s"], 3),
+            **({"speedup_graphs": round(res["ours_no_graphs"]["wall_s"] / res["ours"]["wall_s"], 3),
+                "engine": G.engine_label(loaded, gen, len(rows))} if "ours_no_graphs" in res else {}),
             "speedup_cpu": round(res["ours"]["new_tokens_per_cpu_s"] / res["hf"]["new_tokens_per_cpu_s"], 3)}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU row of docs/BENCHMARKS.md in one go, in at most 8 minutes on one H100/H200:
 #   1. training throughput (OPT shapes, random init, bf16)      benchmarks/train_throughput.py
-#   2. generation: ours vs HF generate at batch 1 and 16        benchmarks/generate_throughput.py
+#   2. generation: ours vs HF generate at batch 1 and 16 (on CUDA also ours without CUDA graphs)  generate_throughput.py
 #   3. a 4-trial sweep packed on one GPU at gpu: 0.25           paraphrase-ray tune, search_spaces/gpu_suite.yaml
 #   4. Serve under load with the sweep's best prompt            benchmarks/serve_load.py
 # Each step writes its JSON lines (and log) under OUT (default runs/gpu_suite) and has its own time limit, so one

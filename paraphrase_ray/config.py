@@ -205,6 +205,10 @@ class GenerationConfig:
     # compute the keys and values of [soft prompt][template head] once per prompt and reuse them for every row
     # (prefix_cache.py; same tokens, a shorter prefill). false = prefill every row whole
     prefix_cache: bool = True
+    # decode steps on a GPU through a static KV cache replayed as CUDA graphs, one per (rows, capacity) bucket
+    # (graph_step.py; same tokens). auto = on CUDA; eager = the static-cache step uncaptured (any device, for
+    # checking); off = the plain forward
+    cuda_graphs: str = "auto"
     num_return_sequences: int = 1
     stop_at_newline: bool = True
     seed: int = 0
@@ -228,6 +232,8 @@ class GenerationConfig:
             raise ConfigError("generation.no_repeat_ngram_size and source_no_repeat_ngram_size must be >= 0")
         if not 0 <= self.prompt_lookup <= 16:
             raise ConfigError(f"generation.prompt_lookup must be in 0..16, got {self.prompt_lookup}")
+        if self.cuda_graphs not in ("auto", "eager", "off"):
+            raise ConfigError(f"generation.cuda_graphs must be auto, eager or off, got {self.cuda_graphs!r}")
         if self.quantize not in QUANTIZE_METHODS:
             raise ConfigError(f"generation.quantize must be one of {QUANTIZE_METHODS}, got {self.quantize!r}")
 

@@ -15,6 +15,7 @@ import torch
 from .config import GenerationConfig
 from .decoding import SourceRepetitionPenalty, ban_row
 from .faithfulness import FactGuard
+from .graph_step import graph_engine
 from .lean import StaticKV, lean_step
 from .models import cache_kwarg
 
@@ -105,6 +106,7 @@ def greedy_decode(
     past=None,
     sampler=None,
     use_lean: bool = True,
+    graphs: str = "auto",
 ) -> torch.Tensor:
     """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
 
@@ -113,7 +115,9 @@ def greedy_decode(
     ``sampler`` (``make_sampler``): draw each token instead of taking the argmax, after the same rules. With
     ``len(max_new)`` = k x B, every input row gives k output rows (rows i*k .. i*k+k-1): the rows are prefilled
     once and their cache copied k times; every per-row argument is then per output row. ``use_lean``: decode
-    steps through ``lean.py`` where it applies (Llama-architecture models on the low-bit kernel).
+    steps through ``lean.py`` where it applies (Llama-architecture models on the low-bit kernel). ``graphs``:
+    otherwise, decode steps through a static cache replayed as CUDA graphs (``graph_step.py``; ``auto``: on
+    CUDA; ``eager``: the same static-cache step uncaptured, any device; ``off``: the plain forward).
 
     Mirrors HF greedy ``generate`` call for call -- position ids from the mask's cumulative sum, the mask
     dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
@@ -156,7 +160,10 @@ def greedy_decode(
         cache.batch_repeat_interleave(expand)
         last, pos = last.repeat_interleave(expand, 0), pos.repeat_interleave(expand, 0)
         attn = attn.repeat_interleave(expand, 0) if attn is not None else None
-    prunable = hasattr(cache, "batch_select_indices")
+    graph = None
+    if lean is None and (engine := graph_engine(model, graphs)) is not None:
+        graph = engine.start(cache, attn, steps + 1)  # fixed rows: finished rows stay (no compaction)
+    prunable = graph is None and hasattr(cache, "batch_select_indices")
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
     block = bool(source_ngram_n and source_ngrams is not None)
@@ -206,6 +213,8 @@ def greedy_decode(
         kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
         if lean is not None:
             last = lean(nxt[:, None], pos, attn, cache)[:, -1]
+        elif graph is not None:
+            last = graph.step(nxt[:, None], pos, attn)
         else:
             res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
             last = res.logits[:, -1]

@@ -181,6 +181,7 @@ def generate_rows(
             each(r.guard for r in rows) if gen.fact_guard else None,
             past=past,
             sampler=make_sampler(gen, loaded.device) if sample else None,
+            graphs=gen.cuda_graphs,
         )
     else:
         out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model)
@@ -198,6 +199,7 @@ def generate_rows(
 def engine_label(loaded: LoadedModel, gen: GenerationConfig, n_rows: int) -> str:
     """What generation runs, for ``--stats`` and the summary line: the weights (``q4`` / ``int8`` / ``fp32``)
     and the engine parts that apply, e.g. ``q4+lean+prefix-cache+lookup`` or ``fp32+hf-generate`` (beams)."""
+    from .graph_step import graph_engine
     from .lean import lean_step
 
     model, path = generation_model(loaded, gen.quantize)
@@ -205,8 +207,13 @@ def engine_label(loaded: LoadedModel, gen: GenerationConfig, n_rows: int) -> str
     greedy, sampled = fast_greedy_applies(model, gen, tok), fast_sample_applies(model, gen, tok)
     if not (greedy or sampled):
         return f"{path}+hf-generate"
-    parts = [path] + ["lean"] * (lean_step(model) is not None) + ["prefix-cache"] * gen.prefix_cache
-    return "+".join(parts + ["lookup"] * bool(greedy and gen.prompt_lookup and n_rows == 1))
+    lean = lean_step(model) is not None
+    lookup = bool(greedy and gen.prompt_lookup and n_rows == 1)
+    parts = [path] + ["lean"] * lean + ["prefix-cache"] * gen.prefix_cache + ["lookup"] * lookup
+    engine = None if lean or lookup else graph_engine(model, gen.cuda_graphs)
+    if engine is not None:  # graphs once captured; a static cache stepped eagerly where capture is off or failed
+        parts.append("cuda-graphs" if engine.capture and not engine.disabled else "static-cache")
+    return "+".join(parts)
 
 
 def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model=None) -> torch.Tensor:

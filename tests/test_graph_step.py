@@ -1,0 +1,112 @@
+"""The static-cache decode step (graph_step.py) gives the plain loop's tokens; its buckets are reused and bounded.
+
+Capture needs CUDA; on CPU ``cuda_graphs: eager`` runs the very step the graph would replay (same buffers, same
+StaticCache, same dummy rows), so these tests check everything but the replay itself. gpu_suite.sh measures
+the replay on a GPU, and the engine checks every captured graph against the eager step before using it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from paraphrase_ray import graph_step, prefix_cache
+from paraphrase_ray.config import ConfigError, GenerationConfig, PromptConfig, TemplateConfig
+from paraphrase_ray.data import SAMPLE_PATH
+from paraphrase_ray.decode_loop import greedy_decode
+from paraphrase_ray.generate import engine_label, generate_rows, row_for
+from paraphrase_ray.prompt import SoftPrompt
+
+T = TemplateConfig(prefix="Rewrite the next sentence in other words, keeping every fact: ")
+SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:6]]
+GEN = GenerationConfig(max_new_tokens=12, max_new_tokens_ratio=10.0, stop_at_newline=False, prompt_lookup=0)
+
+
+def _left_padded(model, tok, texts):
+    enc = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    mask = torch.zeros(len(enc), width, dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
+    return model.get_input_embeddings()(ids), mask
+
+
+@torch.no_grad()
+def test_static_step_gives_the_plain_loops_tokens_with_left_padding_and_mixed_lengths(tiny):
+    x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:3])  # 3 rows -> a 4-row bucket (one dummy row)
+    kw = dict(max_new=[14, 6, 14], pad_id=tiny.tokenizer.pad_token_id, stop_ids=[tiny.tokenizer.eos_token_id])
+    plain = greedy_decode(tiny.model, x, mask, graphs="off", **kw)
+    static = greedy_decode(tiny.model, x, mask, graphs="eager", **kw)
+    assert torch.equal(plain, static)
+    assert plain.shape[1] == 14 and (plain != tiny.tokenizer.pad_token_id).any()
+    # the bucket: rows rounded up to a power of two, capacity to a multiple of 64
+    engine = graph_step.graph_engine(tiny.model, "eager")
+    cap = -(-(x.shape[1] + 14 + 1) // 64) * 64  # prompt + steps + 1, rounded up
+    assert list(engine.buckets) == [(4, cap)] and not engine.capture
+
+
+@torch.no_grad()
+def test_static_step_on_a_llama_with_grouped_query_attention():
+    from test_quant import tiny_llama
+
+    model = tiny_llama(exact=False).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, model.config.hidden_size, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded
+    kw = dict(max_new=[10, 10], pad_id=0)
+    assert torch.equal(greedy_decode(model, x, mask, graphs="off", use_lean=False, **kw),
+                       greedy_decode(model, x, mask, graphs="eager", use_lean=False, **kw))
+
+
+def test_through_generate_rows_prefix_cache_and_sampled_candidates(tiny):
+    """The real entry point: the prefix cache's past is adopted into the static cache, and k sampled candidates
+    per row (the cache copied k times before adoption) draw the same tokens as the plain loop at the same seed."""
+    prefix_cache.clear()
+    p = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random", seed=1))
+    rows = [row_for(tiny, s, p, T, GEN) for s in SOURCES]
+    eager, off = (dataclasses.replace(GEN, cuda_graphs=m) for m in ("eager", "off"))
+    assert generate_rows(tiny, rows, eager) == generate_rows(tiny, rows, off)
+    sampled_eager = dataclasses.replace(eager.with_candidates(4), seed=3)
+    sampled_off = dataclasses.replace(off.with_candidates(4), seed=3)
+    torch.manual_seed(0)
+    a = generate_rows(tiny, rows[:3], sampled_eager)
+    torch.manual_seed(0)
+    b = generate_rows(tiny, rows[:3], sampled_off)
+    assert a == b and all(len(c) == 4 for c in a)
+    assert engine_label(tiny, eager, len(rows)).endswith("+static-cache")
+    assert "static-cache" not in engine_label(tiny, off, len(rows))
+    assert "cuda-graphs" not in engine_label(tiny, GEN, len(rows))  # auto: CUDA only
+
+
+@torch.no_grad()
+def test_buckets_are_reused_and_bounded(tiny, monkeypatch):
+    engine = graph_step.GraphEngine(tiny.model, capture=False)
+    monkeypatch.setattr(graph_step, "MAX_BUCKETS", 2)
+    x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
+    out = tiny.model(inputs_embeds=x, attention_mask=mask, use_cache=True)
+    n = x.shape[1]
+    room = -(-n // 64) * 64 - n  # steps that fit the smallest capacity above n
+    for extra in (1, room, room + 64, room + 128):  # the first bucket is reused, then evicted
+        b = engine.start(out.past_key_values, mask, extra)
+        assert b.get_seq_length() == n and b.rows == 2
+    cap = n + room
+    assert list(engine.buckets) == [(2, cap + 64), (2, cap + 128)]
+    b = engine.start(out.past_key_values, mask, room)
+    step = (torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), None)
+    for _ in range(room):
+        b.step(*step)
+    with pytest.raises(RuntimeError, match="static cache full"):
+        b.step(*step)
+
+
+def test_graphs_off_where_they_cannot_apply(tiny):
+    assert graph_step.graph_engine(tiny.model, "auto") is None  # a CPU model: no capture
+    assert graph_step.graph_engine(tiny.model, "off") is None
+    assert graph_step.row_bucket(1) == 1 and graph_step.row_bucket(3) == 4 and graph_step.row_bucket(64) == 64
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        GenerationConfig(cuda_graphs="always")
