@@ -162,7 +162,7 @@ def greedy_decode(
         attn = attn.repeat_interleave(expand, 0) if attn is not None else None
     graph = None
     if lean is None and (engine := graph_engine(model, graphs)) is not None:
-        graph = engine.start(cache, attn, steps + 1)  # fixed rows: finished rows stay (no compaction)
+        graph = engine.start(cache, attn, steps + 1)  # fixed rows: finished rows stay (no compaction); None: too big
     prunable = graph is None and hasattr(cache, "batch_select_indices")
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 CAP_ROUND = 64  # capacity buckets: multiples of this many positions
 MAX_BUCKETS = 4  # graphs (with their static caches) kept per model
+# A bucket's static KV cache: OPT-1.3b at 128 rows x 256 positions is 6.4 GB. Larger batches take the plain
+# forward (their steps are not launch-bound anyway); the buckets kept stay under the total.
+MAX_BUCKET_BYTES = 8 << 30
+MAX_TOTAL_BYTES = 16 << 30
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -77,26 +81,40 @@ class GraphEngine:
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.disabled = ""  # why graphs were given up for this model (then steps run eagerly)
 
-    def start(self, cache, attn: torch.Tensor | None, extra: int) -> _Bucket:
+    def start(self, cache, attn: torch.Tensor | None, extra: int) -> _Bucket | None:
         """Copy a prefilled Hugging Face cache (B rows, n positions; ``attn`` (B, n) or None: all valid) into the
-        static cache of the bucket that fits B rows and n + ``extra`` positions; returns that bucket, ready to step."""
-        keys0 = cache.layers[0].keys  # (B, H_kv, n, D)
-        rows, n = keys0.shape[0], cache.get_seq_length()
+        static cache of the bucket that fits B rows and n + ``extra`` positions; returns that bucket, ready to
+        step, or None when its cache would exceed ``MAX_BUCKET_BYTES`` (the caller then uses the plain forward)."""
+        rows, n = cache.layers[0].keys.shape[0], cache.get_seq_length()  # keys (B, H_kv, n, D)
         cap = -(-(n + extra) // CAP_ROUND) * CAP_ROUND
         key = (row_bucket(rows), cap)
         bucket = self.buckets.get(key)
         if bucket is None:
+            size = _cache_bytes(cache, key[0], cap)
+            if size > MAX_BUCKET_BYTES:
+                return None
+            while self.buckets and (len(self.buckets) >= MAX_BUCKETS or self.bytes() + size > MAX_TOTAL_BYTES):
+                self.buckets.popitem(last=False)  # least recently used: its graph and static cache are freed
             bucket = _Bucket(self.model, cache, key[0], cap)
             if self.capture and not self.disabled:
                 self.disabled = bucket.capture()
                 if self.disabled:
                     log.warning("CUDA graphs off for this model, decoding eagerly: %s", self.disabled)
             self.buckets[key] = bucket
-            while len(self.buckets) > MAX_BUCKETS:
-                self.buckets.popitem(last=False)  # its graph and static cache are freed with it
         self.buckets.move_to_end(key)
         bucket.adopt(cache, attn, rows, n)
         return bucket
+
+
+    def bytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets.values())
+
+
+def _cache_bytes(like, rows: int, cap: int) -> int:
+    """Bytes of a static cache of ``rows`` x ``cap`` positions shaped like the HF cache ``like``."""
+    return sum(
+        rows * cap * (t.shape[1] * t.shape[3]) * t.element_size() for layer in like.layers for t in (layer.keys, layer.values)
+    )
 
 
 class _Bucket:
@@ -121,6 +139,7 @@ class _Bucket:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # (R, 1, V): the captured step's logits (static address)
         self.used, self.length = 0, 0  # real rows; positions held
+        self.nbytes = _cache_bytes(like, rows, cap)
 
     def _forward(self) -> torch.Tensor:
         kw = dict(self.keep, position_ids=self.pos) if self.pass_pos else dict(self.keep)
@@ -132,29 +151,41 @@ class _Bucket:
         for layer in self.cache.layers:  # the device-side write position of every layer
             layer.cumulative_length.fill_(n)
 
+    def _inputs(self, t: int) -> None:
+        """Test inputs for slot t (capture check): token t + 1 in every row, every slot up to t valid."""
+        self.ids.fill_(t + 1), self.pos.fill_(t), self.cpos.fill_(t)
+        self.mask.zero_()
+        self.mask[:, : t + 1] = 1
+
     def capture(self) -> str:
-        """Capture the step as a CUDA graph; '' when it worked and agrees with the eager step, else the reason."""
+        """Capture the step as a CUDA graph; '' when it worked and agrees with the eager step, else the reason.
+
+        The check runs two steps (slots 0 and 1) eagerly, then replays the graph over the same two: a value the
+        capture had baked in instead of reading from the buffers would show at the second slot."""
         try:
-            self.mask.zero_()
-            self.mask[:, 0] = 1
-            self.ids.zero_(), self.pos.zero_(), self.cpos.zero_()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():  # warm-up: cuBLAS handles, allocator pools
+            with torch.cuda.stream(side), torch.no_grad():  # warm-up (cuBLAS handles, allocator) + references
                 for _ in range(2):
                     self._set_length(0)
-                    eager = self._forward().clone()
+                    eager = []
+                    for t in (0, 1):
+                        self._inputs(t)
+                        eager.append(self._forward().float().clone())
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            self._inputs(0)
             self._set_length(0)
             with torch.no_grad(), torch.cuda.graph(graph):
                 out = self._forward()
             self._set_length(0)
-            graph.replay()
-            torch.cuda.synchronize()
-            err = (out.float() - eager.float()).abs().max().item()
-            if not err <= 1e-2 * max(1.0, eager.float().abs().max().item()):
-                return f"the captured step's logits differ from the eager step's by {err:.3g}"
+            for t in (0, 1):
+                self._inputs(t)
+                graph.replay()
+                ref = eager[t]
+                err = (out.float() - ref).abs().max().item()
+                if not err <= 1e-2 * max(1.0, ref.abs().max().item()):
+                    return f"the captured step's logits differ from the eager step's by {err:.3g} at slot {t}"
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         self.graph, self.out = graph, out

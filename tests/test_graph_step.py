@@ -110,3 +110,34 @@ def test_graphs_off_where_they_cannot_apply(tiny):
     assert graph_step.row_bucket(1) == 1 and graph_step.row_bucket(3) == 4 and graph_step.row_bucket(64) == 64
     with pytest.raises(ConfigError, match="cuda_graphs"):
         GenerationConfig(cuda_graphs="always")
+
+
+@torch.no_grad()
+def test_a_graph_that_cannot_be_captured_falls_back_to_the_eager_static_step(tiny, monkeypatch, caplog):
+    """Capture fails here (no CUDA): the engine records why, warns once, and decodes eagerly with the same tokens."""
+    import paraphrase_ray.decode_loop as D
+
+    engine = graph_step.GraphEngine(tiny.model, capture=True)
+    monkeypatch.setattr(D, "graph_engine", lambda model, mode: engine)
+    x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
+    kw = dict(max_new=[10, 10], pad_id=tiny.tokenizer.pad_token_id)
+    with caplog.at_level("WARNING", logger="paraphrase_ray.graph_step"):
+        fallback = greedy_decode(tiny.model, x, mask, **kw)
+    assert engine.disabled and "CUDA graphs off" in caplog.text
+    assert all(b.graph is None for b in engine.buckets.values())
+    assert torch.equal(fallback, greedy_decode(tiny.model, x, mask, graphs="off", **kw))
+
+
+@torch.no_grad()
+def test_a_batch_too_big_for_a_bucket_takes_the_plain_forward(tiny, monkeypatch):
+    engine = graph_step.GraphEngine(tiny.model, capture=False)
+    x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
+    out = tiny.model(inputs_embeds=x, attention_mask=mask, use_cache=True)
+    need = graph_step._cache_bytes(out.past_key_values, 2, 128)
+    monkeypatch.setattr(graph_step, "MAX_BUCKET_BYTES", need - 1)
+    assert engine.start(out.past_key_values, mask, 128 - x.shape[1]) is None and not engine.buckets
+    monkeypatch.setattr(graph_step, "MAX_BUCKET_BYTES", need)
+    monkeypatch.setattr(graph_step, "MAX_TOTAL_BYTES", need)  # room for one: the next evicts it
+    assert engine.start(out.past_key_values, mask, 128 - x.shape[1]).nbytes == need
+    engine.start(out.past_key_values, mask, 1)
+    assert len(engine.buckets) == 1 and engine.bytes() <= need
