@@ -410,6 +410,29 @@ def test_fractional_gpus_pack_four_trials_on_one_card(ray_session, tmp_path):
     assert df["together"].all()  # and all four at the same time
 
 
+def _saved_statuses(exp: Path) -> dict[str, str]:
+    """Trial id -> status in the newest experiment state Tune saved (what --resume restores)."""
+    states = sorted(exp.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    return {t["trial_id"]: t["status"] for t in (json.loads(tj) for tj, _ in data["trial_data"])}
+
+
+def _finished(exp: Path) -> dict[str, list[dict]]:
+    """Trials whose final report is in result.json *and* that the saved state marks TERMINATED: a final report
+    reaches result.json before Tune's next state save records the trial as done (until then --resume re-runs it
+    from its last checkpoint, which reports once more)."""
+    saved = _saved_statuses(exp)
+    return {
+        t: lines for t, lines in _result_lines(exp).items()
+        if lines and "train_status" in lines[-1] and saved.get(t) == "TERMINATED"
+    }
+
+
 def _result_lines(exp: Path) -> dict[str, list[dict]]:
     out = {}
     for f in exp.glob("run_trial_*/result.json"):
@@ -446,10 +469,10 @@ def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_d
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    try:  # interrupt once a trial has finished (its final report carries train_status)
+    try:  # interrupt once a trial has finished (its final report carries train_status, the state says so)
         deadline = time.time() + 600  # generous: a busy 2-core machine starts Ray and 3 processes slowly
         while time.time() < deadline and proc.poll() is None:
-            if any(lines and "train_status" in lines[-1] for lines in _result_lines(exp).values()):
+            if _finished(exp):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -461,8 +484,7 @@ def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_d
     first_log = (tmp_path / "first.log").read_text()
     assert rc == 130, first_log[-3000:]
     assert "--resume" in first_log and not (exp / "best").exists()
-    before = _result_lines(exp)
-    done_before = {t: lines for t, lines in before.items() if lines and "train_status" in lines[-1]}
+    done_before = _finished(exp)
     assert done_before
 
     assert main([*args, "--resume"]) == 0  # in-process, on the run's shared Ray (tune attaches to it)
