@@ -49,7 +49,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     space = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
     sweep_dir = Path(storage) / name
     # torch (~1.5 s to import) is needed by the sweep's first step; import it while Ray starts its processes
-    threading.Thread(target=importlib.import_module, args=("paraphrase_ray.data",), daemon=True).start()
+    threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     _init_ray(None)  # a fresh local Ray, ours: the sweep and Serve both run on it
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would land inside Tune's table
     background = ThreadPoolExecutor(1, thread_name_prefix="serve")
