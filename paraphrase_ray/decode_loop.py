@@ -162,7 +162,8 @@ def greedy_decode(
         attn = attn.repeat_interleave(expand, 0) if attn is not None else None
     graph = None
     if lean is None and (engine := graph_engine(model, graphs)) is not None:
-        graph = engine.start(cache, attn, steps + 1)  # fixed rows: finished rows stay (no compaction); None: too big
+        # fixed rows: finished rows stay (no compaction). None: too big, or in use by another thread
+        graph = engine.start(cache, attn, steps + 1)
     prunable = graph is None and hasattr(cache, "batch_select_indices")
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
@@ -170,52 +171,56 @@ def greedy_decode(
     guard = guards is not None and any(g is not None for g in guards)
     track = block or guard or bool(no_repeat_ngram)  # keep each row's generated ids
     n_steps = 0
-    for step in range(steps):
-        scores = last.float()  # (rows in batch, vocab), as HF copies them
-        live = (~done).tolist()
-        if block or guard or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
-            for k, r in enumerate(active.tolist()):
-                if live[k]:  # a finished row still in the batch (not compacted yet) needs no bans
-                    ban_row(scores[k], seqs[r], no_repeat_ngram, source_ngrams[r] if block else None,
-                            source_ngram_n, guards[r] if guard else None)
-        if src is not None:
-            scores = SourceRepetitionPenalty(src, penalty)(None, scores)
-        nxt = sampler(scores) if sampler is not None else scores.argmax(dim=-1)  # (rows in batch,)
-        out[active[~done], step] = nxt[~done]
-        n_steps = step + 1
-        if track:
-            for r, t, ok in zip(active.tolist(), nxt.tolist(), live):
-                if ok:
-                    seqs[r].append(t)
-        stop = lim <= n_steps
-        if stop_t.numel():
-            stop |= torch.isin(nxt, stop_t)
-        if nl_t.numel():
-            is_nl = torch.isin(nxt, nl_t)
-            stop |= is_nl & has_text
-            has_text = has_text | ~is_nl
-        done = done | stop
-        n_done = int(done.sum())  # one host sync per step, as in HF's loop
-        if n_done == done.shape[0]:
-            break
-        # Drop finished rows once they are a quarter of the batch: compacting copies the whole KV cache, so
-        # doing it whenever any row ends (every step, in a batch of 128 candidates) cost more than it saved.
-        if prunable and n_done and 4 * n_done >= done.shape[0]:
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            active, nxt, pos, done, lim, has_text = (t[keep] for t in (active, nxt, pos, done, lim, has_text))
-            attn = attn[keep] if attn is not None else None
-            src = src[keep] if src is not None else None
-        # (without pruning, stopped rows run on; rows never see each other, so their tokens change nothing)
-        if attn is not None:
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
-        if lean is not None:
-            last = lean(nxt[:, None], pos, attn, cache)[:, -1]
-        elif graph is not None:
-            last = graph.step(nxt[:, None], pos, attn)
-        else:
-            res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
-            last = res.logits[:, -1]
+    try:
+        for step in range(steps):
+            scores = last.float()  # (rows in batch, vocab), as HF copies them
+            live = (~done).tolist()
+            if block or guard or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
+                for k, r in enumerate(active.tolist()):
+                    if live[k]:  # a finished row still in the batch (not compacted yet) needs no bans
+                        ban_row(scores[k], seqs[r], no_repeat_ngram, source_ngrams[r] if block else None,
+                                source_ngram_n, guards[r] if guard else None)
+            if src is not None:
+                scores = SourceRepetitionPenalty(src, penalty)(None, scores)
+            nxt = sampler(scores) if sampler is not None else scores.argmax(dim=-1)  # (rows in batch,)
+            out[active[~done], step] = nxt[~done]
+            n_steps = step + 1
+            if track:
+                for r, t, ok in zip(active.tolist(), nxt.tolist(), live):
+                    if ok:
+                        seqs[r].append(t)
+            stop = lim <= n_steps
+            if stop_t.numel():
+                stop |= torch.isin(nxt, stop_t)
+            if nl_t.numel():
+                is_nl = torch.isin(nxt, nl_t)
+                stop |= is_nl & has_text
+                has_text = has_text | ~is_nl
+            done = done | stop
+            n_done = int(done.sum())  # one host sync per step, as in HF's loop
+            if n_done == done.shape[0]:
+                break
+            # Drop finished rows once they are a quarter of the batch: compacting copies the whole KV cache, so
+            # doing it whenever any row ends (every step, in a batch of 128 candidates) cost more than it saved.
+            if prunable and n_done and 4 * n_done >= done.shape[0]:
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, nxt, pos, done, lim, has_text = (t[keep] for t in (active, nxt, pos, done, lim, has_text))
+                attn = attn[keep] if attn is not None else None
+                src = src[keep] if src is not None else None
+            # (without pruning, stopped rows run on; rows never see each other, so their tokens change nothing)
+            if attn is not None:
+                attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            kwargs = dict(extra, position_ids=pos) if pass_pos else dict(extra)
+            if lean is not None:
+                last = lean(nxt[:, None], pos, attn, cache)[:, -1]
+            elif graph is not None:
+                last = graph.step(nxt[:, None], pos, attn)
+            else:
+                res = model(input_ids=nxt[:, None], attention_mask=attn, use_cache=True, **{cache_key: cache}, **kwargs)
+                last = res.logits[:, -1]
+    finally:
+        if graph is not None:
+            graph.release()  # the bucket may serve the next decode
     return out[:, :n_steps]

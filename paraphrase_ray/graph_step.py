@@ -80,31 +80,36 @@ class GraphEngine:
         self.model, self.capture = model, capture
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.disabled = ""  # why graphs were given up for this model (then steps run eagerly)
+        self._lock = threading.Lock()  # a bucket serves one decode at a time (threads may share the model)
 
     def start(self, cache, attn: torch.Tensor | None, extra: int) -> _Bucket | None:
         """Copy a prefilled Hugging Face cache (B rows, n positions; ``attn`` (B, n) or None: all valid) into the
         static cache of the bucket that fits B rows and n + ``extra`` positions; returns that bucket, ready to
-        step, or None when its cache would exceed ``MAX_BUCKET_BYTES`` (the caller then uses the plain forward)."""
+        step, or None when its cache would exceed ``MAX_BUCKET_BYTES`` or another decode is using it (the caller
+        then uses the plain forward). The caller hands it back with ``release()`` when its decode ends."""
         rows, n = cache.layers[0].keys.shape[0], cache.get_seq_length()  # keys (B, H_kv, n, D)
         cap = -(-(n + extra) // CAP_ROUND) * CAP_ROUND
         key = (row_bucket(rows), cap)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            size = _cache_bytes(cache, key[0], cap)
-            if size > MAX_BUCKET_BYTES:
+        with self._lock:
+            bucket = self.buckets.get(key)
+            if bucket is None:
+                size = _cache_bytes(cache, key[0], cap)
+                if size > MAX_BUCKET_BYTES:
+                    return None
+                while self.buckets and (len(self.buckets) >= MAX_BUCKETS or self.bytes() + size > MAX_TOTAL_BYTES):
+                    self.buckets.popitem(last=False)  # least recently used: its graph and static cache are freed
+                bucket = _Bucket(self.model, cache, key[0], cap)
+                if self.capture and not self.disabled:
+                    self.disabled = bucket.capture()
+                    if self.disabled:
+                        log.warning("CUDA graphs off for this model, decoding eagerly: %s", self.disabled)
+                self.buckets[key] = bucket
+            elif bucket.busy:
                 return None
-            while self.buckets and (len(self.buckets) >= MAX_BUCKETS or self.bytes() + size > MAX_TOTAL_BYTES):
-                self.buckets.popitem(last=False)  # least recently used: its graph and static cache are freed
-            bucket = _Bucket(self.model, cache, key[0], cap)
-            if self.capture and not self.disabled:
-                self.disabled = bucket.capture()
-                if self.disabled:
-                    log.warning("CUDA graphs off for this model, decoding eagerly: %s", self.disabled)
-            self.buckets[key] = bucket
-        self.buckets.move_to_end(key)
+            self.buckets.move_to_end(key)
+            bucket.busy = True
         bucket.adopt(cache, attn, rows, n)
         return bucket
-
 
     def bytes(self) -> int:
         return sum(b.nbytes for b in self.buckets.values())
@@ -140,6 +145,7 @@ class _Bucket:
         self.out: torch.Tensor | None = None  # (R, 1, V): the captured step's logits (static address)
         self.used, self.length = 0, 0  # real rows; positions held
         self.nbytes = _cache_bytes(like, rows, cap)
+        self.busy = False  # adopted by a decode that has not released it yet
 
     def _forward(self) -> torch.Tensor:
         kw = dict(self.keep, position_ids=self.pos) if self.pass_pos else dict(self.keep)
@@ -204,6 +210,10 @@ class _Bucket:
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def release(self) -> None:
+        """The decode using this bucket is over: the next one may adopt it."""
+        self.busy = False
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:

@@ -94,9 +94,11 @@ def test_buckets_are_reused_and_bounded(tiny, monkeypatch):
     for extra in (1, room, room + 64, room + 128):  # the first bucket is reused, then evicted
         b = engine.start(out.past_key_values, mask, extra)
         assert b.get_seq_length() == n and b.rows == 2
+        b.release()
     cap = n + room
     assert list(engine.buckets) == [(2, cap + 64), (2, cap + 128)]
     b = engine.start(out.past_key_values, mask, room)
+    assert engine.start(out.past_key_values, mask, room) is None  # in use (another thread's decode): no sharing
     step = (torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), None)
     for _ in range(room):
         b.step(*step)
@@ -138,6 +140,20 @@ def test_a_batch_too_big_for_a_bucket_takes_the_plain_forward(tiny, monkeypatch)
     assert engine.start(out.past_key_values, mask, 128 - x.shape[1]) is None and not engine.buckets
     monkeypatch.setattr(graph_step, "MAX_BUCKET_BYTES", need)
     monkeypatch.setattr(graph_step, "MAX_TOTAL_BYTES", need)  # room for one: the next evicts it
-    assert engine.start(out.past_key_values, mask, 128 - x.shape[1]).nbytes == need
+    engine.start(out.past_key_values, mask, 128 - x.shape[1]).release()
     engine.start(out.past_key_values, mask, 1)
     assert len(engine.buckets) == 1 and engine.bytes() <= need
+
+
+@torch.no_grad()
+def test_each_decode_hands_its_bucket_back(tiny):
+    """greedy_decode releases its bucket when it ends (normally or not), so the next call reuses the graph."""
+    engine = graph_step.graph_engine(tiny.model, "eager")
+    x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
+    kw = dict(max_new=[6, 6], pad_id=tiny.tokenizer.pad_token_id)
+    first = greedy_decode(tiny.model, x, mask, graphs="eager", **kw)
+    assert len(engine.buckets) == 1 and not any(b.busy for b in engine.buckets.values())
+    with pytest.raises(AttributeError):  # a decode that fails midway (a broken guard) still hands it back
+        greedy_decode(tiny.model, x, mask, graphs="eager", guards=[object(), object()], **kw)
+    assert not any(b.busy for b in engine.buckets.values())
+    assert torch.equal(first, greedy_decode(tiny.model, x, mask, graphs="eager", **kw)) and len(engine.buckets) == 1
