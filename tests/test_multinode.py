@@ -374,17 +374,28 @@ def test_multinode_evaluator_survives_the_loss_of_its_node(cluster):
     triple = (["The cat sat on the mat."], ["A cat was sitting on the mat."], ["The cat sat on a mat."])
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     try:
-        victim = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
-        handle = get_evaluator(
-            name, namespace, num_cpus=0, max_restarts=3,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(victim.node_id, soft=True),
-        )
-        client = EvaluatorClient(name, namespace, num_cpus=0, timeout_s=300)
-        before = client.info()
-        node = ray._private.state.actors(before["actor_id"])["Address"]["NodeID"]  # where Ray put it
-        victim = next((n for n in cluster.worker_nodes if n.node_id == node), None)
-        if victim is None:
-            pytest.skip("Ray placed the evaluator on the head (soft affinity); its loss is the head's loss")
+        cluster.wait_for_nodes()  # a node added by an earlier test may still be registering
+        for _ in range(5):  # soft affinity (what tune.py uses) may still place it on the head: place it again
+            target = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+            handle = get_evaluator(
+                name, namespace, num_cpus=0, max_restarts=3,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(target.node_id, soft=True),
+            )
+            client = EvaluatorClient(name, namespace, num_cpus=0, timeout_s=300)
+            before = client.info()
+            node = ray._private.state.actors(before["actor_id"])["Address"]["NodeID"]  # where Ray put it
+            victim = next((n for n in cluster.worker_nodes if n.node_id == node), None)
+            if victim is not None:
+                break
+            ray.kill(handle, no_restart=True)
+            deadline = time.time() + 30
+            while time.time() < deadline:  # the name is free once the actor is dead
+                try:
+                    ray.get_actor(name, namespace=namespace)
+                except ValueError:
+                    break
+                time.sleep(0.2)
+        assert victim is not None, "Ray placed the evaluator on the head 5 times despite the affinity"
         scores = client.score(*triple)
         cluster.remove_node(victim, allow_graceful=False)
         cluster.add_node(num_cpus=1)  # the replacement VM (for the tests after this one)
