@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 SENTENCES = [
@@ -30,6 +30,20 @@ SENTENCES = [
     "The company reported higher profits than analysts had expected.",
     "She finished the marathon despite a painful knee injury.",
 ]
+
+
+def _background(fn, *args, **kwargs) -> Future:
+    """``fn`` in a daemon thread: a Serve call still waiting when the demo ends never holds the process open."""
+    fut: Future = Future()
+
+    def target() -> None:
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(e)
+
+    threading.Thread(target=target, name="serve", daemon=True).start()
+    return fut
 
 
 def _banner(text: str) -> None:
@@ -52,11 +66,10 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     _init_ray(None)  # a fresh local Ray, ours: the sweep and Serve both run on it
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would land inside Tune's table
-    background = ThreadPoolExecutor(1, thread_name_prefix="serve")
     port = serve_runner.free_port()
     # Serve's controller and HTTP proxy start now, beside the sweep's start-up: they need no prompt, and once
     # up they idle; the deployment itself (model replica) waits for the sweep's best prompt.
-    background.submit(serve_runner.start_local, port=port, host="127.0.0.1", log_level="WARNING")
+    serve_started = _background(serve_runner.start_local, port=port, host="127.0.0.1", log_level="WARNING")
     try:
         _banner(f"1/3 quickstart sweep -> {sweep_dir}")
         args = ["tune", "--space", str(space), "--name", name, "--storage", storage]
@@ -74,14 +87,12 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
         # Step 3's deployment, started now: it runs while step 2 loads the model and decodes.
         settings = ServeSettings(prompts=(f"best={best}",))
         cpus = int(ray.cluster_resources().get("CPU", 1))  # the sweep is over: the replica may use all of it
-        deploy = background.submit(
-            serve_runner.run_local,
-            settings,
-            "127.0.0.1",
-            port,
-            replica_cpus=cpus,
-            log_level="WARNING",
-        )
+
+        def deploy_best() -> str:
+            serve_started.result()  # the controller first (a resumed sweep returns in seconds)
+            return serve_runner.run_local(settings, "127.0.0.1", port, replica_cpus=cpus, log_level="WARNING")
+
+        deploy = _background(deploy_best)
 
         _banner("2/3 paraphrases from the best prompt (offline)")
         inp = sweep_dir / "demo_input.jsonl"
@@ -100,7 +111,6 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
         print(f"(the same app from a shell: paraphrase-ray serve --prompt best={best})", flush=True)
         serve_runner.ask_all(deploy.result())
     finally:
-        background.shutdown(wait=False, cancel_futures=True)
         ray.shutdown()
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return 0

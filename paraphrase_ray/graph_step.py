@@ -26,7 +26,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -42,7 +41,7 @@ MAX_BUCKETS = 4  # graphs (with their static caches) kept per model
 # forward (their steps are not launch-bound anyway); the buckets kept stay under the total.
 MAX_BUCKET_BYTES = 8 << 30
 MAX_TOTAL_BYTES = 16 << 30
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ATTR = "_paraphrase_ray_graph_engines"  # on the model: engines (and their caches) go when the model goes
 _LOCK = threading.Lock()
 
 
@@ -67,10 +66,11 @@ def graph_engine(model: nn.Module, mode: str = "auto") -> GraphEngine | None:
     if capture and next(model.parameters()).device.type != "cuda":
         return None
     with _LOCK:
-        per_model = _ENGINES.setdefault(model, {})
+        per_model = model.__dict__.setdefault(_ATTR, {})  # not a submodule or buffer: a plain attribute
         if capture not in per_model:
             per_model[capture] = GraphEngine(model, capture)
-        return per_model[capture]
+        engine = per_model[capture]
+    return None if engine.unsupported else engine
 
 
 class GraphEngine:
@@ -81,6 +81,7 @@ class GraphEngine:
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.disabled = ""  # why graphs were given up for this model (then steps run eagerly)
         self._lock = threading.Lock()  # a bucket serves one decode at a time (threads may share the model)
+        self.unsupported = ""  # why no static cache fits this model (e.g. sliding-window layers): plain forward
 
     def start(self, cache, attn: torch.Tensor | None, extra: int) -> _Bucket | None:
         """Copy a prefilled Hugging Face cache (B rows, n positions; ``attn`` (B, n) or None: all valid) into the
@@ -88,27 +89,52 @@ class GraphEngine:
         step, or None when its cache would exceed ``MAX_BUCKET_BYTES`` or another decode is using it (the caller
         then uses the plain forward). The caller hands it back with ``release()`` when its decode ends."""
         rows, n = cache.layers[0].keys.shape[0], cache.get_seq_length()  # keys (B, H_kv, n, D)
-        cap = -(-(n + extra) // CAP_ROUND) * CAP_ROUND
-        key = (row_bucket(rows), cap)
+        need = -(-(n + extra) // CAP_ROUND) * CAP_ROUND
+        r = row_bucket(rows)
         with self._lock:
+            # a free bucket with these rows and room enough (up to twice the need) saves a capture
+            fits = [k for k, b in self.buckets.items() if k[0] == r and need <= k[1] <= 2 * need and not b.busy]
+            key = min(fits, key=lambda k: k[1]) if fits else (r, need)
             bucket = self.buckets.get(key)
             if bucket is None:
-                size = _cache_bytes(cache, key[0], cap)
-                if size > MAX_BUCKET_BYTES:
+                bucket = self._new_bucket(cache, r, need)
+                if bucket is None:
                     return None
-                while self.buckets and (len(self.buckets) >= MAX_BUCKETS or self.bytes() + size > MAX_TOTAL_BYTES):
-                    self.buckets.popitem(last=False)  # least recently used: its graph and static cache are freed
-                bucket = _Bucket(self.model, cache, key[0], cap)
-                if self.capture and not self.disabled:
-                    self.disabled = bucket.capture()
-                    if self.disabled:
-                        log.warning("CUDA graphs off for this model, decoding eagerly: %s", self.disabled)
-                self.buckets[key] = bucket
             elif bucket.busy:
                 return None
             self.buckets.move_to_end(key)
             bucket.busy = True
-        bucket.adopt(cache, attn, rows, n)
+        try:
+            bucket.adopt(cache, attn, rows, n)
+        except Exception:
+            bucket.busy = False
+            raise
+        return bucket
+
+    def _new_bucket(self, cache, rows: int, cap: int) -> _Bucket | None:
+        """Build (and capture) a bucket, making room by evicting free ones; None when it cannot be had."""
+        size = _cache_bytes(cache, rows, cap)
+        if size > MAX_BUCKET_BYTES:
+            return None
+        for k in [k for k, b in self.buckets.items() if not b.busy]:  # least recently used first
+            if len(self.buckets) < MAX_BUCKETS and self.bytes() + size <= MAX_TOTAL_BYTES:
+                break
+            del self.buckets[k]  # its graph and static cache are freed with it
+        if len(self.buckets) >= MAX_BUCKETS or self.bytes() + size > MAX_TOTAL_BYTES:
+            return None  # the rest are in use by other decodes
+        try:
+            bucket = _Bucket(self.model, cache, rows, cap)
+        except _Unsupported as e:
+            self.unsupported = str(e)
+            log.info("no static-cache decode for this model: %s", e)
+            return None
+        except torch.OutOfMemoryError:
+            return None  # the plain forward needs less
+        if self.capture and not self.disabled:
+            self.disabled = bucket.capture()
+            if self.disabled:
+                log.warning("CUDA graphs off for this model, decoding eagerly: %s", self.disabled)
+        self.buckets[(rows, cap)] = bucket
         return bucket
 
     def bytes(self) -> int:
@@ -122,6 +148,10 @@ def _cache_bytes(like, rows: int, cap: int) -> int:
     )
 
 
+class _Unsupported(Exception):
+    pass
+
+
 class _Bucket:
     """One (R rows, capacity) static cache, its input buffers and (once captured) its CUDA graph."""
 
@@ -131,6 +161,9 @@ class _Bucket:
         self.model, self.rows, self.cap = model, rows, cap
         dev = like.layers[0].keys.device
         self.cache = StaticCache(config=model.config, max_cache_len=cap)
+        kinds = {type(layer).__name__ for layer in self.cache.layers}
+        if kinds != {"StaticLayer"}:  # sliding-window layers roll their buffer on a host-side counter
+            raise _Unsupported(f"cache layers {sorted(kinds)}: only full-attention StaticLayer is supported")
         for layer, src in zip(self.cache.layers, like.layers, strict=True):  # allocate (R, H, cap, D) buffers
             k, v = src.keys, src.values
             layer.lazy_initialization(k.new_empty(rows, *k.shape[1:]), v.new_empty(rows, *v.shape[1:]))
@@ -182,7 +215,8 @@ class _Bucket:
             graph = torch.cuda.CUDAGraph()
             self._inputs(0)
             self._set_length(0)
-            with torch.no_grad(), torch.cuda.graph(graph):
+            # thread_local: another thread's CUDA work (Serve's rerank thread) cannot invalidate this capture
+            with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._forward()
             self._set_length(0)
             for t in (0, 1):

@@ -97,10 +97,12 @@ def test_buckets_are_reused_and_bounded(tiny, monkeypatch):
         b.release()
     cap = n + room
     assert list(engine.buckets) == [(2, cap + 64), (2, cap + 128)]
-    b = engine.start(out.past_key_values, mask, room)
-    assert engine.start(out.past_key_values, mask, room) is None  # in use (another thread's decode): no sharing
+    b = engine.start(out.past_key_values, mask, room)  # the smallest free bucket with room (<= 2x the need)
+    assert b.cap == cap + 64 and list(engine.buckets) == [(2, cap + 128), (2, cap + 64)]
+    other = engine.start(out.past_key_values, mask, room)  # b is in use (another thread's decode): never shared
+    assert other is not b
     step = (torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), None)
-    for _ in range(room):
+    for _ in range(b.cap - n):
         b.step(*step)
     with pytest.raises(RuntimeError, match="static cache full"):
         b.step(*step)
@@ -157,3 +159,49 @@ def test_each_decode_hands_its_bucket_back(tiny):
         greedy_decode(tiny.model, x, mask, graphs="eager", guards=[object(), object()], **kw)
     assert not any(b.busy for b in engine.buckets.values())
     assert torch.equal(first, greedy_decode(tiny.model, x, mask, graphs="eager", **kw)) and len(engine.buckets) == 1
+
+
+@torch.no_grad()
+def test_a_reused_bucket_keeps_nothing_of_the_previous_decode(tiny):
+    """Same bucket, other rows: no key, value or mask of the earlier decode leaks into the next one."""
+    kw = dict(max_new=[10, 10], pad_id=tiny.tokenizer.pad_token_id)
+    a = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
+    b = _left_padded(tiny.model, tiny.tokenizer, [SOURCES[3][:60], SOURCES[4][:40]])  # shorter: stale slots after
+    greedy_decode(tiny.model, *a, graphs="eager", **kw)
+    engine = graph_step.graph_engine(tiny.model, "eager")
+    first = dict(engine.buckets)
+    got = greedy_decode(tiny.model, *b, graphs="eager", **kw)
+    assert dict(engine.buckets) == first  # the same bucket served both (a larger one fits: no new capture)
+    assert torch.equal(got, greedy_decode(tiny.model, *b, graphs="off", **kw))
+
+
+def test_engines_go_with_their_model(tiny_model_dir):
+    import gc
+    import weakref
+
+    from paraphrase_ray.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    x, mask = _left_padded(loaded.model, loaded.tokenizer, SOURCES[:2])
+    with torch.no_grad():
+        greedy_decode(loaded.model, x, mask, [4, 4], pad_id=0, graphs="eager")
+    assert graph_step.graph_engine(loaded.model, "eager").buckets
+    ref = weakref.ref(loaded.model)
+    del loaded, x, mask
+    gc.collect()
+    assert ref() is None  # nothing global keeps the model (or its static caches) alive
+
+
+@torch.no_grad()
+def test_sliding_window_models_take_the_plain_forward():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    model = MistralForCausalLM(cfg).eval()
+    x, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long)
+    kw = dict(max_new=[12, 12], pad_id=0)  # past the window: a rolling cache would matter
+    assert torch.equal(greedy_decode(model, x, mask, graphs="eager", **kw),
+                       greedy_decode(model, x, mask, graphs="off", **kw))
+    assert graph_step.graph_engine(model, "eager") is None  # told once, then not tried again
