@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -41,7 +42,9 @@ MAX_BUCKETS = 4  # graphs (with their static caches) kept per model
 # forward (their steps are not launch-bound anyway); the buckets kept stay under the total.
 MAX_BUCKET_BYTES = 8 << 30
 MAX_TOTAL_BYTES = 16 << 30
-_ATTR = "_paraphrase_ray_graph_engines"  # on the model: engines (and their caches) go when the model goes
+# model -> {capture: engine}. Engines and buckets hold the model weakly, so an entry (with its static caches)
+# goes when the model does.
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -66,7 +69,7 @@ def graph_engine(model: nn.Module, mode: str = "auto") -> GraphEngine | None:
     if capture and next(model.parameters()).device.type != "cuda":
         return None
     with _LOCK:
-        per_model = model.__dict__.setdefault(_ATTR, {})  # not a submodule or buffer: a plain attribute
+        per_model = _ENGINES.setdefault(model, {})
         if capture not in per_model:
             per_model[capture] = GraphEngine(model, capture)
         engine = per_model[capture]
@@ -77,11 +80,13 @@ class GraphEngine:
     """Static-cache buckets of one model; ``start`` picks (and on first use builds) the bucket for a batch."""
 
     def __init__(self, model: nn.Module, capture: bool):
-        self.model, self.capture = model, capture
+        self._model, self.capture = weakref.ref(model), capture
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.disabled = ""  # why graphs were given up for this model (then steps run eagerly)
         self._lock = threading.Lock()  # a bucket serves one decode at a time (threads may share the model)
-        self.unsupported = ""  # why no static cache fits this model (e.g. sliding-window layers): plain forward
+        self.unsupported = (
+            ""  # why no static cache fits this model (e.g. sliding-window layers): plain forward
+        )
 
     def start(self, cache, attn: torch.Tensor | None, extra: int) -> _Bucket | None:
         """Copy a prefilled Hugging Face cache (B rows, n positions; ``attn`` (B, n) or None: all valid) into the
@@ -93,7 +98,9 @@ class GraphEngine:
         r = row_bucket(rows)
         with self._lock:
             # a free bucket with these rows and room enough (up to twice the need) saves a capture
-            fits = [k for k, b in self.buckets.items() if k[0] == r and need <= k[1] <= 2 * need and not b.busy]
+            fits = [
+                k for k, b in self.buckets.items() if k[0] == r and need <= k[1] <= 2 * need and not b.busy
+            ]
             key = min(fits, key=lambda k: k[1]) if fits else (r, need)
             bucket = self.buckets.get(key)
             if bucket is None:
@@ -123,7 +130,7 @@ class GraphEngine:
         if len(self.buckets) >= MAX_BUCKETS or self.bytes() + size > MAX_TOTAL_BYTES:
             return None  # the rest are in use by other decodes
         try:
-            bucket = _Bucket(self.model, cache, rows, cap)
+            bucket = _Bucket(self._model(), cache, rows, cap)
         except _Unsupported as e:
             self.unsupported = str(e)
             log.info("no static-cache decode for this model: %s", e)
@@ -144,7 +151,9 @@ class GraphEngine:
 def _cache_bytes(like, rows: int, cap: int) -> int:
     """Bytes of a static cache of ``rows`` x ``cap`` positions shaped like the HF cache ``like``."""
     return sum(
-        rows * cap * (t.shape[1] * t.shape[3]) * t.element_size() for layer in like.layers for t in (layer.keys, layer.values)
+        rows * cap * (t.shape[1] * t.shape[3]) * t.element_size()
+        for layer in like.layers
+        for t in (layer.keys, layer.values)
     )
 
 
@@ -158,7 +167,7 @@ class _Bucket:
     def __init__(self, model: nn.Module, like, rows: int, cap: int):
         from transformers import StaticCache
 
-        self.model, self.rows, self.cap = model, rows, cap
+        self._model, self.rows, self.cap = weakref.ref(model), rows, cap
         dev = like.layers[0].keys.device
         self.cache = StaticCache(config=model.config, max_cache_len=cap)
         kinds = {type(layer).__name__ for layer in self.cache.layers}
@@ -182,8 +191,11 @@ class _Bucket:
 
     def _forward(self) -> torch.Tensor:
         kw = dict(self.keep, position_ids=self.pos) if self.pass_pos else dict(self.keep)
-        kw[cache_kwarg(self.model)] = self.cache
-        res = self.model(input_ids=self.ids, attention_mask=self.mask, cache_position=self.cpos, use_cache=True, **kw)
+        model = self._model()  # alive: a decode on this bucket holds it
+        kw[cache_kwarg(model)] = self.cache
+        res = model(
+            input_ids=self.ids, attention_mask=self.mask, cache_position=self.cpos, use_cache=True, **kw
+        )
         return res.logits  # (R, 1, V)
 
     def _set_length(self, n: int) -> None:

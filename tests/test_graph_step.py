@@ -37,7 +37,9 @@ def _left_padded(model, tok, texts):
 
 @torch.no_grad()
 def test_static_step_gives_the_plain_loops_tokens_with_left_padding_and_mixed_lengths(tiny):
-    x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:3])  # 3 rows -> a 4-row bucket (one dummy row)
+    x, mask = _left_padded(
+        tiny.model, tiny.tokenizer, SOURCES[:3]
+    )  # 3 rows -> a 4-row bucket (one dummy row)
     kw = dict(max_new=[14, 6, 14], pad_id=tiny.tokenizer.pad_token_id, stop_ids=[tiny.tokenizer.eos_token_id])
     plain = greedy_decode(tiny.model, x, mask, graphs="off", **kw)
     static = greedy_decode(tiny.model, x, mask, graphs="eager", **kw)
@@ -59,8 +61,10 @@ def test_static_step_on_a_llama_with_grouped_query_attention():
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :3] = 0  # row 1 is left-padded
     kw = dict(max_new=[10, 10], pad_id=0)
-    assert torch.equal(greedy_decode(model, x, mask, graphs="off", use_lean=False, **kw),
-                       greedy_decode(model, x, mask, graphs="eager", use_lean=False, **kw))
+    assert torch.equal(
+        greedy_decode(model, x, mask, graphs="off", use_lean=False, **kw),
+        greedy_decode(model, x, mask, graphs="eager", use_lean=False, **kw),
+    )
 
 
 def test_through_generate_rows_prefix_cache_and_sampled_candidates(tiny):
@@ -99,7 +103,9 @@ def test_buckets_are_reused_and_bounded(tiny, monkeypatch):
     assert list(engine.buckets) == [(2, cap + 64), (2, cap + 128)]
     b = engine.start(out.past_key_values, mask, room)  # the smallest free bucket with room (<= 2x the need)
     assert b.cap == cap + 64 and list(engine.buckets) == [(2, cap + 128), (2, cap + 64)]
-    other = engine.start(out.past_key_values, mask, room)  # b is in use (another thread's decode): never shared
+    other = engine.start(
+        out.past_key_values, mask, room
+    )  # b is in use (another thread's decode): never shared
     assert other is not b
     step = (torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), None)
     for _ in range(b.cap - n):
@@ -158,7 +164,10 @@ def test_each_decode_hands_its_bucket_back(tiny):
     with pytest.raises(AttributeError):  # a decode that fails midway (a broken guard) still hands it back
         greedy_decode(tiny.model, x, mask, graphs="eager", guards=[object(), object()], **kw)
     assert not any(b.busy for b in engine.buckets.values())
-    assert torch.equal(first, greedy_decode(tiny.model, x, mask, graphs="eager", **kw)) and len(engine.buckets) == 1
+    assert (
+        torch.equal(first, greedy_decode(tiny.model, x, mask, graphs="eager", **kw))
+        and len(engine.buckets) == 1
+    )
 
 
 @torch.no_grad()
@@ -166,7 +175,9 @@ def test_a_reused_bucket_keeps_nothing_of_the_previous_decode(tiny):
     """Same bucket, other rows: no key, value or mask of the earlier decode leaks into the next one."""
     kw = dict(max_new=[10, 10], pad_id=tiny.tokenizer.pad_token_id)
     a = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
-    b = _left_padded(tiny.model, tiny.tokenizer, [SOURCES[3][:60], SOURCES[4][:40]])  # shorter: stale slots after
+    b = _left_padded(
+        tiny.model, tiny.tokenizer, [SOURCES[3][:60], SOURCES[4][:40]]
+    )  # shorter: stale slots after
     greedy_decode(tiny.model, *a, graphs="eager", **kw)
     engine = graph_step.graph_engine(tiny.model, "eager")
     first = dict(engine.buckets)
@@ -197,11 +208,19 @@ def test_sliding_window_models_take_the_plain_forward():
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
     model = MistralForCausalLM(cfg).eval()
     x, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long)
     kw = dict(max_new=[12, 12], pad_id=0)  # past the window: a rolling cache would matter
-    assert torch.equal(greedy_decode(model, x, mask, graphs="eager", **kw),
-                       greedy_decode(model, x, mask, graphs="off", **kw))
+    assert torch.equal(
+        greedy_decode(model, x, mask, graphs="eager", **kw), greedy_decode(model, x, mask, graphs="off", **kw)
+    )
     assert graph_step.graph_engine(model, "eager") is None  # told once, then not tried again
