@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -92,12 +91,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", metavar="[NAME=]DIR", help="prompt dirs to serve (local run)")
@@ -126,7 +119,7 @@ def main() -> int:
             batch_wait_timeout_s=args.batch_wait,
         )
         t0 = time.perf_counter()
-        url = serve_runner.run_local(settings, "127.0.0.1", free_port(), device=args.device)
+        url = serve_runner.run_local(settings, "127.0.0.1", serve_runner.free_port(), device=args.device)
         print(f"server ready in {time.perf_counter() - t0:.0f} s at {url}", file=sys.stderr)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:

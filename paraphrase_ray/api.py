@@ -36,6 +36,38 @@ def decoding_for(meta: PromptMeta, num_candidates: int = 1, **decoding: Any) -> 
     return gen.with_candidates(num_candidates)
 
 
+def paraphrase_job(
+    prompt: str, sources: Sequence[str], num_candidates: int = DEFAULT_CANDIDATES, *, model: str | None = None,
+    device: str = "auto", batch_size: int = 16, embedder: str | None = None, max_new_tokens: int | None = None,
+    quantize: str = "auto", progress: bool = False,
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """``paraphrase-ray paraphrase`` in-process: candidates per source (best first) and the run's stats
+    ``{"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates"}``; ``generate_s`` excludes loading."""
+    import time
+
+    from .generate import engine_label
+
+    t0 = time.perf_counter()
+    loaded, bundle = load_prompt(prompt, model, device)
+    gen = decoding_for(bundle.info, num_candidates, max_new_tokens=max_new_tokens, quantize=quantize)
+    path = engine_label(loaded, gen, len(sources))  # builds the low-bit copy (once) before the clock starts: loading
+    t1 = time.perf_counter()
+    cands = paraphrase_texts(loaded, bundle, list(sources), gen, batch_size, embedder, progress=progress)
+    t2 = time.perf_counter()
+    # new tokens: every returned candidate, re-tokenized (stop tokens not counted)
+    n_new = sum(len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for cs in cands for c in cs)
+    stats = {"rows": len(sources), "new_tokens": n_new, "generate_s": round(t2 - t1, 3),
+             "load_s": round(t1 - t0, 3), "path": path, "num_candidates": num_candidates}
+    return cands, stats
+
+
+def job_summary(stats: dict[str, Any], out: str | Path) -> str:
+    """The one line a file job prints, e.g. "wrote 200 paraphrases to x.jsonl in 41 s (190 new tokens/s, ...)"."""
+    gen_s = stats["generate_s"]
+    return (f"wrote {stats['rows']} paraphrases to {out} in {gen_s:.0f} s ({stats['new_tokens'] / max(gen_s, 1e-9):.0f} "
+            f"new tokens/s, {stats['path']}; loading took {stats['load_s']:.0f} s)")
+
+
 def paraphrase_texts(
     loaded: LoadedModel,
     bundle: PromptBundle,

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .config import (
@@ -78,9 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_paraphrase(args: argparse.Namespace) -> int:
-    from .api import decoding_for, paraphrase_texts
+    from .api import decoding_for, job_summary, paraphrase_job
     from .data import read_source_file
-    from .prompt import PromptMeta, load_prompt
+    from .files import write_records
+    from .prompt import PromptMeta
     from .storage import resolve_prompt_dir
 
     if (args.text is None) == (args.input is None):
@@ -105,23 +105,12 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         )
         print(f"wrote paraphrases to {out}/", file=sys.stderr)
         return 0
-    t0 = time.perf_counter()
-    loaded, bundle = load_prompt(args.prompt, args.model, args.device)
-    gen = decoding_for(bundle.info, k, max_new_tokens=args.max_new_tokens, quantize=quantize)
     rows = [{"source": args.text}] if args.text is not None else read_source_file(args.input)
-    from .generate import engine_label
-
-    path = engine_label(loaded, gen, len(rows))  # builds the low-bit copy (once) before the clock starts: loading
-    t1 = time.perf_counter()
-    cands = paraphrase_texts(
-        loaded, bundle, [r["source"] for r in rows], gen, args.batch_size, args.embedder,
+    cands, stats = paraphrase_job(
+        args.prompt, [r["source"] for r in rows], k, model=args.model, device=args.device,
+        batch_size=args.batch_size, embedder=args.embedder, max_new_tokens=args.max_new_tokens, quantize=quantize,
         progress=args.input is not None and sys.stderr.isatty(),
     )  # best candidate first when K > 1: usable, then faithful, then by objective (metrics.rank_candidates)
-    t2 = time.perf_counter()
-    # new tokens: every returned candidate, re-tokenized (stop tokens not counted)
-    n_new = sum(len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for cs in cands for c in cs)
-    stats = {"rows": len(rows), "new_tokens": n_new, "generate_s": round(t2 - t1, 3), "load_s": round(t1 - t0, 3),
-             "path": path, "num_candidates": k}
     if args.stats:
         from .files import write_json
 
@@ -131,28 +120,8 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
             print(c)
         return 0
     records = [{**row, "prediction": c[0], **({"candidates": c} if shown and k > 1 else {})} for row, c in zip(rows, cands)]
-    out = write_records(args.output, records)
-    print(f"wrote {len(rows)} paraphrases to {out} in {t2 - t1:.0f} s "
-          f"({n_new / max(t2 - t1, 1e-9):.0f} new tokens/s, {path}; loading took {t1 - t0:.0f} s)", file=sys.stderr)
+    print(job_summary(stats, write_records(args.output, records)), file=sys.stderr)
     return 0
-
-
-def write_records(path: str | Path, records: list[dict]) -> Path:
-    """JSONL, or Parquet when ``path`` ends in .parquet; never a half-written file (``files.atomic_write``)."""
-    from .files import atomic_write
-
-    if str(path).lower().endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        return atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(records), str(tmp)))
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-    return atomic_write(path, write)
 
 
 def cmd_push(args: argparse.Namespace) -> int:

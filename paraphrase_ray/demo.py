@@ -4,8 +4,8 @@
 2. paraphrase a few sentences with the best prompt (offline path)
 3. deploy the best prompt with Ray Serve, send requests over HTTP, print the answers, shut down
 
-One process and one local Ray for all three steps, each step run as its CLI command runs it
-(``cli.main``). Serve's controller and proxy start beside the sweep; step 3's deployment starts in the
+One process and one local Ray for all three steps, each through the library functions its CLI command
+calls (``tune.report_sweep``, ``api.paraphrase_job``, ``serve_runner``), printing what the command prints. Serve's controller and proxy start beside the sweep; step 3's deployment starts in the
 background once step 1 has exported the prompt, so the model replica's start-up overlaps step 2's model load
 and decoding (on 2 cores each is mostly one thread). The end is ``ray.shutdown()``: it stops Serve with the
 rest of the Ray this demo started (nothing is in flight by then; Serve's graceful drain would only wait).
@@ -55,9 +55,11 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     from ray import tune
 
     from . import serve_runner
-    from .cli import main as cli_main
+    from .api import job_summary, paraphrase_job
+    from .files import write_records
     from .serve_schema import ServeSettings
-    from .tune import _init_ray
+    from .sweep import load_spec
+    from .tune import _init_ray, report_sweep
 
     t0 = time.perf_counter()
     space = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
@@ -72,11 +74,11 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     serve_started = _background(serve_runner.start_local, port=port, host="127.0.0.1", log_level="WARNING")
     try:
         _banner(f"1/3 quickstart sweep -> {sweep_dir}")
-        args = ["tune", "--space", str(space), "--name", name, "--storage", storage]
-        if sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir.resolve())):
-            args.append("--resume")  # Tune saved state: reload (finished trials are not re-run)
-        print("$ paraphrase-ray " + " ".join(args), flush=True)
-        rc = cli_main(args)
+        resume = sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir.resolve()))  # reload, not re-run
+        print(
+            f"$ paraphrase-ray tune --space {space} --name {name} --storage {storage}" + " --resume" * resume
+        )
+        rc = report_sweep(load_spec(str(space)), name, storage, resume, space=str(space))
         if rc != 0:
             return rc
         best = sweep_dir / "best"
@@ -98,14 +100,12 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
         inp = sweep_dir / "demo_input.jsonl"
         inp.write_text("".join(json.dumps({"source": s}) + "\n" for s in SENTENCES))
         out = sweep_dir / "demo_output.jsonl"
-        args = ["paraphrase", "--prompt", str(best), "--input", str(inp), "--output", str(out)]
-        print("$ paraphrase-ray " + " ".join(args), flush=True)
-        rc = cli_main(args)
-        if rc != 0:
-            return rc
-        for line in out.read_text().splitlines():
-            row = json.loads(line)
-            print(f"  {row['source']}\n    -> {row['prediction']}")
+        print(f"$ paraphrase-ray paraphrase --prompt {best} --input {inp} --output {out}", flush=True)
+        cands, stats = paraphrase_job(str(best), SENTENCES)  # the command's defaults: K candidates, reranked
+        write_records(out, [{"source": s, "prediction": c[0]} for s, c in zip(SENTENCES, cands)])
+        print(job_summary(stats, out), file=sys.stderr)
+        for src, c in zip(SENTENCES, cands):
+            print(f"  {src}\n    -> {c[0]}")
 
         _banner("3/3 Ray Serve over HTTP")
         print(f"(the same app from a shell: paraphrase-ray serve --prompt best={best})", flush=True)
@@ -116,8 +116,28 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     return 0
 
 
+def _logging_to_stderr() -> None:
+    """The library's "paraphrase_ray" log lines on stderr as plain text, as the command line shows them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("paraphrase_ray")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 if __name__ == "__main__":
-    rc = run()
+    from .config import ConfigError
+
+    _logging_to_stderr()
+    try:
+        rc = run()
+    except ConfigError as e:  # a user-fixable problem (a bad search space, an unreachable store): one line
+        print(f"error: {e}", file=sys.stderr)
+        rc = 2
+    except KeyboardInterrupt:  # Ray is stopped by run()'s finally; the sweep resumes on the next `make demo`
+        print("interrupted", file=sys.stderr)
+        rc = 130
     # Everything is written and Ray is stopped: skip the interpreter's teardown of the torch, transformers and
     # Ray modules (~2 s on 2 cores) that would only delay the prompt.
     logging.shutdown()

@@ -40,3 +40,19 @@ def jsonable(obj: Any) -> Any:
 
 def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(jsonable(data), indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_records(path: str | Path, records: list[dict]) -> Path:
+    """JSONL, or Parquet when ``path`` ends in .parquet; never a half-written file (``atomic_write``)."""
+    if str(path).lower().endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        return atomic_write(path, lambda tmp: pq.write_table(pa.Table.from_pylist(records), str(tmp)))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write)

@@ -369,7 +369,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ConfigError("--num-samples must be >= 1")
         spec = dataclasses.replace(spec, num_samples=args.num_samples)
     spec = apply_flags(spec, args.mlflow, args.mlflow_uri, args.wandb)
-    out = run_sweep(spec, name, args.storage, resume=args.resume, address=args.address)
+    return report_sweep(spec, name, args.storage, args.resume, args.address, args.space)
+
+
+def report_sweep(
+    spec: SweepSpec, name: str, storage: str, resume: bool = False, address: str | None = None,
+    space: str = "SPACE.yaml",
+) -> int:
+    """Run (or resume) a sweep and print what ``paraphrase-ray tune`` prints: the leaderboard table, where the
+    files went, the overhead line and the best prompt. Returns the command's exit code (130: interrupted)."""
+    out = run_sweep(spec, name, storage, resume=resume, address=address)
     print()
     print(format_table(out.rows, out.spec))
     print(f"\nleaderboard: {out.storage.display(LEADERBOARD_FILE)}")
@@ -382,8 +391,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     if out.interrupted:
         print(
-            f"sweep interrupted; continue it with: paraphrase-ray tune --space {shlex.quote(args.space)} "
-            f"--name {name} --storage {shlex.quote(args.storage)} --resume",  # a gs:// URI's options hold '&'
+            f"sweep interrupted; continue it with: paraphrase-ray tune --space {shlex.quote(space)} "
+            f"--name {name} --storage {shlex.quote(storage)} --resume",  # a gs:// URI's options hold '&'
             file=sys.stderr,
         )
         return 130

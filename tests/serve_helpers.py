@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig, to_dict
 from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.serve_runner import free_port  # noqa: F401  (re-exported for the Serve tests)
 
 KEY = "test-key-123"  # the shared app's key; its replicas read it from PARAPHRASE_RAY_API_KEY
 TEXTS = [
@@ -15,12 +15,6 @@ TEXTS = [
     "Prices rose sharply in the third quarter of the year.",
     "He said the plan would work.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_prompt(out: Path, model_dir: Path, loaded, seed: int) -> Path:
