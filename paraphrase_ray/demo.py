@@ -59,14 +59,14 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     from .files import write_records
     from .serve_schema import ServeSettings
     from .sweep import load_spec
-    from .tune import _init_ray, report_sweep
+    from .tune import init_ray, report_sweep
 
     t0 = time.perf_counter()
     space = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
     sweep_dir = Path(storage) / name
     # torch (~1.5 s to import) is needed by the sweep's first step; import it while Ray starts its processes
     threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
-    _init_ray(None)  # a fresh local Ray, ours: the sweep and Serve both run on it
+    init_ray(None)  # a fresh local Ray, ours: the sweep and Serve both run on it
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would land inside Tune's table
     port = serve_runner.free_port()
     # Serve's controller and HTTP proxy start now, beside the sweep's start-up: they need no prompt, and once

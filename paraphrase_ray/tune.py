@@ -196,7 +196,7 @@ def run_sweep(
         raise ConfigError(
             f"sweep {name!r} already exists at {store.uri}: pass --resume to continue it, or a new --name"
         )
-    started = _init_ray(address)
+    started = init_ray(address)
     evaluator_name, evaluator = f"evaluator-{name}", None
     try:
         ctx = build_context(spec, name, evaluator_name)
@@ -279,7 +279,7 @@ def run_sweep(
             ray.shutdown()
 
 
-def _init_ray(address: str | None) -> bool:
+def init_ray(address: str | None) -> bool:
     """Connect to ``address`` or start a local Ray (Ray 2.60's default token auth for local clusters stays on)."""
     if ray.is_initialized():
         return False

@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# What tune._init_ray sets before it starts a Ray; the shared Ray's workers inherit it from here instead.
+# What tune.init_ray sets before it starts a Ray; the shared Ray's workers inherit it from here instead.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 SHARED_MRPC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mrpc" / "train.jsonl"
