@@ -218,7 +218,6 @@ def load_avg() -> list[float]:
 def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int, prompt, warmup: bool = True,
                extra: dict | None = None, template: TemplateConfig | None = None) -> dict:
     """Plain HF greedy (fp32, inputs_embeds) vs our defaults, interleaved; ms per new token per path."""
-    import dataclasses
 
     tok, cuda = loaded.tokenizer, loaded.device.type == "cuda"
     t = template or TemplateConfig()  # a trained prompt runs with the template it was trained with
