@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m paraphrase_ray.demo
+	$(BIN)/python -m paraphrase_ray.cli.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check paraphrase_ray tests benchmarks

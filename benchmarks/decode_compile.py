@@ -47,9 +47,9 @@ def main() -> None:
 
     from transformers.generation.configuration_utils import CompileConfig
 
-    from paraphrase_ray.decode_loop import greedy_decode
+    from paraphrase_ray.generation.backends.lowbit import generation_model
+    from paraphrase_ray.generation.decode import greedy_decode
     from paraphrase_ray.models import load_model
-    from paraphrase_ray.quant import generation_model
 
     loaded = load_model(args.model, "fp32", "cpu")
     model, tok, n = loaded.model, loaded.tokenizer, args.new_tokens

@@ -40,14 +40,14 @@ from pathlib import Path
 
 import torch
 
-import paraphrase_ray.decode_loop as decode_loop
-import paraphrase_ray.generate as G
-import paraphrase_ray.lookup as lookup
-from paraphrase_ray import prefix_cache
+import paraphrase_ray.generation.decode as decode_loop
+import paraphrase_ray.generation.generate as G
+import paraphrase_ray.generation.lookup as lookup
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
+from paraphrase_ray.generation import prefix_cache
 from paraphrase_ray.models import DEFAULT_MODEL, LoadedModel, load_model
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import machine  # noqa: E402
@@ -299,7 +299,7 @@ def main() -> None:
     loaded = load(name, args.device)
     template = None
     if args.prompt:
-        from paraphrase_ray.prompt import PromptMeta
+        from paraphrase_ray.prompt.soft_prompt import PromptMeta
 
         prompt = SoftPrompt.load(args.prompt, expected_dim=loaded.embed_dim).to(loaded.device)
         template = PromptMeta.read(args.prompt).template

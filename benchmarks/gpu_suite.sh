@@ -56,7 +56,7 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, JSON lines to OUT/N
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 step train "$T_TRAIN" "$PY" benchmarks/train_throughput.py "${TRAIN[@]}"
 step generate "$T_GEN" "$PY" benchmarks/generate_throughput.py "${GEN[@]}"
-step sweep "$T_TUNE" "$PY" -m paraphrase_ray.cli tune --space "$SPACE" --name "$NAME" \
+step sweep "$T_TUNE" "$PY" -m paraphrase_ray.cli.main tune --space "$SPACE" --name "$NAME" \
   --storage "$STORAGE" "${TUNE[@]}"
 step serve "$T_SERVE" "$PY" benchmarks/serve_load.py --prompt "best=$STORAGE/$NAME/best" "${SERVE[@]}" \
   --output "$OUT/serve.json"

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from paraphrase_ray import quant
+from paraphrase_ray.generation.backends import lowbit as quant
 
 CLOCK = time.perf_counter
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]  # (in K, out N)

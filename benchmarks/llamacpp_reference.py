@@ -44,9 +44,9 @@ def main() -> None:
         raise SystemExit("llama_cpp is not installed: pip install llama-cpp-python (builds llama.cpp, ~8 min)") from None
 
     from paraphrase_ray.data import SAMPLE_PATH
-    from paraphrase_ray.decode_loop import greedy_decode
+    from paraphrase_ray.generation.backends.lowbit import generation_model
+    from paraphrase_ray.generation.decode import greedy_decode
     from paraphrase_ray.models import OFFLINE_ALIASES, load_model
-    from paraphrase_ray.quant import generation_model
 
     torch.set_num_threads(2)
     package, gguf_name = OFFLINE_ALIASES["smollm2-135m"]

@@ -45,7 +45,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-from paraphrase_ray import report  # noqa: E402
 from paraphrase_ray.config import (
     DEFAULT_CANDIDATES,
     DataConfig,
@@ -56,11 +55,12 @@ from paraphrase_ray.config import (
     TrainConfig,
 )
 from paraphrase_ray.data import Pair, load_pairs
-from paraphrase_ray.generate import ZERO_SHOT_INSTRUCTION
-from paraphrase_ray.metrics import load_embedder
+from paraphrase_ray.evaluation import report  # noqa: E402
+from paraphrase_ray.evaluation.metrics import load_embedder
+from paraphrase_ray.generation.generate import ZERO_SHOT_INSTRUCTION
 from paraphrase_ray.models import load_model
-from paraphrase_ray.prompt import load_bundle
-from paraphrase_ray.train import train
+from paraphrase_ray.prompt.soft_prompt import load_bundle
+from paraphrase_ray.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import machine as train_throughput_machine  # noqa: E402
@@ -181,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from paraphrase_ray.cli import setup_logging
+    from paraphrase_ray.cli.main import setup_logging
 
     setup_logging()  # train()'s per-eval lines on stderr, as the CLI shows them
     if not Path(args.data).is_file():

@@ -109,7 +109,8 @@ def main() -> int:
     if not args.url and not args.prompt:
         p.error("give --prompt DIR (one or more) to start a local server, or --url of a running one")
 
-    from paraphrase_ray import serve_runner, serving
+    from paraphrase_ray.serve import deployments as serving
+    from paraphrase_ray.serve import runner as serve_runner
 
     url = args.url
     if url is None:

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-growth", type=float, default=0.10, help="flag RSS growth over this share of the start")
     ap.add_argument("--output", help="write the result JSON here too")
     args = ap.parse_args(argv)
-    from paraphrase_ray import serve_runner, serving
+    from paraphrase_ray.serve import deployments as serving
+    from paraphrase_ray.serve import runner as serve_runner
 
     url = args.url
     if url is None:

@@ -21,8 +21,8 @@ import time
 
 import ray
 
-from paraphrase_ray.sweep import spec_from_dict
-from paraphrase_ray.tune import run_sweep
+from paraphrase_ray.sweep.driver import run_sweep
+from paraphrase_ray.sweep.spec import spec_from_dict
 
 
 def space(model: str, trials: int, concurrent: int) -> dict:

@@ -12,13 +12,13 @@ __version__ = "0.1.0"
 __all__ = ["Paraphraser", "__version__"]
 
 if TYPE_CHECKING:
-    from .api import Paraphraser
+    from paraphrase_ray.api import Paraphraser
 
 
 def __getattr__(name: str) -> Any:
     # imported on first use: `import paraphrase_ray.config` (and so `paraphrase-ray --help`) stays free of torch
     if name == "Paraphraser":
-        from .api import Paraphraser
+        from paraphrase_ray.api import Paraphraser
 
         return Paraphraser
     raise AttributeError(f"module 'paraphrase_ray' has no attribute {name!r}")

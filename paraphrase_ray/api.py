@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CANDIDATES, ConfigError, GenerationConfig, replace_nested
-from .metrics import DEFAULT_EMBEDDER
-from .models import LoadedModel
-from .prompt import PromptBundle, PromptMeta, load_prompt
+from paraphrase_ray.config import DEFAULT_CANDIDATES, ConfigError, GenerationConfig, replace_nested
+from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
+from paraphrase_ray.models import LoadedModel
+from paraphrase_ray.prompt.soft_prompt import PromptBundle, PromptMeta, load_prompt
 
 
 def decoding_for(meta: PromptMeta, num_candidates: int = 1, **decoding: Any) -> GenerationConfig:
@@ -45,7 +45,7 @@ def paraphrase_job(
     ``{"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates"}``; ``generate_s`` excludes loading."""
     import time
 
-    from .generate import engine_label
+    from paraphrase_ray.generation.generate import engine_label
 
     t0 = time.perf_counter()
     loaded, bundle = load_prompt(prompt, model, device)
@@ -79,14 +79,14 @@ def paraphrase_texts(
 ) -> list[list[str]]:
     """Candidates per text, best first. With several candidates per text, ``embedder`` (a SentenceTransformer,
     or a model name) ranks them: usable, then faithful, then by objective (``metrics.rerank``)."""
-    from .generate import paraphrase
+    from paraphrase_ray.generation.generate import paraphrase
 
     info = bundle.info
     cands = paraphrase(
         loaded, list(texts), bundle.prompt, info.template, gen, batch_size, info.max_source_tokens, progress=progress
     )
     if gen.num_return_sequences > 1:
-        from .metrics import load_embedder, rerank
+        from paraphrase_ray.evaluation.metrics import load_embedder, rerank
 
         if embedder is None or isinstance(embedder, str):
             embedder = load_embedder(embedder or DEFAULT_EMBEDDER)
@@ -133,13 +133,13 @@ class Paraphraser:
         Raises ``PromptFileError`` (not a prompt directory, or made for a different model), ``ConfigError`` (no
         base model known: pass ``model``) and ``ModelLoadError`` (the base model cannot be loaded).
         """
-        from .storage import is_uri, resolve_prompt_dir
+        from paraphrase_ray.storage import is_uri, resolve_prompt_dir
 
         path = Path(path_or_hub_id).expanduser()
         if is_uri(str(path_or_hub_id)):  # gs://BUCKET/.../best: fetched to the local prompt cache
             path = resolve_prompt_dir(str(path_or_hub_id))
         elif not path.exists():
-            from .prompt_card import download_prompt
+            from paraphrase_ray.prompt.card import download_prompt
 
             path = download_prompt(str(path_or_hub_id))
         loaded, bundle = load_prompt(path, model, device, precision)
@@ -175,7 +175,7 @@ class Paraphraser:
             return []
         gen = decoding_for(self.meta, num_candidates, **decoding)
         if gen.num_return_sequences > 1 and self._embedder is None:
-            from .metrics import load_embedder
+            from paraphrase_ray.evaluation.metrics import load_embedder
 
             self._embedder = load_embedder(self.embedder_name)
         cands = paraphrase_texts(self.loaded, self.bundle, texts, gen, self.batch_size, self._embedder)

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .typecheck import check_value
-from .typecheck import field_types as _field_types
+from paraphrase_ray.typecheck import check_value
+from paraphrase_ray.typecheck import field_types as _field_types
 
 T = TypeVar("T")
 

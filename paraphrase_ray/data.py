@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig, TemplateConfig
+from paraphrase_ray.config import DataConfig, TemplateConfig
 
 IGNORE = -100
 SAMPLE_PATH = Path(__file__).parent / "resources" / "sample.jsonl"
@@ -196,7 +196,7 @@ def filter_self_bleu(
 ) -> list[Pair]:
     """Training pairs whose sentence BLEU of target vs source is in [min, max), each side's drops counted:
     near-copies (>= max) teach a small LM to copy, free rewrites (< min) often change the meaning."""
-    from .metrics import sentence_bleu
+    from paraphrase_ray.evaluation.metrics import sentence_bleu
 
     kept, near_copy, free = [], 0, 0
     for p in pairs:
@@ -222,7 +222,7 @@ def filter_self_bleu(
 
 def filter_unfaithful(pairs: list[Pair], report: DataReport) -> list[Pair]:
     """Training pairs whose target keeps the source's facts (no invented name or number, no dropped number)."""
-    from .faithfulness import check
+    from paraphrase_ray.generation.fact_guard import check
 
     kept = [p for p in pairs if check(p.source, p.target).faithful]
     if len(kept) < len(pairs):

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 import pyarrow.fs as pafs
 
-from .config import ConfigError
+from paraphrase_ray.config import ConfigError
 
 GCS_OPTIONS = ("endpoint_override", "scheme", "anonymous", "retry_limit_seconds", "project_id")
 
@@ -89,7 +89,7 @@ def resolve_prompt_dir(location: str) -> Path:
     """
     if not is_uri(location):
         return Path(location).expanduser().resolve()
-    from .models import cache_dir
+    from paraphrase_ray.models import cache_dir
 
     fs, path, base, _ = open_uri(location)
     check_bucket(fs, path, base)

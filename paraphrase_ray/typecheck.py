@@ -83,7 +83,7 @@ def check_value(hint: Any, value: Any, key: str) -> Any:
     try:
         return _adapter(hint).validate_python(value, strict=True)
     except ValidationError:
-        from .config import ConfigError  # config imports this module
+        from paraphrase_ray.config import ConfigError  # config imports this module
 
         boolish = bool in _members(hint) and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no")
         quoted = " (a quoted string: write it without quotes)" if boolish else ""

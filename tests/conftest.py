@@ -153,8 +153,8 @@ class SharedRay:
         at ``/``, deployed once per Ray; its base URL."""
         from ray import serve
 
-        from paraphrase_ray.serve_schema import ENV_API_KEY, ServeSettings
-        from paraphrase_ray.serving import APP_NAME, build_app
+        from paraphrase_ray.serve.deployments import APP_NAME, build_app
+        from paraphrase_ray.serve.protocol import ENV_API_KEY, ServeSettings
 
         url = self.serve()
         if not self.app_deployed:

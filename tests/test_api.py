@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from paraphrase_ray.config import ConfigError, RunConfig
-from paraphrase_ray.prompt import PromptFileError, PromptMeta, SoftPrompt
+from paraphrase_ray.prompt.soft_prompt import PromptFileError, PromptMeta, SoftPrompt
 
 TEXTS = ["The bank raised its rates again.", "Snow fell all night long.", "He sold the old car to a neighbour."]
 
@@ -31,7 +31,7 @@ def paraphraser(prompt_dir):
 
 
 def test_greedy_paraphrases_equal_the_library_path(paraphraser, prompt_dir):
-    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.generation.generate import paraphrase
 
     got = paraphraser.paraphrase(TEXTS, num_candidates=1, max_new_tokens=8)  # greedy
     info = paraphraser.meta
@@ -44,8 +44,8 @@ def test_greedy_paraphrases_equal_the_library_path(paraphraser, prompt_dir):
 
 
 def test_candidates_are_sampled_then_ranked_like_the_cli(paraphraser):
-    from paraphrase_ray.generate import paraphrase
-    from paraphrase_ray.metrics import load_embedder, rerank
+    from paraphrase_ray.evaluation.metrics import load_embedder, rerank
+    from paraphrase_ray.generation.generate import paraphrase
 
     ranked = paraphraser.paraphrase(TEXTS[:2], num_candidates=3, return_candidates=True, max_new_tokens=8)
     assert [len(c) for c in ranked] == [3, 3]

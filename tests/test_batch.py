@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from paraphrase_ray.cli import main
+from paraphrase_ray.cli.main import main
 from paraphrase_ray.config import ConfigError, PromptConfig, RunConfig
-from paraphrase_ray.prompt import PromptMeta, SoftPrompt
+from paraphrase_ray.prompt.soft_prompt import PromptMeta, SoftPrompt
 
 ROWS = [
     {"id": 1, "source": "The bank raised its rates again."},
@@ -30,7 +30,7 @@ def prompt_dir(tiny, tiny_model_dir, tmp_path):
 
 def in_process(prompt_dir, sources, max_new_tokens=6, batch_size=8) -> list[str]:
     from paraphrase_ray.api import decoding_for, paraphrase_texts
-    from paraphrase_ray.prompt import load_prompt
+    from paraphrase_ray.prompt.soft_prompt import load_prompt
 
     loaded, bundle = load_prompt(prompt_dir, device="cpu")  # the precision the actors pick too
     gen = decoding_for(bundle.info, 1, max_new_tokens=max_new_tokens)
@@ -50,8 +50,8 @@ def test_parquet_in_and_out_in_process(prompt_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ray_data_greedy_equals_in_process_parquet(ray_session, prompt_dir, tmp_path):
-    from paraphrase_ray.batch import paraphrase_dataset
-    from paraphrase_ray.prompt import PromptMeta
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta
+    from paraphrase_ray.serve.batch import paraphrase_dataset
 
     src, dst = tmp_path / "in.parquet", tmp_path / "out"
     pq.write_table(pa.Table.from_pylist(ROWS), src)
@@ -79,7 +79,7 @@ def test_ray_cli_jsonl_with_candidates_and_empty_rows(ray_session, prompt_dir, t
 
 
 def test_ray_argument_errors_are_named_before_starting_ray(prompt_dir, tmp_path, capsys):
-    from paraphrase_ray.batch import paraphrase_dataset
+    from paraphrase_ray.serve.batch import paraphrase_dataset
 
     gen = PromptMeta.read(prompt_dir).generation
     with pytest.raises(ConfigError, match="--concurrency must be >= 1"):
@@ -91,7 +91,7 @@ def test_ray_argument_errors_are_named_before_starting_ray(prompt_dir, tmp_path,
 
 
 def test_an_actor_pool_that_would_starve_reads_is_refused_on_a_local_ray():
-    from paraphrase_ray.batch import _check_cpus
+    from paraphrase_ray.serve.batch import _check_cpus
 
     _check_cpus(2, 2, 0.5, None)
     with pytest.raises(ConfigError, match="--concurrency 2 x --num-cpus 1 leaves no CPU for reading"):
@@ -105,8 +105,8 @@ def test_ray_data_reads_and_writes_gs_through_the_emulator(ray_session, prompt_d
     import pyarrow.fs as pafs
     from gcs_emulator import GcsEmulator
 
-    from paraphrase_ray.batch import paraphrase_dataset
-    from paraphrase_ray.prompt import PromptMeta
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta
+    from paraphrase_ray.serve.batch import paraphrase_dataset
 
     monkeypatch.setenv("PARAPHRASE_RAY_CACHE", str(tmp_path / "cache"))
     with GcsEmulator(bucket="data", log=tmp_path / "emulator.log") as gcs:

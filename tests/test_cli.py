@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from paraphrase_ray.cli import build_parser, main
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.cli.main import build_parser, main
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 
 def test_train_then_paraphrase_file_then_peft(tiny_model_dir, tmp_path, capsys):
@@ -91,8 +91,8 @@ def test_issue_commands_on_the_embedded_model(tmp_path, mrpc_path, capsys):
     content = {"weather", "cold", "lake", "froze", "overnight"}
     assert len(content & {w.strip(".,;:!?").lower() for w in text.split()}) >= 2, text
     # the prompt is used: the same decoding without it (the bare template) says something else
-    from paraphrase_ray.generate import paraphrase
-    from paraphrase_ray.prompt import PromptMeta, load_prompt
+    from paraphrase_ray.generation.generate import paraphrase
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_prompt
 
     meta = PromptMeta.read(out)
     loaded, bundle = load_prompt(out)  # what the command loads: the recorded base model and precision
@@ -196,7 +196,7 @@ def test_diverged_training_exits_1_and_saves_nothing(tiny_model_dir, tmp_path, c
 
 def _serve_args(monkeypatch, env_key=None):
     """cmd_serve with Ray replaced: what it prints and what it would deploy, without binding anything."""
-    import paraphrase_ray.serve_runner as runner
+    import paraphrase_ray.serve.runner as runner
 
     deployed = {}
 
@@ -251,7 +251,7 @@ def test_serve_command_serves_http_until_sigint(tiny_model_dir, tmp_path):
     import httpx
 
     from paraphrase_ray.config import GenerationConfig, TemplateConfig
-    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.generation.generate import paraphrase
     from paraphrase_ray.models import load_model
 
     p = _prompt_dir(tiny_model_dir, tmp_path / "p")
@@ -265,7 +265,7 @@ def test_serve_command_serves_http_until_sigint(tiny_model_dir, tmp_path):
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "paraphrase_ray.cli", "serve", "--prompt", f"mine={p}", "--port", str(port),
+            [sys.executable, "-m", "paraphrase_ray.cli.main", "serve", "--prompt", f"mine={p}", "--port", str(port),
              "--device", "cpu"],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
             # started as a shell starts a background job (`paraphrase-ray serve ... &`): SIGINT ignored; Ctrl-C
@@ -329,8 +329,8 @@ def test_q4_generation_gives_the_exact_paths_tokens(smollm):
     import dataclasses
 
     from paraphrase_ray.config import GenerationConfig, TemplateConfig
-    from paraphrase_ray.generate import paraphrase
-    from paraphrase_ray.quant import generation_model
+    from paraphrase_ray.generation.backends.lowbit import generation_model
+    from paraphrase_ray.generation.generate import paraphrase
 
     if generation_model(smollm, "auto")[1] != "q4":
         pytest.skip("no compiler / AVX2 here: the q4 kernel did not build")

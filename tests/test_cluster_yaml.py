@@ -206,7 +206,7 @@ def test_workers_scale_from_zero_within_max_workers(raw: dict, prepared: dict):
 
 def default_trial_resources() -> tuple[float, float]:
     """(gpu, cpu) that search_spaces/default.yaml gives each trial, read the way `tune` reads it."""
-    from paraphrase_ray.sweep import load_spec
+    from paraphrase_ray.sweep.spec import load_spec
 
     res = load_spec(DEFAULT_SPACE).resources
     return float(res.gpu), float(res.cpu)

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from paraphrase_ray.config import ConfigError, RunConfig, from_dict, load_yaml, replace_nested
-from paraphrase_ray.serve_schema import ServeSettings
-from paraphrase_ray.sweep import spec_from_dict
+from paraphrase_ray.serve.protocol import ServeSettings
+from paraphrase_ray.sweep.spec import spec_from_dict
 
 
 def test_yaml11_numbers_are_numbers(tmp_path):

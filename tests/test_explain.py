@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from paraphrase_ray.cli import main
-from paraphrase_ray.explain import explain_prompt
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.cli.main import main
+from paraphrase_ray.prompt.explain import explain_prompt
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])

@@ -6,7 +6,14 @@ import random
 
 import pytest
 
-from paraphrase_ray.faithfulness import _GUARD_WORD, FactCheck, FactGuard, check, facts, faithful_rate
+from paraphrase_ray.generation.fact_guard import (
+    _GUARD_WORD,
+    FactCheck,
+    FactGuard,
+    check,
+    facts,
+    faithful_rate,
+)
 
 # ---------------------------------------------------------------------------------------------- metric
 
@@ -236,7 +243,7 @@ def test_generate_with_the_processor_cannot_invent_and_matches_a_plain_loop(tiny
     import torch
     from transformers import LogitsProcessorList
 
-    from paraphrase_ray.faithfulness import FactGuardProcessor
+    from paraphrase_ray.generation.fact_guard import FactGuardProcessor
 
     tok, model = tiny.tokenizer, tiny.model
     sources = [SOURCE, "The bank in Oslo raised rates by 3 points on Tuesday."]

@@ -15,7 +15,7 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, RunConfig, TemplateConfig, TrainConfig
 from paraphrase_ray.data import SAMPLE_PATH, Pair, collate, encode_pair
-from paraphrase_ray.generate import (
+from paraphrase_ray.generation.generate import (
     _hf_generate,
     build_batch,
     fast_greedy_applies,
@@ -25,8 +25,8 @@ from paraphrase_ray.generate import (
     paraphrase,
     row_for,
 )
-from paraphrase_ray.prompt import SoftPrompt
-from paraphrase_ray.train import _length_groups, loss_terms, prompt_loss, token_weights, train
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
+from paraphrase_ray.training.trainer import _length_groups, loss_terms, prompt_loss, token_weights, train
 
 T = TemplateConfig()
 PAIRS = [Pair(r["source"], r["target"]) for r in map(json.loads, SAMPLE_PATH.read_text().splitlines()[:12])]
@@ -96,7 +96,7 @@ def test_fast_loss_within_bf16_tolerance_of_fp32(tiny):
 
 
 def test_training_loss_curves_match(tiny, monkeypatch):
-    import paraphrase_ray.train as train_mod
+    import paraphrase_ray.training.trainer as train_mod
 
     cfg = RunConfig(train=TrainConfig(steps=4, batch_size=6, lr=0.1, warmup_steps=0, eval_every=1, progress=False,
                                       early_stop_patience=None, device="cpu", precision="fp32"),
@@ -197,7 +197,7 @@ def test_paraphrase_is_unchanged_by_the_fast_path(tiny, monkeypatch):
     p = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=5, init="random", seed=3))
     gen = GenerationConfig(max_new_tokens=16)
     fast = paraphrase(tiny, SOURCES, p, T, gen, batch_size=4)
-    import paraphrase_ray.generate as gen_mod
+    import paraphrase_ray.generation.generate as gen_mod
 
     monkeypatch.setattr(gen_mod, "fast_greedy_applies", lambda *a: False)
     assert paraphrase(tiny, SOURCES, p, T, gen, batch_size=4) == fast
@@ -232,7 +232,7 @@ def test_no_repeat_ngram_bans_what_the_free_run_repeats(tiny):
 
 
 def test_source_ngram_block_never_copies_a_source_ngram(tiny):
-    from paraphrase_ray.generate import generate_rows, source_ngrams
+    from paraphrase_ray.generation.generate import generate_rows, source_ngrams
 
     assert source_ngrams([1, 2, 3, 1, 2, 4], 3) == {(1, 2): [3, 4], (2, 3): [1], (3, 1): [2]}
     # make the free greedy output itself the "source": unblocked, the model would copy it token for token
@@ -258,7 +258,7 @@ def test_source_ngram_block_never_copies_a_source_ngram(tiny):
 
 
 def test_source_block_never_cuts_a_word_in_half(smollm):
-    from paraphrase_ray.generate import source_ngrams, word_continuation_ids
+    from paraphrase_ray.generation.generate import source_ngrams, word_continuation_ids
 
     tok = smollm.tokenizer
     cont = word_continuation_ids(tok)
@@ -282,7 +282,7 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
     """Rows from ``row_for`` with the default n = 4: generation may finish a copied word (a source 4-gram that
     ends in a word-continuation token) but never copies a 4-gram that ends on a word start; without the
     exemption (the strict ban) it copies neither, and the outputs differ."""
-    from paraphrase_ray.generate import clean_text, source_ngrams, word_continuation_ids
+    from paraphrase_ray.generation.generate import clean_text, source_ngrams, word_continuation_ids
 
     tok = tiny.tokenizer
     cont = word_continuation_ids(tok)
@@ -326,7 +326,7 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
 def test_whole_word_exemption_keeps_copied_names_whole_on_smollm(smollm):
     """The embedded model, zero-shot chat, default decoding (n = 4): "Nicklaus" comes out whole; with the strict
     ban (no exemption) the same decoding cuts or mangles it."""
-    from paraphrase_ray.generate import source_ngrams
+    from paraphrase_ray.generation.generate import source_ngrams
 
     src = "Gary Nicklaus, the 34-year-old son of Jack Nicklaus, shot a 66 at Pinehurst on Thursday."
     gen = GenerationConfig(max_new_tokens=40)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
-from paraphrase_ray.generate import SourceRepetitionPenalty, clean_text, paraphrase, row_for
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.generation.generate import SourceRepetitionPenalty, clean_text, paraphrase, row_for
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 SOURCES = [
     "The bank raised its rates on Tuesday.",

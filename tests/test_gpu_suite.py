@@ -26,8 +26,8 @@ def test_every_step_names_a_real_script_and_space(device):
     steps = _commands("--device", device)
     assert list(steps) == ["train", "generate", "sweep", "serve"]
     for name, cmd in steps.items():
-        target = next(a for a in cmd[1:] if a.endswith(".py") or a == "paraphrase_ray.cli")
-        assert target == "paraphrase_ray.cli" or (ROOT / target).is_file(), (name, target)
+        target = next(a for a in cmd[1:] if a.endswith(".py") or a == "paraphrase_ray.cli.main")
+        assert target == "paraphrase_ray.cli.main" or (ROOT / target).is_file(), (name, target)
         if name != "sweep":  # the sweep runs where its space's resources say
             assert cmd[cmd.index("--device") + 1] == device
     space = steps["sweep"][steps["sweep"].index("--space") + 1]
@@ -39,7 +39,7 @@ def test_every_step_names_a_real_script_and_space(device):
 
 
 def test_the_gpu_sweep_space_packs_four_trials_on_one_gpu():
-    from paraphrase_ray.sweep import load_spec
+    from paraphrase_ray.sweep.spec import load_spec
 
     spec = load_spec(ROOT / "search_spaces" / "gpu_suite.yaml")
     assert spec.resources.gpu == 0.25 and spec.num_samples == 4 and spec.max_concurrent_trials == 4

@@ -13,12 +13,13 @@ import json
 import pytest
 import torch
 
-from paraphrase_ray import graph_step, prefix_cache
 from paraphrase_ray.config import ConfigError, GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.decode_loop import greedy_decode
-from paraphrase_ray.generate import engine_label, generate_rows, row_for
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.generation import prefix_cache
+from paraphrase_ray.generation.backends import cuda_graphs as graph_step
+from paraphrase_ray.generation.decode import greedy_decode
+from paraphrase_ray.generation.generate import engine_label, generate_rows, row_for
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig(prefix="Rewrite the next sentence in other words, keeping every fact: ")
 SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:6]]
@@ -125,13 +126,13 @@ def test_graphs_off_where_they_cannot_apply(tiny):
 @torch.no_grad()
 def test_a_graph_that_cannot_be_captured_falls_back_to_the_eager_static_step(tiny, monkeypatch, caplog):
     """Capture fails here (no CUDA): the engine records why, warns once, and decodes eagerly with the same tokens."""
-    import paraphrase_ray.decode_loop as D
+    import paraphrase_ray.generation.decode as D
 
     engine = graph_step.GraphEngine(tiny.model, capture=True)
     monkeypatch.setattr(D, "graph_engine", lambda model, mode: engine)
     x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
     kw = dict(max_new=[10, 10], pad_id=tiny.tokenizer.pad_token_id)
-    with caplog.at_level("WARNING", logger="paraphrase_ray.graph_step"):
+    with caplog.at_level("WARNING", logger="paraphrase_ray.generation.backends.cuda_graphs"):
         fallback = greedy_decode(tiny.model, x, mask, **kw)
     assert engine.disabled and "CUDA graphs off" in caplog.text
     assert all(b.graph is None for b in engine.buckets.values())

@@ -10,10 +10,10 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.generate import build_batch, generate_rows, row_for
-from paraphrase_ray.lean import StaticKV, lean_step
-from paraphrase_ray.prompt import SoftPrompt
-from paraphrase_ray.quant import generation_model
+from paraphrase_ray.generation.backends.llama_step import StaticKV, lean_step
+from paraphrase_ray.generation.backends.lowbit import generation_model
+from paraphrase_ray.generation.generate import build_batch, generate_rows, row_for
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:4]]
 
@@ -56,8 +56,8 @@ def test_lean_logits_match_the_hf_forward_padded_batch_and_multi_token(smollm):
 
 
 def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, monkeypatch):
-    import paraphrase_ray.decode_loop as loop
-    import paraphrase_ray.lookup as lookup
+    import paraphrase_ray.generation.decode as loop
+    import paraphrase_ray.generation.lookup as lookup
 
     prompt = SoftPrompt.init(smollm.model, smollm.tokenizer, PromptConfig(n_tokens=6, init="vocab", seed=0))
     chat = TemplateConfig(prefix="Paraphrase the following sentence. Reply with the paraphrase only.\n\n", chat=True)
@@ -77,7 +77,7 @@ def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, mo
     without = run()
     assert calls and real(generation_model(smollm, "auto")[0]) is not None
     assert with_lean == without
-    from paraphrase_ray.generate import engine_label  # what --stats and the summary line report
+    from paraphrase_ray.generation.generate import engine_label  # what --stats and the summary line report
 
     assert engine_label(smollm, gen, 1) == "q4+lean+prefix-cache+lookup"
     assert engine_label(smollm, gen, 4) == engine_label(smollm, cold, 1) == "q4+lean+prefix-cache"
@@ -91,7 +91,7 @@ def test_tiny_llama_lean_step_matches_hf_forward_head_dim_16():
     embedded model needed: padded one-token steps and a causal multi-token pass against the HF forward."""
     from test_quant import tiny_llama
 
-    from paraphrase_ray.quant import load_kernels, quantize_for_generation
+    from paraphrase_ray.generation.backends.lowbit import load_kernels, quantize_for_generation
 
     if load_kernels() is None:
         pytest.skip("low-bit kernel unavailable here")

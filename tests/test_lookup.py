@@ -10,9 +10,15 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.generate import build_batch, generate_rows, greedy_decode, newline_token_ids, row_for
-from paraphrase_ray.lookup import draft_tokens, lookup_decode
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.generation.generate import (
+    build_batch,
+    generate_rows,
+    greedy_decode,
+    newline_token_ids,
+    row_for,
+)
+from paraphrase_ray.generation.lookup import draft_tokens, lookup_decode
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig()
 SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:6]]
@@ -71,7 +77,7 @@ def test_lookup_gives_the_plain_loops_tokens(tiny, rules):
 
 
 def test_generate_rows_uses_lookup_for_one_row_only(tiny, monkeypatch):
-    import paraphrase_ray.lookup as lookup
+    import paraphrase_ray.generation.lookup as lookup
 
     calls = []
     real = lookup.lookup_decode

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from paraphrase_ray.metrics import (
+from paraphrase_ray.evaluation.metrics import (
     SUMMARY_KEYS,
     EmbeddingCache,
     RowScore,
@@ -56,7 +56,7 @@ def embedder():
 
 def test_default_embedder_loads_offline_from_package(monkeypatch, embedder):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from paraphrase_ray import embedder as embedder_mod
+    from paraphrase_ray.evaluation import embedder as embedder_mod
 
     local = embedder_mod._offline_model_dir()
     assert local is not None and (local / "model.safetensors").is_file()

@@ -38,7 +38,7 @@ from paraphrase_ray.config import ConfigError
 # Its own three-node cluster, not the run's shared Ray (conftest): a node layout of its own (a CPU-less head, nodes
 # removed and added), and this process connects to it (one process, one Ray). The shared Ray is stopped first.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shared_ray")]
-CLI = [sys.executable, "-m", "paraphrase_ray.cli"]
+CLI = [sys.executable, "-m", "paraphrase_ray.cli.main"]
 EVERY, STEPS = 100, 600  # a trial reports (and checkpoints) every EVERY steps; ~30 ms a step here
 
 
@@ -368,7 +368,7 @@ def test_multinode_evaluator_survives_the_loss_of_its_node(cluster):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from paraphrase_ray.evaluator import EvaluatorClient, get_evaluator
+    from paraphrase_ray.evaluation.evaluator import EvaluatorClient, get_evaluator
 
     name, namespace = "evaluator-node-loss-test", "paraphrase-ray-test"
     triple = (["The cat sat on the mat."], ["A cat was sitting on the mat."], ["The cat sat on a mat."])
@@ -409,8 +409,8 @@ def test_multinode_evaluator_survives_the_loss_of_its_node(cluster):
 
 # ------------------------------------------------------------------------------------ bucket errors
 def test_multinode_unreachable_or_missing_bucket_is_an_error_naming_it(gcs, tiny_model_dir, tmp_path):
-    from paraphrase_ray.sweep import spec_from_dict
-    from paraphrase_ray.tune import run_sweep
+    from paraphrase_ray.sweep.driver import run_sweep
+    from paraphrase_ray.sweep.spec import spec_from_dict
 
     spec = spec_from_dict(tiny_space(tiny_model_dir, [], num_samples=1))
     closed = f"gs://nosuch-bucket/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http&anonymous=true"

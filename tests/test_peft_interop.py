@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from paraphrase_ray.config import PromptConfig
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 
 def test_peft_loads_our_prompt_and_matches_logits(tiny, tmp_path):
@@ -33,7 +33,7 @@ def test_alias_is_written_as_its_hub_id_with_a_hub_ready_card(tiny, tmp_path):
     import yaml
 
     from paraphrase_ray.models import HUB_IDS
-    from paraphrase_ray.prompt import PromptMeta, update_meta
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta, update_meta
 
     sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random"))
     sp.save(tmp_path, "smollm2-135m", tiny.model, {"data": {"sources": ["hf:glue/mrpc"]}})
@@ -59,7 +59,7 @@ def test_train_out_is_loadable_by_auto_peft_model_with_the_same_logits(tiny_mode
     """`train --out` writes a card and a base_model_name_or_path that AutoPeftModelForCausalLM resolves."""
     from peft import AutoPeftModelForCausalLM
 
-    from paraphrase_ray.cli import main
+    from paraphrase_ray.cli.main import main
     from paraphrase_ray.models import load_model
 
     out = tmp_path / "p"
@@ -98,7 +98,7 @@ def test_peft_saved_prompt_reads_its_base_model_from_adapter_config(peft_dir, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from paraphrase_ray.prompt import PromptMeta, load_prompt
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_prompt
 
     assert PromptMeta.read(peft_dir).base_model == str(tiny_model_dir)
     loaded, bundle = load_prompt(peft_dir, device="cpu", precision="fp32")
@@ -110,9 +110,9 @@ def test_peft_saved_prompt_reads_its_base_model_from_adapter_config(peft_dir, ti
 
 def test_peft_saved_prompt_runs_through_paraphrase_evaluate_and_the_api(peft_dir, tiny_model_dir, tmp_path, capsys):
     from paraphrase_ray import Paraphraser
-    from paraphrase_ray.cli import main
-    from paraphrase_ray.generate import paraphrase
-    from paraphrase_ray.prompt import PromptMeta
+    from paraphrase_ray.cli.main import main
+    from paraphrase_ray.generation.generate import paraphrase
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta
 
     texts = ["The bank raised its rates again.", "Snow fell all night long."]
     api = Paraphraser.from_pretrained(peft_dir, device="cpu")  # the precision the CLI picks too
@@ -136,7 +136,7 @@ def test_peft_saved_prompt_runs_through_paraphrase_evaluate_and_the_api(peft_dir
 
 
 def test_peft_prompt_without_a_resolvable_base_model_needs_model(peft_dir, tiny_model_dir, capsys):
-    from paraphrase_ray.cli import main
+    from paraphrase_ray.cli.main import main
 
     cfg_path = peft_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -154,7 +154,7 @@ def test_peft_prompt_without_a_resolvable_base_model_needs_model(peft_dir, tiny_
 
 
 def test_a_lora_adapter_is_refused_by_name(tmp_path):
-    from paraphrase_ray.prompt import PromptFileError, PromptMeta
+    from paraphrase_ray.prompt.soft_prompt import PromptFileError, PromptMeta
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
     with pytest.raises(PromptFileError, match="peft_type is 'LORA'"):
@@ -183,7 +183,7 @@ def test_the_hub_id_of_the_embedded_model_falls_back_to_it_offline(monkeypatch):
 
 # ---- paraphrase-ray push (never reaches the network) ------------------------------------------------
 def test_push_checks_its_arguments_and_the_token_before_any_request(tiny, tmp_path, monkeypatch, capsys):
-    from paraphrase_ray.cli import main
+    from paraphrase_ray.cli.main import main
 
     sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=3, init="random"))
     sp.save(tmp_path / "p", "smollm2-135m", tiny.model)
@@ -209,7 +209,7 @@ def test_push_checks_its_arguments_and_the_token_before_any_request(tiny, tmp_pa
 
 
 def test_push_uploads_the_prompt_files_only(tiny, tmp_path, monkeypatch, capsys):
-    from paraphrase_ray.cli import main
+    from paraphrase_ray.cli.main import main
 
     out = tmp_path / "p"
     SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=3, init="random")).save(out, "m", tiny.model)

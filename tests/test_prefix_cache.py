@@ -7,11 +7,11 @@ import json
 
 import torch
 
-from paraphrase_ray import prefix_cache
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.generate import generate_rows, row_for
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.generation import prefix_cache
+from paraphrase_ray.generation.generate import generate_rows, row_for
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig(prefix="Rewrite the next sentence in other words, keeping every fact: ")
 SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:8]]
@@ -25,8 +25,8 @@ def _prompt(tiny, n=4, seed=1):
 
 def _spy_prefill(monkeypatch):
     """Lengths of every prefill (the first forward of each generation call) and of every prefix computed."""
-    import paraphrase_ray.generate as G
-    import paraphrase_ray.lookup as L
+    import paraphrase_ray.generation.generate as G
+    import paraphrase_ray.generation.lookup as L
 
     seen = {"prefix": []}
     real_kv = prefix_cache.prefix_kv
@@ -92,7 +92,7 @@ def test_the_lru_keeps_a_bounded_number_of_prefixes(tiny, monkeypatch):
     monkeypatch.setattr(prefix_cache, "MAX_ENTRIES", 2)
     for seed in range(4):
         generate_rows(tiny, [row_for(tiny, SOURCES[0], _prompt(tiny, seed=seed), T, GEN)], GEN)
-    from paraphrase_ray.quant import generation_model
+    from paraphrase_ray.generation.backends.lowbit import generation_model
 
     model, _ = generation_model(tiny, GEN.quantize)
     assert len(prefix_cache._CACHES[model]) == 2

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from paraphrase_ray.config import PromptConfig, RunConfig, TrainConfig
-from paraphrase_ray.prompt import PromptFileError, SoftPrompt, frequent_token_ids, trainable_parameters
-from paraphrase_ray.train import train
+from paraphrase_ray.prompt.soft_prompt import (
+    PromptFileError,
+    SoftPrompt,
+    frequent_token_ids,
+    trainable_parameters,
+)
+from paraphrase_ray.training.trainer import train
 
 
 def test_vocab_init_copies_common_token_embeddings(tiny):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from paraphrase_ray import quant
+from paraphrase_ray.generation.backends import lowbit as quant
 from paraphrase_ray.models import freeze
 
 

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from paraphrase_ray import report
-from paraphrase_ray.cli import main
+from paraphrase_ray.cli.main import main
 from paraphrase_ray.config import DataConfig, GenerationConfig
 from paraphrase_ray.data import Pair, load_pairs
+from paraphrase_ray.evaluation import report
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def embedder():
-    from paraphrase_ray.metrics import load_embedder
+    from paraphrase_ray.evaluation.metrics import load_embedder
 
     return load_embedder(device="cpu")
 
@@ -215,7 +215,7 @@ def test_chat_template_training_layout_and_zero_shot_chat_rows(tiny_chat_dir, ti
 
     from paraphrase_ray.config import TemplateConfig
     from paraphrase_ray.data import IGNORE, DataError, encode_pair, encode_source
-    from paraphrase_ray.generate import ZERO_SHOT_INSTRUCTION, row_for
+    from paraphrase_ray.generation.generate import ZERO_SHOT_INSTRUCTION, row_for
     from paraphrase_ray.models import load_model
 
     tok = AutoTokenizer.from_pretrained(str(tiny_chat_dir))
@@ -269,7 +269,7 @@ def test_train_in_chat_template_then_evaluate(tiny_chat_dir, tmp_path, capsys):
 
 
 def test_near_copy_training_pairs_are_dropped_from_training_only():
-    from paraphrase_ray.metrics import sentence_bleu
+    from paraphrase_ray.evaluation.metrics import sentence_bleu
 
     base = DataConfig(sources=("sample",))
     train, val, rep = load_pairs(base)
@@ -284,7 +284,7 @@ def test_near_copy_training_pairs_are_dropped_from_training_only():
 
 
 def test_self_bleu_band_keeps_only_moderate_rewrites_for_training():
-    from paraphrase_ray.metrics import sentence_bleu
+    from paraphrase_ray.evaluation.metrics import sentence_bleu
 
     train, val, rep = load_pairs(DataConfig(sources=("sample",)))
     b_train, b_val, b_rep = load_pairs(DataConfig(sources=("sample",), min_train_self_bleu=10, max_train_self_bleu=50))
@@ -302,9 +302,9 @@ def test_self_bleu_band_keeps_only_moderate_rewrites_for_training():
 
 def test_source_penalty_can_skip_punctuation_and_function_words(tiny):
     from paraphrase_ray.config import TemplateConfig
-    from paraphrase_ray.decoding import FUNCTION_WORDS
-    from paraphrase_ray.decoding import skip_penalty_ids as common_token_ids
-    from paraphrase_ray.generate import row_for
+    from paraphrase_ray.generation.generate import row_for
+    from paraphrase_ray.generation.rules import FUNCTION_WORDS
+    from paraphrase_ray.generation.rules import skip_penalty_ids as common_token_ids
 
     src = "The cat sat on the mat, and the dog slept."
     gen = GenerationConfig(source_repetition_penalty=1.2)

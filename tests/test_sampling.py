@@ -11,9 +11,9 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.decode_loop import fast_sample_applies, greedy_decode, make_sampler
-from paraphrase_ray.generate import build_batch, generate_rows, row_for
-from paraphrase_ray.prompt import SoftPrompt
+from paraphrase_ray.generation.decode import fast_sample_applies, greedy_decode, make_sampler
+from paraphrase_ray.generation.generate import build_batch, generate_rows, row_for
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig()
 SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:5]]

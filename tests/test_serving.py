@@ -19,8 +19,8 @@ import yaml
 from serve_helpers import KEY, TEXTS
 
 from paraphrase_ray.config import ConfigError, GenerationConfig, TemplateConfig
-from paraphrase_ray.prompt import SoftPrompt
-from paraphrase_ray.serving import (
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
+from paraphrase_ray.serve.deployments import (
     APP_NAME,
     DEPLOYMENT_NAME,
     INGRESS_NAME,
@@ -65,7 +65,7 @@ def test_config_file_keys_are_all_known():
     assert raw["http_options"]["host"] == "127.0.0.1"  # loopback unless told otherwise
     (app,) = raw["applications"]
     _check_keys(app, ServeApplicationSchema, "applications[0]")
-    assert app["import_path"] == "paraphrase_ray.serving:app_builder"
+    assert app["import_path"] == "paraphrase_ray.serve.deployments:app_builder"
     assert app["name"] == APP_NAME
     ingress, dep = app["deployments"]
     for i, d in enumerate(app["deployments"]):
@@ -128,7 +128,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def offline(prompt_dirs, tmp_path_factory):
     """Greedy candidates from the offline `paraphrase-ray paraphrase` command, per prompt."""
-    from paraphrase_ray.cli import main
+    from paraphrase_ray.cli.main import main
 
     tmp = tmp_path_factory.mktemp("offline")
     src = tmp / "in.jsonl"
@@ -183,7 +183,7 @@ def test_mixed_prompt_concurrent_requests_match_offline_and_share_batches(client
 
 @pytest.mark.slow
 def test_single_text_default_prompt_and_zero_shot(client, offline, tiny_model_dir, prompt_dirs):
-    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.generation.generate import paraphrase
     from paraphrase_ray.models import load_model
 
     r = client.post("/paraphrase", json={"text": TEXTS[0]})
@@ -213,7 +213,7 @@ def test_single_text_default_prompt_and_zero_shot(client, offline, tiny_model_di
 
 @pytest.mark.slow
 def test_candidates_sampling_and_rerank(client):
-    from paraphrase_ray.metrics import is_empty
+    from paraphrase_ray.evaluation.metrics import is_empty
 
     r = client.post("/paraphrase", json={"texts": TEXTS[:2], "num_candidates": 3, "seed": 1})
     assert r.status_code == 200, r.text

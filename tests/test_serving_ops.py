@@ -19,8 +19,8 @@ from collections import Counter
 import pytest
 from serve_helpers import TEXTS, make_prompt
 
-from paraphrase_ray.serve_schema import DEBUG_STALL_MARK, ENV_API_KEY, ServeSettings
-from paraphrase_ray.serving import build_app
+from paraphrase_ray.serve.deployments import build_app
+from paraphrase_ray.serve.protocol import DEBUG_STALL_MARK, ENV_API_KEY, ServeSettings
 
 KEY = "ops-key-456"
 LIMITS = {"max_texts": 4, "max_chars": 200, "max_new_tokens": 8, "max_queued_rows": 8}
@@ -157,7 +157,7 @@ def test_fault_auth_is_a_security_scheme_and_docs_stay_open(url, client):
 def test_fault_metrics_reach_the_ray_metrics_export_port(ops, client):
     from concurrent.futures import ThreadPoolExecutor
 
-    from paraphrase_ray.serve_metrics import EXPORTED
+    from paraphrase_ray.serve.metrics import EXPORTED
 
     _, metrics_url = ops
 

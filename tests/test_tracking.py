@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from paraphrase_ray.config import ConfigError
-from paraphrase_ray.sweep import SweepStorage, TrackingSpec, spec_from_dict, spec_to_dict
-from paraphrase_ray.tracking import apply_flags, callbacks, mlflow_uri
+from paraphrase_ray.sweep.spec import SweepStorage, TrackingSpec, spec_from_dict, spec_to_dict
+from paraphrase_ray.sweep.tracking import apply_flags, callbacks, mlflow_uri
 
 
 def tiny_space(model_dir: Path, **tracking) -> dict:
@@ -78,7 +78,7 @@ def test_wandb_callback_is_offline_beside_the_sweep(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_real_sweep_logs_one_mlflow_run_per_trial(ray_session, tiny_model_dir, tmp_path):
     mlflow = pytest.importorskip("mlflow")
-    from paraphrase_ray.tune import run_sweep
+    from paraphrase_ray.sweep.driver import run_sweep
 
     spec = spec_from_dict(tiny_space(tiny_model_dir, mlflow=True))
     out = run_sweep(spec, "tracked", str(tmp_path / "runs"), verbose=0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from paraphrase_ray.config import PromptConfig, RunConfig, TrainConfig
-from paraphrase_ray.prompt import SoftPrompt
-from paraphrase_ray.train import lr_factor, train
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
+from paraphrase_ray.training.trainer import lr_factor, train
 
 
 def cfg(**train_kw) -> RunConfig:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from paraphrase_ray.config import ConfigError
-from paraphrase_ray.leaderboard import (
+from paraphrase_ray.sweep.leaderboard import (
     TrialRecord,
     format_table,
     leaderboard,
@@ -25,7 +25,7 @@ from paraphrase_ray.leaderboard import (
     write_leaderboard,
     write_plot,
 )
-from paraphrase_ray.sweep import SweepStorage, load_spec, spec_from_dict
+from paraphrase_ray.sweep.spec import SweepStorage, load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_a_failed_trial_restored_without_a_config_keeps_its_saved_params(tmp_pat
 
     import pyarrow.fs as pafs
 
-    from paraphrase_ray.tune import trial_records
+    from paraphrase_ray.sweep.driver import trial_records
 
     trial_dir = tmp_path / "run_trial_x"
     trial_dir.mkdir()
@@ -204,7 +204,7 @@ class FakeClient:
         self.calls = 0
 
     def score(self, sources, references, predictions):
-        from paraphrase_ray.metrics import SUMMARY_KEYS
+        from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS
 
         self.calls += 1
         assert len(sources) == len(predictions) == len(references)
@@ -235,15 +235,15 @@ def one_thread():
 
 
 def _context(tiny_model_dir):
-    from paraphrase_ray.tune import build_context
+    from paraphrase_ray.sweep.driver import build_context
 
     spec = spec_from_dict(tiny_space(tiny_model_dir))
     return build_context(spec, "unit", "evaluator-unit")
 
 
 def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_thread):
-    from paraphrase_ray.prompt import load_bundle
-    from paraphrase_ray.tune import run_trial
+    from paraphrase_ray.prompt.soft_prompt import load_bundle
+    from paraphrase_ray.sweep.driver import run_trial
 
     ctx = _context(tiny_model_dir)
     assert len(ctx.eval_sources) == 4 and len(ctx.val_pairs) == 16
@@ -278,8 +278,8 @@ def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_
     import torch
     from ray import tune
 
-    from paraphrase_ray.prompt import SoftPrompt
-    from paraphrase_ray.tune import run_trial
+    from paraphrase_ray.prompt.soft_prompt import SoftPrompt
+    from paraphrase_ray.sweep.driver import run_trial
 
     ctx = _context(tiny_model_dir)
     params = {"prompt.n_tokens": 3, "prompt.init": "vocab", "train.lr": 0.1, "train.device": "cpu"}
@@ -317,8 +317,8 @@ def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_
 
 
 def test_nan_trial_reports_the_worst_objective(tiny_model_dir, monkeypatch):
-    import paraphrase_ray.train as train_mod
-    from paraphrase_ray.tune import run_trial
+    import paraphrase_ray.training.trainer as train_mod
+    from paraphrase_ray.sweep.driver import run_trial
 
     def diverged(loaded, cfg, **kw):
         return train_mod.TrainResult("nan", 3, None, None, math.nan, 0.0, 0.1)
@@ -338,7 +338,7 @@ def test_nan_trial_reports_the_worst_objective(tiny_model_dir, monkeypatch):
 def test_optuna_gets_the_spec_ranges():
     from ray.tune.search.optuna import OptunaSearch
 
-    from paraphrase_ray.tune import tune_domain
+    from paraphrase_ray.sweep.driver import tune_domain
 
     spec = load_spec(ROOT / "search_spaces" / "default.yaml")
     space = OptunaSearch.convert_search_space({k: tune_domain(p) for k, p in spec.search.items()})
@@ -348,7 +348,7 @@ def test_optuna_gets_the_spec_ranges():
 
 
 def test_resume_and_name_clashes_are_user_errors(tmp_path, tiny_model_dir):
-    from paraphrase_ray.tune import SPACE_FILE, run_sweep
+    from paraphrase_ray.sweep.driver import SPACE_FILE, run_sweep
 
     spec = spec_from_dict(tiny_space(tiny_model_dir))
     with pytest.raises(ConfigError, match="nothing to resume"):
@@ -368,7 +368,7 @@ def test_fractional_gpus_pack_four_trials_on_one_card(ray_session, tmp_path):
     import ray
     from ray import tune
 
-    from paraphrase_ray.tune import trial_resources
+    from paraphrase_ray.sweep.driver import trial_resources
 
     spec = load_spec(ROOT / "search_spaces" / "default.yaml")
 
@@ -447,10 +447,10 @@ def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_d
     """A real tiny sweep on file:// storage: ASHA stops some trials, a failing trial does not stop the others,
     Ctrl-C interrupts it, --resume finishes it without re-running finished trials, and the results are complete
     and loadable."""
-    from paraphrase_ray.cli import main
-    from paraphrase_ray.generate import paraphrase
+    from paraphrase_ray.cli.main import main
+    from paraphrase_ray.generation.generate import paraphrase
     from paraphrase_ray.models import load_model
-    from paraphrase_ray.prompt import PromptMeta, load_bundle
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_bundle
 
     space = tmp_path / "tiny.yaml"
     data = tiny_space(tiny_model_dir)
@@ -463,7 +463,7 @@ def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_d
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paraphrase_ray.cli", *args],
+        [sys.executable, "-m", "paraphrase_ray.cli.main", *args],
         cwd=tmp_path,
         env=env,
         stdout=log,
@@ -532,7 +532,7 @@ def test_trial_resumed_at_its_last_checkpoint_still_reports_its_scores(tiny_mode
 
     from ray import tune
 
-    from paraphrase_ray.tune import run_trial
+    from paraphrase_ray.sweep.driver import run_trial
 
     ctx = _context(tiny_model_dir)
     params = {"prompt.n_tokens": 3, "prompt.init": "vocab", "train.lr": 0.1, "train.device": "cpu"}

@@ -1,0 +1,131 @@
+"""Prompt-lookup drafting for greedy decoding of one row: draft from the source, verify in one forward pass.
+
+Paraphrases reuse source tokens (names, numbers, short runs that n-gram blocking still allows), so the tokens
+after the last generated one's latest occurrence in the source are a cheap guess at what comes next. Each
+step feeds ``[pending token] + draft`` (1 + k tokens) through the model once and keeps the longest prefix of
+the draft that greedy decoding would have chosen -- every rule applied at every position exactly as
+``generate.greedy_decode`` applies it (``decoding.ban_row``, the source penalty, the stops) -- plus the token
+greedy picks after it; the KV cache is cropped back to what was kept. So the tokens are greedy's; only the
+number of forward passes changes (``benchmarks/lookup_acceptance.py`` measures the acceptance on paraphrases).
+
+Batch 1 only (the CLI's single text, Serve's single requests, per-row calls): in a batch, rows would keep
+different numbers of draft tokens and the cache cannot be cropped per row, so batches use the plain loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from paraphrase_ray.generation.backends.llama_step import StaticKV, lean_step
+from paraphrase_ray.generation.rules import SourceRepetitionPenalty, ban_row
+from paraphrase_ray.models import cache_kwarg
+
+NGRAM = 1  # match the last generated token: measured best on MRPC paraphrases (1.23 tokens kept per draft)
+
+
+def draft_tokens(generated: Sequence[int], source: Sequence[int], k: int, n: int = NGRAM) -> list[int]:
+    """The ``k`` tokens that followed the latest occurrence in ``source`` of the last ``n`` generated tokens."""
+    if k < 1 or len(generated) < n:
+        return []
+    tail = list(generated[-n:])
+    for j in range(len(source) - n, -1, -1):
+        if list(source[j : j + n]) == tail:
+            return list(source[j + n : j + n + k])
+    return []
+
+
+@torch.no_grad()
+def lookup_decode(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    max_new: int,
+    source: Sequence[int],
+    k: int,
+    src_mask: torch.Tensor | None = None,
+    penalty: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    newline_ids: Sequence[int] = (),
+    no_repeat_ngram: int = 0,
+    ngrams: dict | None = None,
+    ngram_n: int = 0,
+    guard: Any = None,
+    stats: dict | None = None,
+    past=None,
+    use_lean: bool = True,
+) -> torch.Tensor:
+    """Greedy tokens (1, steps) for one unpadded row ``x`` (1, L, d), the same as ``greedy_decode`` gives.
+
+    ``stats`` (if given) accumulates ``passes`` (forward passes after the prefill), ``tokens`` and ``drafted``
+    / ``accepted`` draft tokens. ``past``: a KV cache already holding this row's first positions (a shared
+    prefix, ``prefix_cache.py``); x is then the rest of the row.
+    """
+    key = cache_kwarg(model)
+    params = inspect.signature(model.forward).parameters
+    keep, pass_pos = "logits_to_keep" in params, "position_ids" in params
+    stops, newlines = set(stop_ids), set(newline_ids)
+    n_past = past.get_seq_length() if past is not None else 0
+    kw = {"logits_to_keep": 1} if keep else {}
+    if past is not None:
+        kw[key] = past
+        if pass_pos:
+            kw["position_ids"] = torch.arange(n_past, n_past + x.shape[1], device=x.device)[None]
+    res = model(inputs_embeds=x, use_cache=True, **kw)
+    cache, length = res.get(key), n_past + x.shape[1]  # tokens in the cache
+    lean = lean_step(model) if use_lean else None  # decode steps without HF's per-layer overhead (lean.py)
+    if lean is not None:
+        cache = StaticKV.from_hf(cache, max_new + k + 1)
+    seq: list[int] = []
+    has_text = False
+
+    def choose(scores: torch.Tensor) -> int:  # scores (vocab,): one position, after every rule
+        scores = scores.float().clone()
+        ban_row(scores, seq, no_repeat_ngram, ngrams, ngram_n, guard)
+        if src_mask is not None:
+            scores = SourceRepetitionPenalty(src_mask[:1], penalty)(None, scores[None])[0]
+        return int(scores.argmax())
+
+    def take(t: int) -> bool:  # append greedy's token; True when the row stops here
+        nonlocal has_text
+        seq.append(t)
+        is_nl = t in newlines
+        done = t in stops or (is_nl and has_text) or len(seq) >= max_new
+        has_text = has_text or not is_nl
+        return done
+
+    done = take(choose(res.logits[0, -1]))
+    passes = drafted = accepted = 0
+    while not done:
+        draft = draft_tokens(seq, source, min(k, max_new - len(seq)))
+        feed = [seq[-1], *draft]
+        ids = torch.tensor([feed], device=x.device)
+        # as greedy_decode numbers them: an unpadded row's positions are 0, 1, 2, ...
+        pos = torch.arange(length, length + len(feed), device=x.device)[None]
+        if lean is not None:
+            logits = lean(ids, pos, None, cache, keep=len(feed))[0]
+        else:
+            kw = {"logits_to_keep": len(feed)} if keep else {}
+            if pass_pos:
+                kw["position_ids"] = pos
+            res = model(input_ids=ids, use_cache=True, **kw, **{key: cache})
+            logits = res.logits[0, -len(feed) :]  # (1 + k, vocab): what follows each fed token
+        passes, drafted = passes + 1, drafted + len(draft)
+        kept = 0  # draft tokens confirmed (they are in the cache and in seq)
+        for i in range(len(feed)):
+            t = choose(logits[i])
+            done = take(t)
+            if done or i == len(draft) or t != draft[i]:
+                break
+            kept += 1
+        accepted += kept
+        length += 1 + kept  # the pending token and the confirmed drafts; the rest leaves the cache
+        extra = len(feed) - 1 - kept
+        if extra:
+            cache.crop(-extra)
+    if stats is not None:
+        for name, v in (("passes", passes), ("tokens", len(seq)), ("drafted", drafted), ("accepted", accepted)):
+            stats[name] = stats.get(name, 0) + v
+    return torch.tensor([seq], device=x.device)
