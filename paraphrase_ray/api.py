@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from paraphrase_ray.config import DEFAULT_CANDIDATES, ConfigError, GenerationConfig, replace_nested
+from paraphrase_ray.config import DEFAULT_CANDIDATES, GenerationConfig, replace_nested
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
 from paraphrase_ray.models import LoadedModel
 from paraphrase_ray.prompt.soft_prompt import PromptBundle, PromptMeta, load_prompt

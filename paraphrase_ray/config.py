@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.typecheck import check_value
 from paraphrase_ray.typecheck import field_types as _field_types
 
@@ -32,9 +33,6 @@ DEFAULT_CANDIDATES = 8
 # The name of the base model run with no soft prompt: a report's baseline system and Serve's reserved prompt.
 ZERO_SHOT = "zero-shot"
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (bad key, bad value, contradictory options)."""
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,11 @@ from typing import Any
 import torch
 
 from paraphrase_ray.config import DataConfig, TemplateConfig
+from paraphrase_ray.errors import DataError
 
 IGNORE = -100
 SAMPLE_PATH = Path(__file__).parent / "resources" / "sample.jsonl"
 
-
-class DataError(ValueError):
-    """A data source cannot be used; the message names it and the problem."""
 
 
 @dataclass(frozen=True)

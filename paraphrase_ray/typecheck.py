@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any
 
+from paraphrase_ray.errors import ConfigError
+
 
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
@@ -83,8 +85,6 @@ def check_value(hint: Any, value: Any, key: str) -> Any:
     try:
         return _adapter(hint).validate_python(value, strict=True)
     except ValidationError:
-        from paraphrase_ray.config import ConfigError  # config imports this module
-
         boolish = bool in _members(hint) and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no")
         quoted = " (a quoted string: write it without quotes)" if boolish else ""
         shown = list(value) if isinstance(value, tuple) else value

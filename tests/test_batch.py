@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from paraphrase_ray.cli.main import main
-from paraphrase_ray.config import ConfigError, PromptConfig, RunConfig
+from paraphrase_ray.config import PromptConfig, RunConfig
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.soft_prompt import PromptMeta, SoftPrompt
 
 ROWS = [

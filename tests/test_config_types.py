@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from paraphrase_ray.config import ConfigError, RunConfig, from_dict, load_yaml, replace_nested
+from paraphrase_ray.config import RunConfig, from_dict, load_yaml, replace_nested
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.serve.protocol import ServeSettings
 from paraphrase_ray.sweep.spec import spec_from_dict
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from paraphrase_ray.config import DataConfig, TemplateConfig
-from paraphrase_ray.data import IGNORE, DataError, Pair, collate, encode_pair, encode_source, load_pairs
+from paraphrase_ray.data import IGNORE, Pair, collate, encode_pair, encode_source, load_pairs
+from paraphrase_ray.errors import DataError
 
 ROWS = [
     {"source": "The bank raised rates.", "target": "Rates were raised by the bank.", "label": 1},

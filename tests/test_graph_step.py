@@ -13,8 +13,9 @@ import json
 import pytest
 import torch
 
-from paraphrase_ray.config import ConfigError, GenerationConfig, PromptConfig, TemplateConfig
+from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.generation import prefix_cache
 from paraphrase_ray.generation.backends import cuda_graphs as graph_step
 from paraphrase_ray.generation.decode import greedy_decode

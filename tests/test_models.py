@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from paraphrase_ray import models
-from paraphrase_ray.models import ModelLoadError, load_model, resolve_dtype
+from paraphrase_ray.errors import ModelLoadError
+from paraphrase_ray.models import load_model, resolve_dtype
 
 
 def test_local_dir_loads_frozen_and_is_memoised(tiny_model_dir):

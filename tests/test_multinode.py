@@ -33,7 +33,7 @@ import pytest
 import yaml
 from gcs_emulator import GcsEmulator, free_port
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 
 # Its own three-node cluster, not the run's shared Ray (conftest): a node layout of its own (a CPU-less head, nodes
 # removed and added), and this process connects to it (one process, one Ray). The shared Ray is stopped first.

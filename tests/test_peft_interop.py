@@ -154,7 +154,8 @@ def test_peft_prompt_without_a_resolvable_base_model_needs_model(peft_dir, tiny_
 
 
 def test_a_lora_adapter_is_refused_by_name(tmp_path):
-    from paraphrase_ray.prompt.soft_prompt import PromptFileError, PromptMeta
+    from paraphrase_ray.errors import PromptFileError
+    from paraphrase_ray.prompt.soft_prompt import PromptMeta
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
     with pytest.raises(PromptFileError, match="peft_type is 'LORA'"):

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from paraphrase_ray.config import PromptConfig, RunConfig, TrainConfig
-from paraphrase_ray.prompt.soft_prompt import (
-    PromptFileError,
-    SoftPrompt,
-    frequent_token_ids,
-    trainable_parameters,
-)
+from paraphrase_ray.errors import PromptFileError
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt, frequent_token_ids, trainable_parameters
 from paraphrase_ray.training.trainer import train
 
 

@@ -214,7 +214,8 @@ def test_chat_template_training_layout_and_zero_shot_chat_rows(tiny_chat_dir, ti
     from transformers import AutoTokenizer
 
     from paraphrase_ray.config import TemplateConfig
-    from paraphrase_ray.data import IGNORE, DataError, encode_pair, encode_source
+    from paraphrase_ray.data import IGNORE, encode_pair, encode_source
+    from paraphrase_ray.errors import DataError
     from paraphrase_ray.generation.generate import ZERO_SHOT_INSTRUCTION, row_for
     from paraphrase_ray.models import load_model
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.sweep.spec import load_spec, smoke, spec_from_dict, spec_to_dict
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from serve_helpers import KEY, TEXTS
 
-from paraphrase_ray.config import ConfigError, GenerationConfig, TemplateConfig
+from paraphrase_ray.config import GenerationConfig, TemplateConfig
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 from paraphrase_ray.serve.deployments import (
     APP_NAME,

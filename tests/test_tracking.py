@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.sweep.spec import SweepStorage, TrackingSpec, spec_from_dict, spec_to_dict
 from paraphrase_ray.sweep.tracking import apply_flags, callbacks, mlflow_uri
 

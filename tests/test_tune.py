@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.sweep.leaderboard import (
     TrialRecord,
     format_table,

@@ -127,7 +127,7 @@ def _logging_to_stderr() -> None:
 
 
 if __name__ == "__main__":
-    from paraphrase_ray.config import ConfigError
+    from paraphrase_ray.errors import ConfigError
 
     _logging_to_stderr()
     try:

@@ -17,7 +17,6 @@ from paraphrase_ray.config import (
     DEFAULT_CANDIDATES,
     INIT_STRATEGIES,
     PRECISIONS,
-    ConfigError,
     PromptConfig,
     RunConfig,
     TrainConfig,
@@ -25,6 +24,7 @@ from paraphrase_ray.config import (
     load_yaml,
     replace_nested,
 )
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
@@ -33,9 +33,7 @@ _QUANTIZE = {"auto": "auto", "fp32": "none", "int8": "int8"}  # paraphrase --pre
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from paraphrase_ray.data import DataError
-    from paraphrase_ray.models import ModelLoadError
-    from paraphrase_ray.prompt.soft_prompt import PromptFileError
+    from paraphrase_ray.errors import DataError, ModelLoadError, PromptFileError
 
     return (*USER_ERRORS, DataError, ModelLoadError, PromptFileError, ValueError)
 

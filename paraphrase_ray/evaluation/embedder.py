@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from paraphrase_ray.errors import ConfigError, ModelLoadError
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -47,7 +49,7 @@ def load_embedder(
     ``device=None`` lets sentence-transformers pick (CUDA when visible). Raises ValueError naming the fix.
     """
     if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"embedder model must be a non-empty hub id or local path, got {model!r}")
+        raise ConfigError(f"embedder model must be a non-empty hub id or local path, got {model!r}")
     key = (model, device)
     with _LOCK:
         if cache and key in _EMBEDDERS:
@@ -61,7 +63,7 @@ def load_embedder(
 def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         # Fail before importing torch (seconds): a mistyped path is the commonest error.
-        raise ValueError(
+        raise ModelLoadError(
             f"could not load embedder {model!r}: no such local directory. Fix: check the path, or pass a hub id "
             f"such as {DEFAULT_EMBEDDER!r}"
         )
@@ -85,7 +87,7 @@ def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
                 + f", pass a local model directory, or use the default {DEFAULT_EMBEDDER!r}"
             )
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
+        raise ModelLoadError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
 
 
 def _hub_offline() -> bool:
@@ -114,7 +116,7 @@ class EmbeddingCache:
 
     def __init__(self, max_items: int = 20_000) -> None:
         if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
+            raise ConfigError(f"max_items must be >= 1, got {max_items}")
         self.max_items = max_items
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = self.misses = 0

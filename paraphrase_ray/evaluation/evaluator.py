@@ -28,6 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from paraphrase_ray.errors import ConfigError, ModelLoadError
 from paraphrase_ray.evaluation.metrics import (
     DEFAULT_EMBEDDER,
     EmbeddingCache,
@@ -198,9 +199,9 @@ def get_evaluator(
     An existing actor is returned as is, whatever its model: use another ``name`` for another model.
     """
     if lifetime not in (None, "detached", "non_detached"):
-        raise ValueError(f"lifetime must be None, 'detached' or 'non_detached', got {lifetime!r}")
+        raise ConfigError(f"lifetime must be None, 'detached' or 'non_detached', got {lifetime!r}")
     if num_gpus < 0 or num_cpus < 0:
-        raise ValueError(f"num_gpus and num_cpus must be >= 0, got {num_gpus} and {num_cpus}")
+        raise ConfigError(f"num_gpus and num_cpus must be >= 0, got {num_gpus} and {num_cpus}")
     return Evaluator.options(
         name=name,
         namespace=namespace,
@@ -249,7 +250,7 @@ class EvaluatorClient:
             # get_if_exists hands back an existing actor as is; scoring with another model would be silent.
             info = ray.get(handle.info.remote(), timeout=self.timeout_s)
             if info["model"] != self.model:
-                raise ValueError(
+                raise ConfigError(
                     f"evaluator {self.name!r} in namespace {self.namespace!r} runs model {info['model']!r}, "
                     f"not {self.model!r}. Fix: pass another name for this model, or the same model."
                 )
@@ -264,7 +265,7 @@ class EvaluatorClient:
             except RayActorError as e:  # includes ActorDiedError and ActorUnavailableError
                 self._handle = None
                 if e.actor_init_failed:  # e.g. a bad model id: a new actor would fail the same way
-                    raise ValueError(f"evaluator {self.name!r} could not start: {_init_error(e)}") from e
+                    raise ModelLoadError(f"evaluator {self.name!r} could not start: {_init_error(e)}") from e
                 if attempt == 1:
                     raise
                 _wait_until_name_released(self.name, self.namespace)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from paraphrase_ray.errors import InputError
 from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER, EmbeddingCache, encode_unique, load_embedder  # noqa: F401  (re-exported)
 from paraphrase_ray.generation.fact_guard import check as check_facts
 
@@ -105,14 +106,14 @@ class RowScore:
 
 def _check_texts(name: str, values: Any, allow_empty: bool, allow_none: bool = False) -> None:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a list of strings, got {type(values).__name__}")
+        raise InputError(f"{name} must be a list of strings, got {type(values).__name__}")
     for i, v in enumerate(values):
         if v is None and allow_none:
             continue
         if not isinstance(v, str):
-            raise ValueError(f"{name}[{i}] must be a string, got {type(v).__name__}: {v!r:.80}")
+            raise InputError(f"{name}[{i}] must be a string, got {type(v).__name__}: {v!r:.80}")
         if not allow_empty and not v.strip():
-            raise ValueError(f"{name}[{i}] is empty; every {name[:-1]} needs some text")
+            raise InputError(f"{name}[{i}] is empty; every {name[:-1]} needs some text")
 
 
 def validate_triples(
@@ -126,15 +127,15 @@ def validate_triples(
     _check_texts("sources", sources, allow_empty=False)
     _check_texts("predictions", predictions, allow_empty=True)
     if len(sources) == 0:
-        raise ValueError("nothing to score: sources and predictions are empty lists")
+        raise InputError("nothing to score: sources and predictions are empty lists")
     if len(predictions) != len(sources):
-        raise ValueError(
+        raise InputError(
             f"got {len(sources)} sources but {len(predictions)} predictions; pass one per source"
         )
     if references is not None:
         _check_texts("references", references, allow_empty=False, allow_none=True)
         if len(references) != len(sources):
-            raise ValueError(
+            raise InputError(
                 f"got {len(sources)} sources but {len(references)} references; pass one per source, or None"
             )
 
@@ -243,7 +244,7 @@ def _mean(values: list[float]) -> float:
 def summarize(rows: Sequence[RowScore]) -> dict[str, float]:
     """Means over rows. Reference keys average the rows that have a reference; NaN when none has one."""
     if not rows:
-        raise ValueError("summarize() needs at least one scored row")
+        raise InputError("summarize() needs at least one scored row")
     with_ref = [r for r in rows if r.ref_bleu is not None]
     return {
         "n": len(rows),

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from paraphrase_ray.config import ZERO_SHOT, ConfigError, DataConfig, GenerationConfig, TemplateConfig
+from paraphrase_ray.config import ZERO_SHOT, DataConfig, GenerationConfig, TemplateConfig
 from paraphrase_ray.data import DataReport, Pair, clean, load_pairs, read_rows
+from paraphrase_ray.errors import ConfigError, DataError
 from paraphrase_ray.files import jsonable, write_json  # noqa: F401  (jsonable: part of this module's report API)
 from paraphrase_ray.prompt.soft_prompt import System
 
@@ -92,12 +93,12 @@ def evaluate_systems(
     from paraphrase_ray.generation.generate import paraphrase
 
     if not pairs:
-        raise ValueError(
+        raise DataError(
             "no pairs to evaluate: the split is empty (try --split all or a larger --val-fraction)"
         )
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
-        raise ValueError(f"system names must be unique, got {names}")
+        raise ConfigError(f"system names must be unique, got {names}")
     sources = [p.source for p in pairs]
     references = [p.target for p in pairs]
     out_systems: dict[str, dict[str, Any]] = {}

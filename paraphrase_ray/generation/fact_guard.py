@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from paraphrase_ray.errors import InputError
+
 _NUMBER_WORDS = {
     w: str(i)
     for i, w in enumerate(
@@ -168,9 +170,9 @@ def check(source: str, output: str) -> FactCheck:
 def faithful_rate(sources: Sequence[str], outputs: Sequence[str]) -> float:
     """Share of rows whose output is ``faithful`` to its source, in [0, 1]."""
     if len(sources) != len(outputs):
-        raise ValueError(f"got {len(sources)} sources but {len(outputs)} outputs; pass one output per source")
+        raise InputError(f"got {len(sources)} sources but {len(outputs)} outputs; pass one output per source")
     if not sources:
-        raise ValueError("nothing to score: sources and outputs are empty lists")
+        raise InputError("nothing to score: sources and outputs are empty lists")
     return sum(check(s, o).faithful for s, o in zip(sources, outputs)) / len(sources)
 
 

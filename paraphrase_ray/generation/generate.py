@@ -34,6 +34,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from paraphrase_ray.config import GenerationConfig, TemplateConfig
 from paraphrase_ray.data import encode_chat, encode_source
+from paraphrase_ray.errors import InputError
 from paraphrase_ray.generation import prefix_cache
 from paraphrase_ray.generation.backends.lowbit import generation_model
 from paraphrase_ray.generation.decode import (  # noqa: F401
@@ -291,10 +292,10 @@ def paraphrase(
     if isinstance(prompts, SoftPrompt) or prompts is None:
         prompts = [prompts] * len(sources)
     if len(prompts) != len(sources):
-        raise ValueError(f"{len(prompts)} prompts for {len(sources)} sources")
+        raise InputError(f"{len(prompts)} prompts for {len(sources)} sources")
     for i, s in enumerate(sources):
         if not isinstance(s, str) or not s.strip():
-            raise ValueError(f"source {i} is empty; every text to paraphrase needs some words")
+            raise InputError(f"source {i} is empty; every text to paraphrase needs some words")
     rows = [row_for(loaded, s, p, template, gen, max_source_tokens, chat) for s, p in zip(sources, prompts)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) + (rows[i].prompt.n_tokens if rows[i].prompt else 0))
     results: list[list[str]] = [[] for _ in rows]

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from paraphrase_ray.errors import HubError, PromptFileError
 from paraphrase_ray.files import atomic_write
 from paraphrase_ray.models import HUB_IDS, hub_id
 from paraphrase_ray.prompt.soft_prompt import (
@@ -22,7 +23,6 @@ from paraphrase_ray.prompt.soft_prompt import (
     CONFIG_FILE,
     META_FILE,
     WEIGHTS_FILE,
-    PromptFileError,
     read_adapter_config,
     read_meta,
 )
@@ -34,9 +34,6 @@ CARD_METRICS = (  # what the card lists, when the prompt records it
 )
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
-
-class HubError(ValueError):
-    """The Hub cannot be reached, the token is missing, or the repo id is malformed: the message says the fix."""
 
 
 def render_card(prompt_dir: str | Path) -> str:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from paraphrase_ray.errors import ConfigError, PromptFileError
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 
@@ -36,13 +37,13 @@ def explain_prompt(
 ) -> dict:
     """Nearest tokens per position. ``embeddings`` is the model's input table, (vocab, d_embed)."""
     if metric not in ("cosine", "l2"):
-        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+        raise ConfigError(f"metric must be 'cosine' or 'l2', got {metric!r}")
     if not 1 <= top_k <= 100:
-        raise ValueError(f"top_k must be in 1..100, got {top_k}")
+        raise ConfigError(f"top_k must be in 1..100, got {top_k}")
     table = embeddings.detach().float().cpu()  # (V, d)
     vecs = prompt.weight.detach().float().cpu()  # (P, d)
     if vecs.shape[1] != table.shape[1]:
-        raise ValueError(f"prompt width {vecs.shape[1]} != embedding width {table.shape[1]}")
+        raise PromptFileError(f"prompt width {vecs.shape[1]} != embedding width {table.shape[1]}")
     n_real = min(table.shape[0], len(tokenizer))  # some models pad the table beyond the tokenizer
     table = table[:n_real]
     if metric == "cosine":

@@ -46,6 +46,7 @@ from paraphrase_ray.config import (
     from_dict,
     to_dict,
 )
+from paraphrase_ray.errors import ConfigError, PromptFileError
 from paraphrase_ray.files import atomic_write
 from paraphrase_ray.models import hub_id
 
@@ -55,9 +56,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
 
-
-class PromptFileError(ValueError):
-    """A prompt directory is missing, corrupt, or does not fit the model."""
 
 
 class SoftPrompt(nn.Module):
@@ -101,7 +99,7 @@ class SoftPrompt(nn.Module):
         else:  # text
             ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
             if not ids:
-                raise ValueError(f"init_text {cfg.init_text!r} tokenizes to nothing")
+                raise ConfigError(f"init_text {cfg.init_text!r} tokenizes to nothing")
             reps = math.ceil(n / len(ids))
             weight = table[torch.tensor((ids * reps)[:n])].clone()
         return cls(weight)
@@ -319,8 +317,8 @@ def load_prompt(prompt_dir: str | Path, model: str | None = None, device: str = 
 
     Raises ``ConfigError`` when neither names a base model, ``PromptFileError`` when the prompt does not fit it.
     """
-    from paraphrase_ray.config import ConfigError
-    from paraphrase_ray.models import ModelLoadError, load_model
+    from paraphrase_ray.errors import ConfigError, ModelLoadError
+    from paraphrase_ray.models import load_model
 
     info = PromptMeta.read(prompt_dir)
     name = model or info.base_model
@@ -360,7 +358,7 @@ def frequent_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Ten
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
     if not ids:
-        raise ValueError("tokenizer has no non-special tokens to initialise the prompt from")
+        raise ConfigError("tokenizer has no non-special tokens to initialise the prompt from")
     return torch.tensor(ids[:top_k])
 
 

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from paraphrase_ray.config import ConfigError, GenerationConfig, from_dict, to_dict
+from paraphrase_ray.config import GenerationConfig, from_dict, to_dict
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
 from paraphrase_ray.prompt.soft_prompt import CONFIG_FILE, META_FILE, WEIGHTS_FILE, SoftPrompt
 from paraphrase_ray.storage import is_uri, open_uri, resolve_prompt_dir

@@ -29,7 +29,8 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
-from paraphrase_ray.config import ConfigError, from_dict
+from paraphrase_ray.config import from_dict
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.soft_prompt import System
 from paraphrase_ray.serve import policy
 from paraphrase_ray.serve.metrics import ReplicaMetrics, ResponseMetrics

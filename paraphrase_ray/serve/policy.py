@@ -15,7 +15,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from paraphrase_ray.config import ConfigError, GenerationConfig
+from paraphrase_ray.config import GenerationConfig
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.soft_prompt import System
 from paraphrase_ray.serve.protocol import (
     DEBUG_STALL_MARK,

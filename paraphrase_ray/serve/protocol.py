@@ -10,10 +10,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-from paraphrase_ray.config import (  # ZERO_SHOT: reserved prompt name, the base model with no prompt
-    ZERO_SHOT,
-    ConfigError,
-)
+from paraphrase_ray.config import ZERO_SHOT  # reserved prompt name, the base model with no prompt
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
 from paraphrase_ray.storage import is_uri, resolve_prompt_dir
 

@@ -45,7 +45,7 @@ import yaml
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.evaluator import DEFAULT_NAMESPACE, get_evaluator, shutdown_evaluator
 from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS
 from paraphrase_ray.sweep.leaderboard import (

@@ -21,7 +21,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from paraphrase_ray.config import ConfigError
+from paraphrase_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     from paraphrase_ray.sweep.spec import SweepSpec, SweepStorage, TrackingSpec

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from paraphrase_ray.config import RunConfig
 from paraphrase_ray.data import IGNORE, Batch, BatchStream, Pair, collate, encode_pair, load_pairs
+from paraphrase_ray.errors import PromptFileError
 from paraphrase_ray.files import atomic_write
 from paraphrase_ray.models import LoadedModel, cache_kwarg
 from paraphrase_ray.prompt.soft_prompt import PromptMeta, SoftPrompt, trainable_parameters
@@ -219,7 +220,7 @@ def save_checkpoint(ckpt_dir: Path, prompt: SoftPrompt, opt, state: dict[str, An
 def load_checkpoint(ckpt_dir: Path, prompt: SoftPrompt, opt) -> dict[str, Any]:
     loaded = SoftPrompt.load(ckpt_dir, expected_dim=prompt.dim)
     if loaded.n_tokens != prompt.n_tokens:
-        raise ValueError(f"checkpoint {ckpt_dir} has {loaded.n_tokens} prompt tokens, config says {prompt.n_tokens}")
+        raise PromptFileError(f"checkpoint {ckpt_dir} has {loaded.n_tokens} prompt tokens, config says {prompt.n_tokens}")
     with torch.no_grad():
         prompt.weight.copy_(loaded.weight)
     state = json.loads((ckpt_dir / STATE_JSON).read_text())

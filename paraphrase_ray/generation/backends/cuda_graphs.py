@@ -32,6 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.models import cache_kwarg
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def graph_engine(model: nn.Module, mode: str = "auto") -> GraphEngine | None:
     if mode == "off" or not applies(model):
         return None
     if mode not in ("auto", "eager"):
-        raise ValueError(f"graph mode must be auto, eager or off, got {mode!r}")
+        raise ConfigError(f"graph mode must be auto, eager or off, got {mode!r}")
     capture = mode == "auto"
     if capture and next(model.parameters()).device.type != "cuda":
         return None

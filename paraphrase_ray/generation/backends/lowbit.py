@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from paraphrase_ray.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 QK = 32  # weights per block
@@ -320,13 +322,13 @@ def quantize_for_generation(model: nn.Module, method: str = "auto", max_rows: in
     replaces every Linear. The copy's ``quant_summary`` attribute says which layers got which format.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "none":
         return model, "none"
     if not _is_cpu_fp32(model):
         if method == "auto":
             return model, "none"
-        raise ValueError(f"method {method!r} needs an fp32 model on CPU")
+        raise ConfigError(f"method {method!r} needs an fp32 model on CPU")
     linears = _linears(model)
     if method in ("auto", "q4"):
         packs, summary = {}, {}
