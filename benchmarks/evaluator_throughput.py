@@ -32,8 +32,9 @@ from pathlib import Path
 import ray
 import torch
 
+from paraphrase_ray.evaluation.embedder import EmbeddingCache, load_embedder
 from paraphrase_ray.evaluation.evaluator import get_evaluator, shutdown_evaluator
-from paraphrase_ray.evaluation.metrics import EmbeddingCache, load_embedder, score
+from paraphrase_ray.evaluation.metrics import score
 
 NAMESPACE = "paraphrase-ray-bench"
 SAMPLE = Path(__file__).resolve().parents[1] / "paraphrase_ray" / "resources" / "sample.jsonl"

@@ -56,7 +56,7 @@ from paraphrase_ray.config import (
 )
 from paraphrase_ray.data import Pair, load_pairs
 from paraphrase_ray.evaluation import report  # noqa: E402
-from paraphrase_ray.evaluation.metrics import load_embedder
+from paraphrase_ray.evaluation.embedder import load_embedder
 from paraphrase_ray.generation.generate import ZERO_SHOT_INSTRUCTION
 from paraphrase_ray.models import load_model
 from paraphrase_ray.prompt.soft_prompt import load_bundle

@@ -20,7 +20,7 @@ from typing import Any
 
 from paraphrase_ray.config import DEFAULT_CANDIDATES, GenerationConfig, replace_nested
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
+from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.models import LoadedModel
 from paraphrase_ray.prompt.soft_prompt import PromptBundle, PromptMeta, load_prompt
 
@@ -87,7 +87,8 @@ def paraphrase_texts(
         loaded, list(texts), bundle.prompt, info.template, gen, batch_size, info.max_source_tokens, progress=progress
     )
     if gen.num_return_sequences > 1:
-        from paraphrase_ray.evaluation.metrics import load_embedder, rerank
+        from paraphrase_ray.evaluation.embedder import load_embedder
+        from paraphrase_ray.evaluation.metrics import rerank
 
         if embedder is None or isinstance(embedder, str):
             embedder = load_embedder(embedder or DEFAULT_EMBEDDER)
@@ -176,7 +177,7 @@ class Paraphraser:
             return []
         gen = decoding_for(self.meta, num_candidates, **decoding)
         if gen.num_return_sequences > 1 and self._embedder is None:
-            from paraphrase_ray.evaluation.metrics import load_embedder
+            from paraphrase_ray.evaluation.embedder import load_embedder
 
             self._embedder = load_embedder(self.embedder_name)
         cands = paraphrase_texts(self.loaded, self.bundle, texts, gen, self.batch_size, self._embedder)

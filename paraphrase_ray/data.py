@@ -194,7 +194,7 @@ def filter_self_bleu(
 ) -> list[Pair]:
     """Training pairs whose sentence BLEU of target vs source is in [min, max), each side's drops counted:
     near-copies (>= max) teach a small LM to copy, free rewrites (< min) often change the meaning."""
-    from paraphrase_ray.evaluation.metrics import sentence_bleu
+    from paraphrase_ray.text import sentence_bleu
 
     kept, near_copy, free = [], 0, 0
     for p in pairs:
@@ -220,7 +220,7 @@ def filter_self_bleu(
 
 def filter_unfaithful(pairs: list[Pair], report: DataReport) -> list[Pair]:
     """Training pairs whose target keeps the source's facts (no invented name or number, no dropped number)."""
-    from paraphrase_ray.generation.fact_guard import check
+    from paraphrase_ray.text import check
 
     kept = [p for p in pairs if check(p.source, p.target).faithful]
     if len(kept) < len(pairs):

@@ -45,7 +45,8 @@ def test_greedy_paraphrases_equal_the_library_path(paraphraser, prompt_dir):
 
 
 def test_candidates_are_sampled_then_ranked_like_the_cli(paraphraser):
-    from paraphrase_ray.evaluation.metrics import load_embedder, rerank
+    from paraphrase_ray.evaluation.embedder import load_embedder
+    from paraphrase_ray.evaluation.metrics import rerank
     from paraphrase_ray.generation.generate import paraphrase
 
     ranked = paraphraser.paraphrase(TEXTS[:2], num_candidates=3, return_candidates=True, max_new_tokens=8)

@@ -9,12 +9,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from paraphrase_ray.evaluation.embedder import load_embedder  # noqa: E402
 from paraphrase_ray.evaluation.evaluator import (  # noqa: E402
     EvaluatorClient,
     get_evaluator,
     shutdown_evaluator,
 )
-from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS, RowScore, load_embedder, score_rows  # noqa: E402
+from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS, RowScore, score_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

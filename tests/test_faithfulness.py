@@ -6,14 +6,8 @@ import random
 
 import pytest
 
-from paraphrase_ray.generation.fact_guard import (
-    _GUARD_WORD,
-    FactCheck,
-    FactGuard,
-    check,
-    facts,
-    faithful_rate,
-)
+from paraphrase_ray.generation.fact_guard import FactGuard
+from paraphrase_ray.text import GUARD_WORD, FactCheck, check, facts, faithful_rate
 
 # ---------------------------------------------------------------------------------------------- metric
 
@@ -95,7 +89,7 @@ def test_faithful_rate():
 def rule_ok(guard: FactGuard, text: str) -> bool:
     """The rule the bans implement, on text: every guarded word (a digit run, or a capitalised word other than
     the first) is a prefix of a word the source allows."""
-    words = _GUARD_WORD.findall(text)
+    words = GUARD_WORD.findall(text)
     return all(
         any(s.startswith(w) for s in guard.words)
         for j, w in enumerate(words)
@@ -265,7 +259,7 @@ def test_generate_with_the_processor_cannot_invent_and_matches_a_plain_loop(tiny
     assert not all(rule_ok(g, t) for g, t in zip(guards, unguarded))  # the bias does make it invent
     greedy, texts = run([bias, FactGuardProcessor(guards)], do_sample=False)
     assert all(rule_ok(g, t) for g, t in zip(guards, texts)), texts
-    guarded_words = [w for t in texts for w in _GUARD_WORD.findall(t)[1:] if w[0].isupper() or w[0].isdigit()]
+    guarded_words = [w for t in texts for w in GUARD_WORD.findall(t)[1:] if w[0].isupper() or w[0].isdigit()]
     assert guarded_words  # source facts still get through (here "1200")
 
     # the same bans in a plain greedy loop (what the fast path does) give the same tokens

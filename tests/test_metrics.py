@@ -6,20 +6,17 @@ import math
 
 import pytest
 
+from paraphrase_ray.evaluation.embedder import EmbeddingCache, load_embedder
 from paraphrase_ray.evaluation.metrics import (
     SUMMARY_KEYS,
-    EmbeddingCache,
     RowScore,
     bert_ibleu,
-    is_copy,
-    is_empty,
-    load_embedder,
     score,
     score_rows,
-    sentence_bleu,
     summarize,
     validate_triples,
 )
+from paraphrase_ray.text import is_copy, is_empty, sentence_bleu
 
 # (source, human reference, unrelated sentence)
 PAIRS = [

@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def embedder():
-    from paraphrase_ray.evaluation.metrics import load_embedder
+    from paraphrase_ray.evaluation.embedder import load_embedder
 
     return load_embedder(device="cpu")
 
@@ -270,7 +270,7 @@ def test_train_in_chat_template_then_evaluate(tiny_chat_dir, tmp_path, capsys):
 
 
 def test_near_copy_training_pairs_are_dropped_from_training_only():
-    from paraphrase_ray.evaluation.metrics import sentence_bleu
+    from paraphrase_ray.text import sentence_bleu
 
     base = DataConfig(sources=("sample",))
     train, val, rep = load_pairs(base)
@@ -285,7 +285,7 @@ def test_near_copy_training_pairs_are_dropped_from_training_only():
 
 
 def test_self_bleu_band_keeps_only_moderate_rewrites_for_training():
-    from paraphrase_ray.evaluation.metrics import sentence_bleu
+    from paraphrase_ray.text import sentence_bleu
 
     train, val, rep = load_pairs(DataConfig(sources=("sample",)))
     b_train, b_val, b_rep = load_pairs(DataConfig(sources=("sample",), min_train_self_bleu=10, max_train_self_bleu=50))

@@ -214,7 +214,7 @@ def test_single_text_default_prompt_and_zero_shot(client, offline, tiny_model_di
 
 @pytest.mark.slow
 def test_candidates_sampling_and_rerank(client):
-    from paraphrase_ray.evaluation.metrics import is_empty
+    from paraphrase_ray.text import is_empty
 
     r = client.post("/paraphrase", json={"texts": TEXTS[:2], "num_candidates": 3, "seed": 1})
     assert r.status_code == 200, r.text

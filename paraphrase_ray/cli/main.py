@@ -25,7 +25,7 @@ from paraphrase_ray.config import (
     replace_nested,
 )
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
+from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 DEVICES = ("auto", "cpu", "cuda")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from paraphrase_ray.errors import ConfigError, ModelLoadError
+from paraphrase_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -63,7 +63,7 @@ def load_embedder(
 def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         # Fail before importing torch (seconds): a mistyped path is the commonest error.
-        raise ModelLoadError(
+        raise ConfigError(
             f"could not load embedder {model!r}: no such local directory. Fix: check the path, or pass a hub id "
             f"such as {DEFAULT_EMBEDDER!r}"
         )
@@ -87,7 +87,7 @@ def _load_uncached(model: str, device: str | None) -> SentenceTransformer:
                 + f", pass a local model directory, or use the default {DEFAULT_EMBEDDER!r}"
             )
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
+        raise ConfigError(f"could not load embedder {model!r} (tried {source}): {first}. Fix: {fix}") from e
 
 
 def _hub_offline() -> bool:

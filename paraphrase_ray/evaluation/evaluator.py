@@ -28,16 +28,9 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from paraphrase_ray.errors import ConfigError, ModelLoadError
-from paraphrase_ray.evaluation.metrics import (
-    DEFAULT_EMBEDDER,
-    EmbeddingCache,
-    RowScore,
-    load_embedder,
-    score_rows,
-    summarize,
-    validate_triples,
-)
+from paraphrase_ray.errors import ConfigError
+from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER, EmbeddingCache, load_embedder
+from paraphrase_ray.evaluation.metrics import RowScore, score_rows, summarize, validate_triples
 
 DEFAULT_NAME = "paraphrase-ray-evaluator"
 DEFAULT_NAMESPACE = "paraphrase-ray"
@@ -265,7 +258,7 @@ class EvaluatorClient:
             except RayActorError as e:  # includes ActorDiedError and ActorUnavailableError
                 self._handle = None
                 if e.actor_init_failed:  # e.g. a bad model id: a new actor would fail the same way
-                    raise ModelLoadError(f"evaluator {self.name!r} could not start: {_init_error(e)}") from e
+                    raise ConfigError(f"evaluator {self.name!r} could not start: {_init_error(e)}") from e
                 if attempt == 1:
                     raise
                 _wait_until_name_released(self.name, self.namespace)

@@ -41,8 +41,6 @@ Scores of a row do not depend on the other rows except for float rounding of pad
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,8 +48,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from paraphrase_ray.errors import InputError
-from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER, EmbeddingCache, encode_unique, load_embedder  # noqa: F401  (re-exported)
-from paraphrase_ray.generation.fact_guard import check as check_facts
+from paraphrase_ray.evaluation.embedder import EmbeddingCache, encode_unique
+from paraphrase_ray.text import check as check_facts
+from paraphrase_ray.text import is_copy, is_empty, sentence_bleu
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -75,9 +74,6 @@ SUMMARY_KEYS = (
     "faithful_rate",
     "faithful_success_rate",
 )
-
-_BLEU: Any = None
-
 
 @dataclass(frozen=True)
 class RowScore:
@@ -141,38 +137,6 @@ def validate_triples(
 
 
 # ---------------------------------------------------------------------------------------------- per-row parts
-
-_FINAL_PUNCT = ".!?;:,…。\"'”’)]"
-_SPACE = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    """Case-, space- and final-punctuation-insensitive form used for copy detection."""
-    text = unicodedata.normalize("NFKC", text).casefold().strip().rstrip(_FINAL_PUNCT + " ")
-    # Drop all whitespace, so "word ," and "word," (tokenizer detokenisation quirks) compare equal.
-    return _SPACE.sub("", text)
-
-
-def is_empty(prediction: str) -> bool:
-    return not any(ch.isalnum() for ch in prediction)
-
-
-def is_copy(source: str, prediction: str) -> bool:
-    return not is_empty(prediction) and normalize(source) == normalize(prediction)
-
-
-def sentence_bleu(hypothesis: str, reference: str) -> float:
-    """sacrebleu sentence BLEU in [0, 100] (13a, case-sensitive, exp smoothing, effective order)."""
-    global _BLEU
-    if _BLEU is None:
-        from sacrebleu.metrics import BLEU
-
-        _BLEU = BLEU(effective_order=True)  # stateless after construction, safe to share across threads
-    if not hypothesis.strip():
-        return 0.0
-    # Clamp: sacrebleu returns 100.00000000000004 for identical strings.
-    return min(100.0, max(0.0, float(_BLEU.sentence_score(hypothesis, [reference]).score)))
-
 
 def bert_ibleu(adequacy: float, self_bleu: float, beta: float = BETA) -> float:
     """Weighted harmonic mean of clip(adequacy, 0, 1) and novelty = 1 - self_bleu/100, in [0, 1]."""

@@ -313,7 +313,7 @@ def _unique_name(name: str, taken: set[str]) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``paraphrase-ray evaluate``: score prompts and/or the zero-shot baseline on the same held-out rows."""
-    from paraphrase_ray.evaluation.metrics import load_embedder
+    from paraphrase_ray.evaluation.embedder import load_embedder
     from paraphrase_ray.models import DEFAULT_MODEL, load_model
     from paraphrase_ray.prompt.soft_prompt import load_bundle, load_prompt
 

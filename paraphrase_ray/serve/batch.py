@@ -27,7 +27,7 @@ from typing import Any
 
 from paraphrase_ray.config import GenerationConfig, from_dict, to_dict
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
+from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.prompt.soft_prompt import CONFIG_FILE, META_FILE, WEIGHTS_FILE, SoftPrompt
 from paraphrase_ray.storage import is_uri, open_uri, resolve_prompt_dir
 
@@ -53,7 +53,7 @@ class PromptActor:
         self.batch_size = batch_size
         self.embedder = None
         if self.gen.num_return_sequences > 1:
-            from paraphrase_ray.evaluation.metrics import load_embedder
+            from paraphrase_ray.evaluation.embedder import load_embedder
 
             self.embedder = load_embedder(embedder)
 

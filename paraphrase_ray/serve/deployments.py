@@ -220,7 +220,8 @@ class Paraphraser:
 
     async def _rerank(self, results: list[ParaphraseResult]) -> None:
         """Score every candidate; the best usable, faithful candidate comes first (``metrics.rank_candidates``)."""
-        from paraphrase_ray.evaluation.metrics import load_embedder, rerank
+        from paraphrase_ray.evaluation.embedder import load_embedder
+        from paraphrase_ray.evaluation.metrics import rerank
 
         def score():
             if self._embedder is None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 
 from paraphrase_ray.config import ZERO_SHOT  # reserved prompt name, the base model with no prompt
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER
+from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.storage import is_uri, resolve_prompt_dir
 
 ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"

@@ -36,7 +36,8 @@ import pyarrow.fs as pafs
 
 from paraphrase_ray.config import RunConfig, from_dict, load_yaml, replace_nested, to_dict
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.evaluation.metrics import DEFAULT_EMBEDDER, SUMMARY_KEYS
+from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
+from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS
 from paraphrase_ray.storage import check_bucket, is_uri, open_uri
 
 PARAM_TYPES = ("int", "float", "choice")
