@@ -9,7 +9,7 @@ template around a 17-word sentence), greedy, up to ``--new-tokens`` new tokens, 
 - ``hf_static``: ``cache_implementation="static"``, not compiled (transformers compiles only on CUDA by default).
 - ``hf_static_compiled``: the same with ``CompileConfig(fullgraph=True, dynamic=False)`` forced on for CPU:
   inductor's C++ backend compiles the decode step (the machine's g++). The first call's time is the compile.
-- ``ours``: ``decode_loop.greedy_decode`` on the generation model (``quant.generation_model``: the exact Q4_1/Q8_0
+- ``ours``: ``decode.decode`` on the generation model (``lowbit.generation_model``: the exact Q4_1/Q8_0
   kernel) with the lean step -- what ``paraphrase`` and Serve run, without the prefix cache.
 
     python benchmarks/decode_compile.py --new-tokens 32 --repeats 3
@@ -48,7 +48,9 @@ def main() -> None:
     from transformers.generation.configuration_utils import CompileConfig
 
     from paraphrase_ray.generation.backends.lowbit import generation_model
-    from paraphrase_ray.generation.decode import greedy_decode
+    from paraphrase_ray.generation.decode import decode
+    from paraphrase_ray.generation.rows import Row
+    from paraphrase_ray.generation.rules import DecodeRules
     from paraphrase_ray.models import load_model
 
     loaded = load_model(args.model, "fp32", "cpu")
@@ -73,7 +75,7 @@ def main() -> None:
     def ours() -> tuple[float, torch.Tensor]:
         t = time.perf_counter()
         x = gen_model.get_input_embeddings()(ids)  # (1, L, d)
-        out = greedy_decode(gen_model, x, mask, [n], stop_ids=stop_ids, pad_id=tok.pad_token_id or 0)
+        out = decode(gen_model, x, mask, [Row.bare(n)], DecodeRules(stop_ids=stop_ids, pad_id=tok.pad_token_id or 0))
         return time.perf_counter() - t, out[0]
 
     compiled = CompileConfig(fullgraph=True, dynamic=False)

@@ -40,12 +40,15 @@ from pathlib import Path
 
 import torch
 
-import paraphrase_ray.generation.decode as decode_loop
+import paraphrase_ray.generation.decode as decode_mod
 import paraphrase_ray.generation.generate as G
 import paraphrase_ray.generation.lookup as lookup
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
 from paraphrase_ray.generation import prefix_cache
+from paraphrase_ray.generation.backends.lowbit import generation_model
+from paraphrase_ray.generation.rows import Row
+from paraphrase_ray.generation.rules import newline_token_ids
 from paraphrase_ray.models import DEFAULT_MODEL, LoadedModel, load_model
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
@@ -83,20 +86,20 @@ def kept(ids: list[int], limit: int, eos: int, nl: set[int], stop_at_newline: bo
 
 
 class NoLean:
-    """Decode steps through the HF forward instead of lean.py (for the ablation)."""
+    """Decode steps through the HF forward instead of backends/llama_step.py (for the ablation)."""
 
     def __init__(self, active: bool):
         self.active = active
 
     def __enter__(self):
         if self.active:
-            self.saved = decode_loop.lean_step, lookup.lean_step
-            decode_loop.lean_step = lookup.lean_step = lambda model: None
+            self.saved = decode_mod.llama_step, lookup.llama_step
+            decode_mod.llama_step = lookup.llama_step = lambda model: None
         return self
 
     def __exit__(self, *exc):
         if self.active:
-            decode_loop.lean_step, lookup.lean_step = self.saved
+            decode_mod.llama_step, lookup.llama_step = self.saved
 
 
 class Spy:
@@ -118,7 +121,7 @@ class Spy:
         setattr(self.module, self.name, self.orig)
 
 
-def plain_hf(loaded: LoadedModel, rows: list[G.Row], gen: GenerationConfig):
+def plain_hf(loaded: LoadedModel, rows: list[Row], gen: GenerationConfig):
     """(texts, per-row new token ids) for hf: model.generate(input_ids) and ours: generate_rows."""
     tok, dev = loaded.tokenizer, loaded.device
     width = max(len(r.ids) for r in rows)
@@ -156,21 +159,21 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
         rows = []
         for s in sources:
             ids = tok(s, add_special_tokens=True)["input_ids"]
-            rows.append(G.Row(None, ids, tok(s, add_special_tokens=False)["input_ids"], n_new))
+            rows.append(Row(None, ids, tok(s, add_special_tokens=False)["input_ids"], n_new))
         hf = plain_hf(loaded, rows, gen)
     else:
         gen = GenerationConfig(max_new_tokens=n_new)  # our defaults otherwise
         rows = [G.row_for(loaded, s, prompt, t, gen) for s in sources]
 
         def hf():
-            with Spy("_hf_generate") as spy, Spy("fast_greedy_applies"):
+            with Spy("hf_generate") as spy, Spy("fast_greedy_applies"):
                 G.fast_greedy_applies = lambda *a: False  # the HF path of generate_rows
                 texts = [c[0] for c in G.generate_rows(loaded, rows, gen)]
             return texts, spy.out.tolist()
 
     def ours_with(g: GenerationConfig):
         def ours():
-            with Spy("greedy_decode") as spy:
+            with Spy("decode") as spy:
                 texts = [c[0] for c in G.generate_rows(loaded, rows, g)]
             assert spy.out is not None, "the fast loop did not run"
             return texts, spy.out.tolist()
@@ -178,7 +181,7 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
         return ours
 
     paths = {"hf": hf, "ours": ours_with(gen)}
-    if cuda and scenario == "paraphrase":  # the CUDA-graph step's own gain, same run (graph_step.py)
+    if cuda and scenario == "paraphrase":  # the CUDA-graph step's own gain, same run (backends/cuda_graphs.py)
         paths["ours_no_graphs"] = ours_with(dataclasses.replace(gen, cuda_graphs="off"))
     samples = {k: {"wall": [], "cpu": []} for k in paths}
     outputs = {}
@@ -190,7 +193,7 @@ def bench(loaded: LoadedModel, sources: list[str], scenario: str, n_new: int, re
             w, c, outputs[name] = timed(fn, cuda)
             samples[name]["wall"].append(w)
             samples[name]["cpu"].append(c)
-    nl = set(G.newline_token_ids(tok)) if gen.stop_at_newline else set()
+    nl = set(newline_token_ids(tok)) if gen.stop_at_newline else set()
     counts = {name: [kept(ids, r.max_new_tokens, tok.eos_token_id, nl, gen.stop_at_newline)
                      for ids, r in zip(out[1], rows)] for name, out in outputs.items()}
     same = all(outputs["hf"][0] == outputs[k][0] and counts["hf"] == counts[k] for k in paths)
@@ -236,7 +239,7 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
         def run():
             if cold:  # the first request for this prompt: its [prompt][template head] is not cached yet
                 prefix_cache.clear()
-            with Spy("greedy_decode") as spy, Spy("lookup_decode", lookup) as lspy, NoLean(not lean):
+            with Spy("decode") as spy, Spy("lookup_decode", lookup) as lspy, NoLean(not lean):
                 texts = [c[0] for c in G.generate_rows(loaded, rows, g)]
             return texts, (spy.out if spy.out is not None else lspy.out).tolist()
         return run
@@ -252,7 +255,7 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
     for name, g in (extra or {}).items():
         paths[name] = ours_with(g)
     t0 = time.perf_counter()
-    G.generation_model(loaded, gen.quantize)  # the low-bit copy is built once per process: time it apart
+    generation_model(loaded, gen.quantize)  # the low-bit copy is built once per process: time it apart
     build_s = time.perf_counter() - t0
     samples = {k: [] for k in paths}
     outputs = {}
@@ -263,7 +266,7 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
         for name, fn in paths.items():
             w, _, outputs[name] = timed(fn, cuda)
             samples[name].append(w)
-    nl = set(G.newline_token_ids(tok))
+    nl = set(newline_token_ids(tok))
     res = {}
     for name, out in outputs.items():
         stop_nl = name != "hf"
@@ -275,7 +278,7 @@ def bench_fast(loaded: LoadedModel, sources: list[str], n_new: int, repeats: int
     for name in res:
         res[name]["speedup_vs_hf_ms_per_token"] = round(res["hf"]["ms_per_token"] / res[name]["ms_per_token"], 2)
     same = {f"{name}_same_text": outputs[name][0] == outputs["ours_fp32"][0] for name in outputs if name != "hf"}
-    return {**same, "quant_path": G.generation_model(loaded, gen.quantize)[1], "quant_build_s": round(build_s, 2), **res}
+    return {**same, "quant_path": generation_model(loaded, gen.quantize)[1], "quant_build_s": round(build_s, 2), **res}
 
 
 def main() -> None:
@@ -299,7 +302,7 @@ def main() -> None:
     loaded = load(name, args.device)
     template = None
     if args.prompt:
-        from paraphrase_ray.prompt.soft_prompt import PromptMeta
+        from paraphrase_ray.prompt.directory import PromptMeta
 
         prompt = SoftPrompt.load(args.prompt, expected_dim=loaded.embed_dim).to(loaded.device)
         template = PromptMeta.read(args.prompt).template

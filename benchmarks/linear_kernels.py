@@ -1,4 +1,4 @@
-"""fp32 vs fbgemm int8 vs our fused Q4_1 / Q8_0 kernels (paraphrase_ray/quant.py), per Linear shape and for
+"""fp32 vs fbgemm int8 vs our fused Q4_1 / Q8_0 kernels (paraphrase_ray/generation/backends/lowbit.py), per Linear shape and for
 the whole embedded SmolLM2-135M decoding one token.
 
     python benchmarks/linear_kernels.py            # both parts, ~1-2 min on 2 cores (model load included)

@@ -11,7 +11,7 @@ sentence by sentence, best of ``--repeats``:
 - ``llama_cpp_2t`` / ``llama_cpp_1t``: ``Llama.generate(top_k=1)`` on the package's GGUF (Q4_1 / Q8_0 blocks),
   KV reset before each sentence. ggml quantizes activations to 8 bits for its dot products, so its tokens may
   differ from the exact path's; the agreement is reported.
-- ``ours``: ``decode_loop.greedy_decode`` on the generation model (the exact Q4_1/Q8_0 kernel + the lean step),
+- ``ours``: ``decode.decode`` on the generation model (the exact Q4_1/Q8_0 kernel + the lean step),
   no prefix cache (none of the paths reuses anything across sentences).
 - ``hf``: HF ``generate``, fp32, eager: the issue's 4x baseline.
 
@@ -45,7 +45,9 @@ def main() -> None:
 
     from paraphrase_ray.data import SAMPLE_PATH
     from paraphrase_ray.generation.backends.lowbit import generation_model
-    from paraphrase_ray.generation.decode import greedy_decode
+    from paraphrase_ray.generation.decode import decode
+    from paraphrase_ray.generation.rows import Row
+    from paraphrase_ray.generation.rules import DecodeRules
     from paraphrase_ray.models import OFFLINE_ALIASES, load_model
 
     torch.set_num_threads(2)
@@ -80,7 +82,8 @@ def main() -> None:
     @torch.inference_mode()
     def ours(ids: torch.Tensor) -> list[int]:
         x = gen_model.get_input_embeddings()(ids)
-        toks = greedy_decode(gen_model, x, torch.ones_like(ids), [n], stop_ids=[eos], pad_id=tok.pad_token_id or 0)
+        rules = DecodeRules(stop_ids=[eos], pad_id=tok.pad_token_id or 0)
+        toks = decode(gen_model, x, torch.ones_like(ids), [Row.bare(n)], rules)
         return [t for t in toks[0].tolist() if t != eos][:n]
 
     def hf(ids: torch.Tensor) -> list[int]:

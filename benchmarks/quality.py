@@ -45,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+from paraphrase_ray import files
 from paraphrase_ray.config import (
     DEFAULT_CANDIDATES,
     DataConfig,
@@ -55,11 +56,11 @@ from paraphrase_ray.config import (
     TrainConfig,
 )
 from paraphrase_ray.data import Pair, load_pairs
-from paraphrase_ray.evaluation import report  # noqa: E402
+from paraphrase_ray.evaluation import report
 from paraphrase_ray.evaluation.embedder import load_embedder
 from paraphrase_ray.generation.generate import ZERO_SHOT_INSTRUCTION
 from paraphrase_ray.models import load_model
-from paraphrase_ray.prompt.soft_prompt import load_bundle
+from paraphrase_ray.prompt.bundle import load_bundle
 from paraphrase_ray.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
 
     for name, s in rep["systems"].items():
         line = {"system": name, **{k: s["summary"][k] for k in SHOWN}, "generate_s": s["generate_s"]}
-        print(json.dumps(report.jsonable(line)))
+        print(json.dumps(files.jsonable(line)))
     budget = {
         "budget": {
             "model": loaded.name,
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     if args.examples:
         print(report.format_examples(rep, args.examples), file=sys.stderr)
     if args.report:
-        report.write_json(args.report, {"budget": budget["budget"], "machine": machine(), **rep})
+        files.write_json(args.report, {"budget": budget["budget"], "machine": machine(), **rep})
     return 0
 
 

@@ -112,7 +112,7 @@ def main() -> int:
     from paraphrase_ray.serve import deployments as serving
     from paraphrase_ray.serve import runner as serve_runner
 
-    url = args.url
+    url, server = args.url, serve_runner.LocalServe()
     if url is None:
         settings = serving.ServeSettings(
             prompts=tuple(args.prompt),
@@ -120,7 +120,7 @@ def main() -> int:
             batch_wait_timeout_s=args.batch_wait,
         )
         t0 = time.perf_counter()
-        url = serve_runner.run_local(settings, "127.0.0.1", serve_runner.free_port(), device=args.device)
+        url = server.deploy(settings, "127.0.0.1", serve_runner.free_port(), device=args.device)
         print(f"server ready in {time.perf_counter() - t0:.0f} s at {url}", file=sys.stderr)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
@@ -139,7 +139,7 @@ def main() -> int:
         stats = httpx.get(f"{url}/stats", headers=headers, timeout=60).json()
     finally:
         if args.url is None:
-            serve_runner.shutdown()
+            server.shutdown()
     result = {
         "date": date.today().isoformat(),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",

@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     from paraphrase_ray.serve import deployments as serving
     from paraphrase_ray.serve import runner as serve_runner
 
-    url = args.url
+    url, server = args.url, serve_runner.LocalServe()
     if url is None:
         if not args.prompt:
             ap.error("give --prompt (or --url)")
-        url = serve_runner.run_local(serving.ServeSettings(prompts=tuple(args.prompt)), "127.0.0.1", free_port(), device="cpu")
+        url = server.deploy(serving.ServeSettings(prompts=tuple(args.prompt)), "127.0.0.1", free_port(), device="cpu")
     if not url.startswith(("http://127.0.0.1", "http://localhost")):
         ap.error("loopback only: the soak reads the replicas' RSS on this machine")
     try:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_end = {"model": rss_mb(end["pid"]), "ingress": rss_mb(end["ingress_pid"])}
     finally:
         if args.url is None:
-            serve_runner.shutdown()
+            server.shutdown()
     if (end["pid"], end["ingress_pid"]) != (start["pid"], start["ingress_pid"]):
         flags.append(f"a replica was replaced during the soak: {start['pid']} -> {end['pid']}")
     for k, before in rss_start.items():

@@ -42,7 +42,7 @@ from paraphrase_ray.config import PromptConfig
 from paraphrase_ray.data import IGNORE, Batch
 from paraphrase_ray.models import cpu_has_bf16, load_model, resolve_dtype
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
-from paraphrase_ray.training.trainer import prompt_loss
+from paraphrase_ray.training.loss import prompt_loss
 
 N_PROMPT, N_SOURCE, N_TARGET, LR = 20, 32, 32, 0.03
 # Real OPT shapes (the hub configs), built with random weights: nothing is downloaded.

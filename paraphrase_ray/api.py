@@ -9,7 +9,7 @@ Example::
     p.paraphrase(["It rained all day."], num_candidates=4, return_candidates=True)   # ranked, best first
 
 ``paraphrase_texts`` is the one generation path behind the API, ``paraphrase-ray paraphrase`` and its Ray Data
-actors (``batch.py``): the prompt's recorded template and decoding, candidates reranked the same way.
+actors (``serve/batch.py``): the prompt's recorded template and decoding, candidates reranked the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from paraphrase_ray.config import DEFAULT_CANDIDATES, GenerationConfig, replace_
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.models import LoadedModel
-from paraphrase_ray.prompt.soft_prompt import PromptBundle, PromptMeta, load_prompt
+from paraphrase_ray.prompt.bundle import PromptBundle, load_prompt
+from paraphrase_ray.prompt.directory import PromptMeta
 
 
 def decoding_for(meta: PromptMeta, num_candidates: int = 1, **decoding: Any) -> GenerationConfig:
@@ -37,38 +38,6 @@ def decoding_for(meta: PromptMeta, num_candidates: int = 1, **decoding: Any) -> 
     return gen.with_candidates(num_candidates)
 
 
-def paraphrase_job(
-    prompt: str, sources: Sequence[str], num_candidates: int = DEFAULT_CANDIDATES, *, model: str | None = None,
-    device: str = "auto", batch_size: int = 16, embedder: str | None = None, max_new_tokens: int | None = None,
-    quantize: str = "auto", progress: bool = False,
-) -> tuple[list[list[str]], dict[str, Any]]:
-    """``paraphrase-ray paraphrase`` in-process: candidates per source (best first) and the run's stats
-    ``{"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates"}``; ``generate_s`` excludes loading."""
-    import time
-
-    from paraphrase_ray.generation.generate import engine_label
-
-    t0 = time.perf_counter()
-    loaded, bundle = load_prompt(prompt, model, device)
-    gen = decoding_for(bundle.info, num_candidates, max_new_tokens=max_new_tokens, quantize=quantize)
-    path = engine_label(loaded, gen, len(sources))  # builds the low-bit copy (once) before the clock starts: loading
-    t1 = time.perf_counter()
-    cands = paraphrase_texts(loaded, bundle, list(sources), gen, batch_size, embedder, progress=progress)
-    t2 = time.perf_counter()
-    # new tokens: every returned candidate, re-tokenized (stop tokens not counted)
-    n_new = sum(len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for cs in cands for c in cs)
-    stats = {"rows": len(sources), "new_tokens": n_new, "generate_s": round(t2 - t1, 3),
-             "load_s": round(t1 - t0, 3), "path": path, "num_candidates": num_candidates}
-    return cands, stats
-
-
-def job_summary(stats: dict[str, Any], out: str | Path) -> str:
-    """The one line a file job prints, e.g. "wrote 200 paraphrases to x.jsonl in 41 s (190 new tokens/s, ...)"."""
-    gen_s = stats["generate_s"]
-    return (f"wrote {stats['rows']} paraphrases to {out} in {gen_s:.0f} s ({stats['new_tokens'] / max(gen_s, 1e-9):.0f} "
-            f"new tokens/s, {stats['path']}; loading took {stats['load_s']:.0f} s)")
-
-
 def paraphrase_texts(
     loaded: LoadedModel,
     bundle: PromptBundle,
@@ -80,12 +49,11 @@ def paraphrase_texts(
 ) -> list[list[str]]:
     """Candidates per text, best first. With several candidates per text, ``embedder`` (a SentenceTransformer,
     or a model name) ranks them: usable, then faithful, then by objective (``metrics.rerank``)."""
-    from paraphrase_ray.generation.generate import paraphrase
+    from paraphrase_ray.generation.generate import paraphrase_rows, rows_for
 
     info = bundle.info
-    cands = paraphrase(
-        loaded, list(texts), bundle.prompt, info.template, gen, batch_size, info.max_source_tokens, progress=progress
-    )
+    rows = rows_for(loaded, list(texts), bundle.prompt, info.template, gen, info.max_source_tokens)
+    cands = paraphrase_rows(loaded, rows, gen, batch_size, progress=progress)
     if gen.num_return_sequences > 1:
         from paraphrase_ray.evaluation.embedder import load_embedder
         from paraphrase_ray.evaluation.metrics import rerank
@@ -141,7 +109,7 @@ class Paraphraser:
         if is_uri(str(path_or_hub_id)):  # gs://BUCKET/.../best: fetched to the local prompt cache
             path = resolve_prompt_dir(str(path_or_hub_id))
         elif not path.exists():
-            from paraphrase_ray.prompt.card import download_prompt
+            from paraphrase_ray.prompt.hub import download_prompt
 
             path = download_prompt(str(path_or_hub_id))
         loaded, bundle = load_prompt(path, model, device, precision)

@@ -32,6 +32,8 @@ QUANTIZE_METHODS = ("auto", "q4", "int8", "none")
 DEFAULT_CANDIDATES = 8
 # The name of the base model run with no soft prompt: a report's baseline system and Serve's reserved prompt.
 ZERO_SHOT = "zero-shot"
+# The base model with no soft prompt, its source wrapped in the chat template (instruction-tuned models only).
+ZERO_SHOT_CHAT = "zero-shot-chat"
 
 
 
@@ -92,7 +94,7 @@ class DataConfig:
     # positives only 56% of pairs under self-BLEU 20 keep MiniLM adequacy >= 0.75, vs 68-90% between 20 and 60.
     min_train_self_bleu: float | None = None
     # drop *training* pairs whose target invents a name or number the source lacks, or drops a source number
-    # (faithfulness.check): MRPC "paraphrases" often add facts, and the prompt learns to add them too
+    # (text.check): MRPC "paraphrases" often add facts, and the prompt learns to add them too
     drop_unfaithful_targets: bool = False
     max_source_tokens: int = 64
     max_target_tokens: int = 64
@@ -192,19 +194,19 @@ class GenerationConfig:
     # penalty it leaves every source word available -- names and numbers survive -- and only breaks long runs.
     source_no_repeat_ngram_size: int = 4
     # never start a capitalised word (after the first) or a number that the source lacks, never garble one it
-    # has ("El Paso" -> "El Pines"): faithfulness.FactGuard, in the fast loop and as an HF processor alike
+    # has ("El Paso" -> "El Pines"): generation.fact_guard.FactGuard, in the fast loop and as an HF processor alike
     fact_guard: bool = True
-    # frozen Linear weights when generating on CPU (quant.py): auto = the exact Q4_1/Q8_0 kernel when the weights
+    # frozen Linear weights when generating on CPU (generation/backends/lowbit.py): auto = the exact Q4_1/Q8_0 kernel when the weights
     # are llama.cpp blocks (the embedded model), else fbgemm int8; none = the exact fp32 path. Training is fp32.
     quantize: str = "auto"
     # greedy, one row at a time: draft up to this many tokens from the source and verify them in one forward
-    # pass (lookup.py; same tokens, fewer passes; measured 1.2x at batch 1 on CPU). 0 = off
+    # pass (generation/lookup.py; same tokens, fewer passes; measured 1.2x at batch 1 on CPU). 0 = off
     prompt_lookup: int = 4
     # compute the keys and values of [soft prompt][template head] once per prompt and reuse them for every row
-    # (prefix_cache.py; same tokens, a shorter prefill). false = prefill every row whole
+    # (generation/prefix_cache.py; same tokens, a shorter prefill). false = prefill every row whole
     prefix_cache: bool = True
     # decode steps on a GPU through a static KV cache replayed as CUDA graphs, one per (rows, capacity) bucket
-    # (graph_step.py; same tokens). auto = on CUDA; eager = the static-cache step uncaptured (any device, for
+    # (generation/backends/cuda_graphs.py; same tokens). auto = on CUDA; eager = the static-cache step uncaptured (any device, for
     # checking); off = the plain forward
     cuda_graphs: str = "auto"
     num_return_sequences: int = 1

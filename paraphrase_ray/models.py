@@ -92,7 +92,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
     Why fp32 even on CPUs with AVX512-BF16: decoding is a batch-1 GEMV, and torch's CPU bf16 GEMV is ~17x
     slower than fp32 there (measured on a 2-core AVX512-BF16 EPYC: 7.2 ms vs 0.42 ms for 1x576 @ 576x1536),
-    while the exact Q4_1 generation kernel (quant.py) needs fp32 weights. bf16 only pays for training's large
+    while the exact Q4_1 generation kernel (generation/backends/lowbit.py) needs fp32 weights. bf16 only pays for training's large
     matmuls (2.2x at 256 rows on that CPU): ask for it with ``precision: bf16`` when a run only trains.
     """
     if precision == "fp32":
@@ -219,6 +219,13 @@ def freeze(model: nn.Module) -> None:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def is_loaded(name: str, precision: str = "auto", device: str = "auto") -> bool:
+    """True when ``load_model(name, precision, device)`` would reuse a model already loaded in this process."""
+    dev = resolve_device(device)
+    with _LOCK:
+        return (name, str(dev), str(resolve_dtype(precision, dev))) in _LOADED
 
 
 def clear_cache() -> None:

@@ -119,7 +119,7 @@ class SharedRay:
         import ray
 
         if not ray.is_initialized():
-            from serve_helpers import free_port
+            from paraphrase_ray.serve.runner import free_port
 
             self.metrics_port = free_port()
             self.serve_url, self.app_deployed = None, False
@@ -141,7 +141,7 @@ class SharedRay:
 
         self.ensure()
         if self.serve_url is None:
-            from serve_helpers import free_port
+            from paraphrase_ray.serve.runner import free_port
 
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig, to_dict
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
-from paraphrase_ray.serve.runner import free_port  # noqa: F401  (re-exported for the Serve tests)
 
 KEY = "test-key-123"  # the shared app's key; its replicas read it from PARAPHRASE_RAY_API_KEY
 TEXTS = [

@@ -9,7 +9,8 @@ import pytest
 
 from paraphrase_ray.config import RunConfig
 from paraphrase_ray.errors import ConfigError, PromptFileError
-from paraphrase_ray.prompt.soft_prompt import PromptMeta, SoftPrompt
+from paraphrase_ray.prompt.directory import PromptMeta
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 TEXTS = ["The bank raised its rates again.", "Snow fell all night long.", "He sold the old car to a neighbour."]
 

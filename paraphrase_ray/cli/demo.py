@@ -4,8 +4,9 @@
 2. paraphrase a few sentences with the best prompt (offline path)
 3. deploy the best prompt with Ray Serve, send requests over HTTP, print the answers, shut down
 
-One process and one local Ray for all three steps, each through the library functions its CLI command
-calls (``tune.report_sweep``, ``api.paraphrase_job``, ``serve_runner``), printing what the command prints. Serve's controller and proxy start beside the sweep; step 3's deployment starts in the
+One process and one local Ray for all three steps, each through the functions its CLI command calls
+(``sweep.driver.report_sweep``, ``cli.jobs.paraphrase_job``, ``serve.runner.LocalServe``), printing what the
+command prints. Serve's controller and proxy start beside the sweep; step 3's deployment starts in the
 background once step 1 has exported the prompt, so the model replica's start-up overlaps step 2's model load
 and decoding (on 2 cores each is mostly one thread). The end is ``ray.shutdown()``: it stops Serve with the
 rest of the Ray this demo started (nothing is in flight by then; Serve's graceful drain would only wait).
@@ -54,7 +55,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     import ray
     from ray import tune
 
-    from paraphrase_ray.api import job_summary, paraphrase_job
+    from paraphrase_ray.cli.jobs import job_summary, paraphrase_job
     from paraphrase_ray.files import write_records
     from paraphrase_ray.serve import runner as serve_runner
     from paraphrase_ray.serve.protocol import ServeSettings
@@ -69,9 +70,10 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     init_ray(None)  # a fresh local Ray, ours: the sweep and Serve both run on it
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would land inside Tune's table
     port = serve_runner.free_port()
+    server = serve_runner.LocalServe()  # on the Ray above, not its own: the final ray.shutdown() stops both
     # Serve's controller and HTTP proxy start now, beside the sweep's start-up: they need no prompt, and once
     # up they idle; the deployment itself (model replica) waits for the sweep's best prompt.
-    serve_started = _background(serve_runner.start_local, port=port, host="127.0.0.1", log_level="WARNING")
+    serve_started = _background(server.start, port=port, host="127.0.0.1", log_level="WARNING")
     try:
         _banner(f"1/3 quickstart sweep -> {sweep_dir}")
         resume = sweep_dir.is_dir() and tune.Tuner.can_restore(str(sweep_dir.resolve()))  # reload, not re-run
@@ -92,7 +94,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
 
         def deploy_best() -> str:
             serve_started.result()  # the controller first (a resumed sweep returns in seconds)
-            return serve_runner.run_local(settings, "127.0.0.1", port, replica_cpus=cpus, log_level="WARNING")
+            return server.deploy(settings, "127.0.0.1", port, replica_cpus=cpus, log_level="WARNING")
 
         deploy = _background(deploy_best)
 
@@ -127,12 +129,12 @@ def _logging_to_stderr() -> None:
 
 
 if __name__ == "__main__":
-    from paraphrase_ray.errors import ConfigError
+    from paraphrase_ray.errors import ParaphraseRayError
 
     _logging_to_stderr()
     try:
         rc = run()
-    except ConfigError as e:  # a user-fixable problem (a bad search space, an unreachable store): one line
+    except ParaphraseRayError as e:  # a user-fixable problem (a bad search space, an unreachable store): one line
         print(f"error: {e}", file=sys.stderr)
         rc = 2
     except KeyboardInterrupt:  # Ray is stopped by run()'s finally; the sweep resumes on the next `make demo`

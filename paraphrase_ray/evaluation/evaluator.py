@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -166,47 +167,43 @@ class Evaluator:
         return out
 
 
+@dataclass(frozen=True)
+class EvaluatorOptions:
+    """How a new Evaluator actor is placed and batches (an existing actor keeps the options it started with)."""
+
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0  # also the actor's torch threads (Ray sets OMP_NUM_THREADS to floor(num_cpus))
+    lifetime: str | None = None  # None fate-shares with the creating process; "detached" outlives it (module doc)
+    max_concurrency: int = 256  # requests in flight inside the actor (all of them may join one batch)
+    batch_wait_s: float = 0.005
+    max_batch_rows: int = 512
+    cache_items: int = 20_000  # embeddings kept for texts seen again (0 turns the cache off)
+    scheduling_strategy: Any = None  # where a new actor goes (the Tune driver prefers its own node)
+    # Ray restarts a dead actor (its node lost) elsewhere, same name, and retries the calls in flight; the Tune
+    # driver sets it, so trials keep scoring after a node loss.
+    max_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lifetime not in (None, "detached", "non_detached"):
+            raise ConfigError(f"lifetime must be None, 'detached' or 'non_detached', got {self.lifetime!r}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ConfigError(f"num_gpus and num_cpus must be >= 0, got {self.num_gpus} and {self.num_cpus}")
+
+
 def get_evaluator(
-    name: str = DEFAULT_NAME,
-    namespace: str = DEFAULT_NAMESPACE,
-    model: str = DEFAULT_EMBEDDER,
-    num_gpus: float = 0.0,
-    num_cpus: float = 1.0,
-    lifetime: str | None = None,
-    max_concurrency: int = 256,
-    batch_wait_s: float = 0.005,
-    max_batch_rows: int = 512,
-    cache_items: int = 20_000,
-    scheduling_strategy: Any = None,
-    max_restarts: int = 0,
+    name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, model: str = DEFAULT_EMBEDDER, **options: Any
 ) -> ray.actor.ActorHandle:
     """The named Evaluator actor, created on first use (``get_if_exists``); returns at once, loads async.
 
-    ``num_cpus`` also sets the actor's torch threads (Ray sets OMP_NUM_THREADS to floor(num_cpus)).
-    ``max_concurrency`` bounds requests in flight inside the actor (all of them may join one batch).
-    ``lifetime=None`` fate-shares with the creating process; ``"detached"`` outlives it (see module doc).
-    ``cache_items``: embeddings kept for texts seen again (0 turns the cache off).
-    ``scheduling_strategy``: where a new actor goes (the Tune driver prefers its own node).
-    ``max_restarts``: Ray restarts a dead actor (its node lost) elsewhere, same name, and retries the calls
-    in flight; the Tune driver sets it, so trials keep scoring after a node loss.
-    An existing actor is returned as is, whatever its model: use another ``name`` for another model.
+    ``options``: the fields of ``EvaluatorOptions``. An existing actor is returned as is, whatever its model:
+    use another ``name`` for another model.
     """
-    if lifetime not in (None, "detached", "non_detached"):
-        raise ConfigError(f"lifetime must be None, 'detached' or 'non_detached', got {lifetime!r}")
-    if num_gpus < 0 or num_cpus < 0:
-        raise ConfigError(f"num_gpus and num_cpus must be >= 0, got {num_gpus} and {num_cpus}")
+    o = EvaluatorOptions(**options)
+    actor = {k: getattr(o, k) for k in ("lifetime", "num_cpus", "num_gpus", "max_concurrency", "scheduling_strategy")}
     return Evaluator.options(
-        name=name,
-        namespace=namespace,
-        get_if_exists=True,
-        lifetime=lifetime,
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        max_concurrency=max_concurrency,
-        scheduling_strategy=scheduling_strategy,
-        max_restarts=max_restarts,
-        max_task_retries=-1 if max_restarts else 0,
-    ).remote(model, batch_wait_s=batch_wait_s, max_batch_rows=max_batch_rows, cache_items=cache_items)
+        name=name, namespace=namespace, get_if_exists=True, **actor,
+        max_restarts=o.max_restarts, max_task_retries=-1 if o.max_restarts else 0,  # retry calls in flight
+    ).remote(model, batch_wait_s=o.batch_wait_s, max_batch_rows=o.max_batch_rows, cache_items=o.cache_items)
 
 
 def shutdown_evaluator(name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE) -> bool:

@@ -10,7 +10,7 @@ Per (source, reference, prediction) row:
 - ``copy``: the prediction equals the source up to case, whitespace and final punctuation.
 - ``empty``: the prediction holds no letter or digit ("", whitespace, a lone ".").
 - ``faithful``: no name or number in the prediction that the source lacks, and no source number dropped
-  (``faithfulness.check``; ``invented`` / ``dropped`` list what broke it).
+  (``text.check``; ``invented`` / ``dropped`` list what broke it).
 - ``objective``: BERT-iBLEU (Niu et al. 2021), the weighted harmonic mean of adequacy (clipped to [0, 1]) and
   novelty ``1 - self_bleu / 100``, beta 4; 0 for copies and empty outputs; multiplied by ``UNFAITHFUL_WEIGHT``
   (0.5) when the row is not faithful. Always in [0, 1].

@@ -16,26 +16,21 @@ config recorded at training time) and the same embedder. Library entry points::
     base = zero_shot_baseline(loaded, pairs, embedder)           # -> {"best": name, "systems": {...}, ...}
     print(format_table({n: s["summary"] for n, s in report["systems"].items()}))
 
-``cmd_evaluate`` is the ``paraphrase-ray evaluate`` command on top of them.
+``paraphrase-ray evaluate`` (``cli.commands.cmd_evaluate``) is the command on top of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from paraphrase_ray.config import ZERO_SHOT, DataConfig, GenerationConfig, TemplateConfig
+from paraphrase_ray.config import ZERO_SHOT, ZERO_SHOT_CHAT, DataConfig, GenerationConfig, TemplateConfig
 from paraphrase_ray.data import DataReport, Pair, clean, load_pairs, read_rows
 from paraphrase_ray.errors import ConfigError, DataError
-from paraphrase_ray.files import jsonable, write_json  # noqa: F401  (jsonable: part of this module's report API)
-from paraphrase_ray.prompt.soft_prompt import System
+from paraphrase_ray.prompt.bundle import System
 
-ZERO_SHOT_CHAT = "zero-shot-chat"
 # Fixed on purpose (not TemplateConfig()): the baseline must not move when the training default does.
 ZERO_SHOT_TEMPLATE = TemplateConfig(prefix="", separator="\nParaphrase:", target_prefix=" ")
 RANK_KEYS = ("objective", "success_rate")  # how "better" is decided: objective first, success rate on ties
@@ -90,7 +85,7 @@ def evaluate_systems(
     each row is ``{"source", "reference", "predictions": {name: text}, "scores": {name: RowScore dict}}``.
     """
     from paraphrase_ray.evaluation.metrics import rerank, score_rows, summarize
-    from paraphrase_ray.generation.generate import paraphrase
+    from paraphrase_ray.generation.generate import paraphrase_rows, rows_for
 
     if not pairs:
         raise DataError(
@@ -106,17 +101,9 @@ def evaluate_systems(
     scores: dict[str, list[dict[str, Any]]] = {}
     for s in systems:
         t0 = time.perf_counter()
-        cands = paraphrase(
-            loaded,
-            sources,
-            s.prompt,
-            s.template,
-            s.generation.with_candidates(num_candidates),
-            batch_size,
-            s.max_source_tokens,
-            chat=s.chat,
-            progress=progress,
-        )
+        gen = s.generation.with_candidates(num_candidates)
+        inputs = rows_for(loaded, sources, s.prompt, s.template, gen, s.max_source_tokens, s.chat)
+        cands = paraphrase_rows(loaded, inputs, gen, batch_size, progress=progress)
         if num_candidates > 1:
             cands, _ = rerank(sources, cands, embedder)
         gen_s = time.perf_counter() - t0
@@ -301,87 +288,3 @@ def format_examples(report: dict[str, Any], k: int = 3) -> str:
             lines.append(f"    {n.ljust(width)}  {row['predictions'][n]}   ({tag})")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
-
-
-# -- the command -----------------------------------------------------------------------------------------------
-def _unique_name(name: str, taken: set[str]) -> str:
-    candidate, i = name, 2
-    while candidate in taken:
-        candidate, i = f"{name}-{i}", i + 1
-    return candidate
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``paraphrase-ray evaluate``: score prompts and/or the zero-shot baseline on the same held-out rows."""
-    from paraphrase_ray.evaluation.embedder import load_embedder
-    from paraphrase_ray.models import DEFAULT_MODEL, load_model
-    from paraphrase_ray.prompt.soft_prompt import load_bundle, load_prompt
-
-    dirs = ([args.prompt] if args.prompt else []) + list(args.compare or [])
-    if not dirs and not args.zero_shot:
-        raise ConfigError(
-            "nothing to evaluate: give --prompt DIR, --compare DIR [DIR ...], and/or --zero-shot"
-        )
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    pairs = eval_pairs(args.data, args.split, args.val_fraction, args.seed, args.limit)
-
-    systems: list[System] = []
-    metas: dict[str, dict] = {}
-    if dirs:
-        loaded, first = load_prompt(dirs[0], args.model, args.device)
-        bundles = [first] + [load_bundle(d, expected_dim=loaded.embed_dim) for d in dirs[1:]]
-        taken: set[str] = {ZERO_SHOT, ZERO_SHOT_CHAT}
-        for d, b in zip(dirs, bundles, strict=True):
-            if args.model is None and b.base_model and b.base_model != loaded.name:
-                raise ConfigError(
-                    f"{d} was trained on {b.base_model!r} but {dirs[0]} on {loaded.name!r}; compare prompts of "
-                    "one base model, or pass --model to force one"
-                )
-            b.prompt.to(loaded.device)
-            name = _unique_name(Path(d).name or "prompt", taken)
-            taken.add(name)
-            systems.append(prompt_system(b, name))
-            metas[name] = b.meta
-    else:
-        loaded = load_model(args.model or DEFAULT_MODEL, "auto", args.device)
-    if args.zero_shot:
-        # Same decoding as the (first) prompt, so the comparison isolates the soft prompt.
-        systems += zero_shot_systems(loaded, systems[0].generation if systems else None)
-
-    for w in (
-        split_warnings(metas, args.data, args.val_fraction, args.seed) if args.split == "validation" else []
-    ):
-        print(w, file=sys.stderr)
-    embedder = load_embedder(args.embedder, device=None if args.device == "auto" else args.device)
-    print(
-        f"evaluating {len(systems)} system(s) on {len(pairs)} {args.split} rows of {' '.join(args.data)} "
-        f"with {loaded.name}",
-        file=sys.stderr,
-    )
-    report = evaluate_systems(
-        loaded, systems, pairs, embedder, args.batch_size, progress=sys.stderr.isatty(), num_candidates=args.num_candidates
-    )
-    best_zs = best_zero_shot(report)
-    report = {
-        "model": loaded.name,
-        "data": list(args.data),
-        "split": args.split,
-        "val_fraction": args.val_fraction if args.split == "validation" else None,
-        "seed": args.seed,
-        "limit": args.limit,
-        "embedder": args.embedder,
-        "best_zero_shot": best_zs,
-        **report,
-    }
-    print(format_table({n: s["summary"] for n, s in report["systems"].items()}))
-    if best_zs is not None:
-        for n, s in report["systems"].items():
-            if s["kind"] == "prompt":
-                print(versus(n, s["summary"], best_zs, report["systems"][best_zs]["summary"]))
-    if args.examples > 0:
-        print()
-        print(format_examples(report, args.examples))
-    if args.output:
-        print(f"wrote report to {write_json(args.output, report)}", file=sys.stderr)
-    return 0

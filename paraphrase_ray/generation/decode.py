@@ -1,8 +1,11 @@
-"""The decode loop behind ``generate_rows``: greedy (token-identical to HF greedy ``generate``) and sampled
-candidates, with every decoding rule of ``decoding.py`` applied per row and each row dropped from the batch when
-it stops (what ``generate`` does not do). ``fast_greedy_applies`` / ``fast_sample_applies`` say when a config
+"""The decode loop behind ``generate_rows`` (``decode``): greedy (token-identical to HF greedy ``generate``) and
+sampled candidates, with every decoding rule of ``rules.py`` applied per row and each row dropped from the batch
+when it stops (what ``generate`` does not do). ``fast_greedy_applies`` / ``fast_sample_applies`` say when a config
 can run here; everything else (beams, HF's generated-token repetition penalty, ``use_cache=False``) goes
 through ``model.generate``.
+
+``decode`` takes the batch's rules once (``rules.DecodeRules``: penalty, n-gram sizes, stops, pad, sampler,
+engine knobs) and per-row data from the rows themselves (``rows.Row``: limit, source ids, source n-grams, guard).
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig
 from paraphrase_ray.generation.backends.cuda_graphs import graph_engine
-from paraphrase_ray.generation.backends.llama_step import StaticKV, lean_step
-from paraphrase_ray.generation.fact_guard import FactGuard
-from paraphrase_ray.generation.rules import SourceRepetitionPenalty, ban_row
+from paraphrase_ray.generation.backends.llama_step import StaticKV, llama_step
+from paraphrase_ray.generation.rows import Row
+from paraphrase_ray.generation.rules import DecodeRules, SourceRepetitionPenalty, ban_row, source_mask
 from paraphrase_ray.models import cache_kwarg
 
 
 def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
-    """True when ``greedy_decode`` gives exactly what ``model.generate`` would for this config."""
+    """True when ``decode`` gives exactly what greedy ``model.generate`` would for this config."""
     if gen.do_sample or gen.num_beams != 1 or gen.num_return_sequences != 1:
         return False
     if gen.repetition_penalty != 1.0:
@@ -34,7 +37,7 @@ def fast_greedy_applies(model, gen: GenerationConfig, tokenizer) -> bool:
 
 
 def fast_sample_applies(model, gen: GenerationConfig, tokenizer) -> bool:
-    """True when sampled candidates can run in our loop (``greedy_decode(sampler=...)``): plain ancestral
+    """True when sampled candidates can run in our loop (``decode`` with ``DecodeRules.sampler``): plain ancestral
     sampling with temperature and top-p, the same rules as greedy, and no sampling defaults of the model's own
     generation config (top-k, min-p, typical-p...) that ``generate`` would add."""
     if not gen.do_sample or gen.num_beams != 1 or gen.repetition_penalty != 1.0:
@@ -48,27 +51,6 @@ def fast_sample_applies(model, gen: GenerationConfig, tokenizer) -> bool:
                               ("top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")):
         return False
     return not _hf_adds_processors(hf)
-
-
-def make_sampler(gen: GenerationConfig, device: torch.device):
-    """scores (rows, vocab) -> sampled ids (rows,): HF's temperature and top-p warpers in HF's order, then one
-    multinomial draw per row from a generator seeded with ``gen.seed`` (one per call: reproducible per batch).
-
-    Not the same draws as ``generate``: our loop drops finished rows, so later rows consume the generator
-    differently; the distribution per step is the same (tests/test_sampling.py)."""
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    g = torch.Generator(device=device).manual_seed(gen.seed)
-    warpers = [TemperatureLogitsWarper(gen.temperature)] if gen.temperature != 1.0 else []
-    if gen.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(gen.top_p))
-
-    def draw(scores: torch.Tensor) -> torch.Tensor:
-        for w in warpers:
-            scores = w(None, scores)
-        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=g).squeeze(1)
-
-    return draw
 
 
 def _hf_adds_processors(hf) -> bool:
@@ -89,61 +71,56 @@ def _hf_adds_processors(hf) -> bool:
     )
 
 
-def greedy_decode(
+def decode(
     model: torch.nn.Module,
     x: torch.Tensor,
     mask: torch.Tensor,
-    max_new: Sequence[int],
-    src_mask: torch.Tensor | None = None,
-    penalty: float = 1.0,
-    stop_ids: Sequence[int] = (),
-    newline_ids: Sequence[int] = (),
-    pad_id: int = 0,
-    no_repeat_ngram: int = 0,
-    source_ngrams: Sequence[dict[tuple[int, ...], list[int]] | None] | None = None,
-    source_ngram_n: int = 0,
-    guards: Sequence[FactGuard | None] | None = None,
+    rows: Sequence[Row],
+    rules: DecodeRules,
+    k: int = 1,
     past=None,
-    sampler=None,
-    use_lean: bool = True,
-    graphs: str = "auto",
 ) -> torch.Tensor:
-    """Greedy tokens (B, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L); pad after a stop.
+    """Tokens (len(rows) x k, steps) for left-padded ``inputs_embeds`` x (B, L, d) and mask (B, L), one input row
+    per ``rows`` entry; pad (``rules.pad_id``) after a stop. Greedy, or sampled where ``rules.sampler`` is set.
 
-    ``past``: a KV cache that already holds the first ``mask.shape[1] - L`` positions of every row (a shared
-    prefix, ``prefix_cache.py``); ``mask`` then covers those positions too and x only the rest.
-    ``sampler`` (``make_sampler``): draw each token instead of taking the argmax, after the same rules. With
-    ``len(max_new)`` = k x B, every input row gives k output rows (rows i*k .. i*k+k-1): the rows are prefilled
-    once and their cache copied k times; every per-row argument is then per output row. ``use_lean``: decode
-    steps through ``lean.py`` where it applies (Llama-architecture models on the low-bit kernel). ``graphs``:
-    otherwise, decode steps through a static cache replayed as CUDA graphs (``graph_step.py``; ``auto``: on
-    CUDA; ``eager``: the same static-cache step uncaptured, any device; ``off``: the plain forward).
+    ``k`` > 1: every input row gives k output rows (rows i*k .. i*k+k-1, k sampled candidates): the rows are
+    prefilled once and their cache copied k times. ``past``: a KV cache that already holds the first
+    ``mask.shape[1] - L`` positions of every row (a shared prefix, ``prefix_cache.py``); ``mask`` then covers
+    those positions too and x only the rest. ``rules.use_lean``: decode steps through ``backends/llama_step.py``
+    where it applies (Llama-architecture models on the low-bit kernel). ``rules.graphs``: otherwise, decode steps
+    through a static cache replayed as CUDA graphs (``backends/cuda_graphs.py``; ``auto``: on CUDA; ``eager``: the
+    same static-cache step uncaptured, any device; ``off``: the plain forward).
 
     Mirrors HF greedy ``generate`` call for call -- position ids from the mask's cumulative sum, the mask
     dropped when it is all ones, logits of the last position only, the cache grown by one token per step --
-    and stops each row on its own: at a ``stop_ids`` token (kept, like HF keeps eos), at a ``newline_ids``
-    token after some text (``StopAtLineEnd``), or after ``max_new[i]`` tokens. Stopped rows leave the batch
-    (their cache rows dropped) once they are a quarter of it, so the work per step shrinks as rows finish. ``no_repeat_ngram`` n > 0
-    bans any token that would repeat an n-gram of the row's own generated tokens (transformers'
-    ``NoRepeatNGramLogitsProcessor``, which with ``inputs_embeds`` sees only the generated tokens too);
-    ``source_ngrams`` (one ``source_ngrams()`` map per row) with ``source_ngram_n`` bans copying a source n-gram
-    (``SourceNgramBlock``); ``guards`` (one ``FactGuard`` per row) ban inventing a name or number
-    (``FactGuardProcessor``).
+    and stops each row on its own: at a ``rules.stop_ids`` token (kept, like HF keeps eos), at a
+    ``rules.newline_ids`` token after some text (``StopAtLineEnd``), or after its row's ``max_new_tokens``.
+    Stopped rows leave the batch (their cache rows dropped) once they are a quarter of it, so the work per step
+    shrinks as rows finish. The rules, per row: ``rules.penalty`` != 1 applies HF's repetition-penalty rule to
+    the row's ``source_ids`` (``SourceRepetitionPenalty``); ``rules.no_repeat_ngram`` n > 0 bans any token that
+    would repeat an n-gram of the row's own generated tokens (transformers' ``NoRepeatNGramLogitsProcessor``,
+    which with ``inputs_embeds`` sees only the generated tokens too); ``rules.source_ngram_n`` bans copying a
+    source n-gram of the row's ``source_ngrams`` (``SourceNgramBlock``); ``rules.fact_guard``: the row's
+    ``guard`` bans inventing a name or number (``FactGuardProcessor``). A sampler draws after the same rules.
     """
+    # per output row (row i's k candidates are rows i*k .. i*k+k-1), as HF expands num_return_sequences
+    max_new = [r.max_new_tokens for r in rows for _ in range(k)]
+    source_ngrams = [r.source_ngrams for r in rows for _ in range(k)] if rules.source_ngram_n else None
+    guards = [r.guard for r in rows for _ in range(k)] if rules.fact_guard else None
+    no_repeat_ngram, source_ngram_n, sampler = rules.no_repeat_ngram, rules.source_ngram_n, rules.sampler
     bsz, dev = len(max_new), x.device
-    expand = bsz // x.shape[0]  # output rows per input row (k candidates)
     cache_key = cache_kwarg(model)
     fwd_params = inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
     pass_pos = "position_ids" in fwd_params
     limits = torch.as_tensor(list(max_new), device=dev)
     steps = int(limits.max())
-    out = torch.full((bsz, steps), pad_id, dtype=torch.long, device=dev)
-    stop_t = torch.as_tensor(list(stop_ids), dtype=torch.long, device=dev)
-    nl_t = torch.as_tensor(list(newline_ids), dtype=torch.long, device=dev)
+    out = torch.full((bsz, steps), rules.pad_id, dtype=torch.long, device=dev)
+    stop_t = torch.as_tensor(list(rules.stop_ids), dtype=torch.long, device=dev)
+    nl_t = torch.as_tensor(list(rules.newline_ids), dtype=torch.long, device=dev)
     active = torch.arange(bsz, device=dev)  # original row index of each row still in the batch
     has_text = torch.zeros(bsz, dtype=torch.bool, device=dev)  # a non-newline token was generated
-    lim, src = limits, src_mask  # per row still in the batch
+    lim = limits  # per row still in the batch
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, L), as HF builds them
     attn = None if bool((mask == 1).all()) else mask
 
@@ -153,21 +130,24 @@ def greedy_decode(
     res = model(inputs_embeds=x, attention_mask=attn, use_cache=True, **kwargs)
     cache = res.get(cache_key)
     last = res.logits[:, -1]  # (B, vocab)
-    lean = lean_step(model) if use_lean else None  # decode steps without HF's per-layer overhead (lean.py)
+    # (B x k, vocab): True at each output row's source ids, what the source penalty pushes down (pruned with the rows)
+    src = source_mask(rows, last.shape[-1], dev).repeat_interleave(k, 0) if rules.penalty != 1.0 else None
+    # decode steps without HF's per-layer overhead (backends/llama_step.py)
+    lean = llama_step(model) if rules.use_lean else None
     if lean is not None:
         cache = StaticKV.from_hf(cache, steps + 1)
-    if expand > 1:  # k candidates per row share its prefill: (B, ...) -> (k x B, ...)
-        cache.batch_repeat_interleave(expand)
-        last, pos = last.repeat_interleave(expand, 0), pos.repeat_interleave(expand, 0)
-        attn = attn.repeat_interleave(expand, 0) if attn is not None else None
+    if k > 1:  # k candidates per row share its prefill: (B, ...) -> (k x B, ...)
+        cache.batch_repeat_interleave(k)
+        last, pos = last.repeat_interleave(k, 0), pos.repeat_interleave(k, 0)
+        attn = attn.repeat_interleave(k, 0) if attn is not None else None
     graph = None
-    if lean is None and (engine := graph_engine(model, graphs)) is not None:
+    if lean is None and (engine := graph_engine(model, rules.graphs)) is not None:
         # fixed rows: finished rows stay (no compaction). None: too big, or in use by another thread
         graph = engine.start(cache, attn, steps + 1)
     prunable = graph is None and hasattr(cache, "batch_select_indices")
     done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     seqs: list[list[int]] = [[] for _ in range(bsz)]  # generated ids per original row (only for n-gram bans)
-    block = bool(source_ngram_n and source_ngrams is not None)
+    block = source_ngrams is not None
     guard = guards is not None and any(g is not None for g in guards)
     track = block or guard or bool(no_repeat_ngram)  # keep each row's generated ids
     n_steps = 0
@@ -176,12 +156,12 @@ def greedy_decode(
             scores = last.float()  # (rows in batch, vocab), as HF copies them
             live = (~done).tolist()
             if block or guard or (no_repeat_ngram and step + 1 >= no_repeat_ngram):
-                for k, r in enumerate(active.tolist()):
-                    if live[k]:  # a finished row still in the batch (not compacted yet) needs no bans
-                        ban_row(scores[k], seqs[r], no_repeat_ngram, source_ngrams[r] if block else None,
+                for j, r in enumerate(active.tolist()):
+                    if live[j]:  # a finished row still in the batch (not compacted yet) needs no bans
+                        ban_row(scores[j], seqs[r], no_repeat_ngram, source_ngrams[r] if block else None,
                                 source_ngram_n, guards[r] if guard else None)
             if src is not None:
-                scores = SourceRepetitionPenalty(src, penalty)(None, scores)
+                scores = SourceRepetitionPenalty(src, rules.penalty)(None, scores)
             nxt = sampler(scores) if sampler is not None else scores.argmax(dim=-1)  # (rows in batch,)
             out[active[~done], step] = nxt[~done]
             n_steps = step + 1

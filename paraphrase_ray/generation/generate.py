@@ -4,22 +4,24 @@ Rows are built as ``[prompt_i][prefix + source_i + separator]`` in embedding spa
 last position of every row is real and one ``generate(inputs_embeds=...)`` call serves many prompts at once
 (what lets one Serve deployment host many prompts in one forward pass).
 
-Copy control (the rules live in ``decoding.py``): with ``inputs_embeds`` Hugging Face's generated-token rules
+Copy control (the rules live in ``rules.py``): with ``inputs_embeds`` Hugging Face's generated-token rules
 see only generated tokens, never the source. Two rules see each row's own source: ``SourceNgramBlock`` (the default, n = 4) bans copying n
 consecutive source tokens, so every source word stays available but long verbatim runs cannot happen; and
 ``SourceRepetitionPenalty`` (off by default) applies HF's repetition-penalty rule to the source's tokens, a
 blunter lever that pushes the model off the source's names and numbers too (docs/BENCHMARKS.md, "Quality").
 
-Fast path (the default): greedy decoding with the KV cache runs our own loop (``greedy_decode``) instead of
+Fast path (the default): greedy decoding with the KV cache runs our own loop (``decode.decode``) instead of
 ``model.generate``. It makes the same forward calls HF greedy makes (same position ids, mask and cache, logits
 of the last position only) and applies the same source penalty and stopping rules, so the output is the same,
 but it drops each row from the batch once it stops (at eos, at the end of its line, or at its own
 ``max_new_tokens``), where ``generate`` keeps computing every row until the slowest one ends, and it skips
 ``generate``'s per-step bookkeeping; it implements the same no-repeat n-gram bans too. Sampled candidates
-(``num_candidates`` > 1, temperature / top-p) run in the same loop (``decode_loop.py``): each row is prefilled
+(``num_candidates`` > 1, temperature / top-p) run in the same loop (``decode.py``): each row is prefilled
 once and its cache copied per candidate, where ``generate`` prefills every candidate. Beams, HF's
 generated-token repetition penalty and ``use_cache=False`` go through ``model.generate`` unchanged.
-Loop, rules and routing: ``decode_loop.py``; the shared-prefix cache: ``prefix_cache.py``.
+Here: rows (``row_for``; the ``Row`` type is in ``rows.py``), batches and routing. The batch's rules are built
+once per batch (``rules.DecodeRules.build``) and handed to whichever path runs; the loop: ``decode.py``; one-row
+prompt lookup: ``lookup.py``; the shared-prefix cache: ``prefix_cache.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -37,19 +39,16 @@ from paraphrase_ray.data import encode_chat, encode_source
 from paraphrase_ray.errors import InputError
 from paraphrase_ray.generation import prefix_cache
 from paraphrase_ray.generation.backends.lowbit import generation_model
-from paraphrase_ray.generation.decode import (  # noqa: F401
-    fast_greedy_applies,
-    fast_sample_applies,
-    greedy_decode,
-    make_sampler,
-)
+from paraphrase_ray.generation.decode import decode, fast_greedy_applies, fast_sample_applies
 from paraphrase_ray.generation.fact_guard import FactGuard
+from paraphrase_ray.generation.rows import Row
 from paraphrase_ray.generation.rules import (
+    DecodeRules,
     SourceNgramBlock,
     SourceRepetitionPenalty,
     StopAtLineEnd,
-    newline_token_ids,
     skip_penalty_ids,
+    source_mask,
     source_ngrams,
     word_continuation_ids,
 )
@@ -57,20 +56,6 @@ from paraphrase_ray.models import LoadedModel, cache_kwarg
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
-
-
-@dataclass
-class Row:
-    """One generation input: its prompt (None = no soft prompt), token ids, and the source ids to penalise."""
-
-    prompt: SoftPrompt | None
-    ids: list[int]
-    source_ids: list[int]
-    max_new_tokens: int
-    # source (n-1)-gram -> the tokens that follow it in the source: what ``source_no_repeat_ngram_size`` bans
-    source_ngrams: dict[tuple[int, ...], list[int]] | None = None
-    guard: FactGuard | None = None  # bans inventing names / numbers (``generation.fact_guard``)
-    head: tuple[int, ...] | None = None  # ids every row of this template starts with (prefix_cache.py)
 
 
 def row_for(
@@ -153,46 +138,17 @@ def generate_rows(
             model, loaded.model.get_input_embeddings(), rows[0].prompt, rows[0].ids[:skip], len(rows), cache_kwarg(model)
         )
         mask = torch.cat([mask.new_ones(len(rows), n_past), mask], dim=1)
-    vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    src_mask = None
-    if gen.source_repetition_penalty != 1.0:
-        src_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=loaded.device)
-        for i, r in enumerate(rows):
-            ids = [t for t in r.source_ids if t < vocab]
-            if ids:
-                src_mask[i, ids] = True
-    stop_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    nl_ids = newline_token_ids(tok) if gen.stop_at_newline else []
-    if fast and gen.prompt_lookup and len(rows) == 1:
+    rules = DecodeRules.build(gen, tok, loaded.device, sample)  # the same for every row; per-row data: the rows
+    if fast and rules.lookup and len(rows) == 1:
         from paraphrase_ray.generation.lookup import (
             lookup_decode,  # one row: draft from its source, verify in one pass (same tokens)
         )
 
-        r = rows[0]
-        out = lookup_decode(
-            model, x, r.max_new_tokens, r.source_ids, gen.prompt_lookup, src_mask, gen.source_repetition_penalty,
-            stop_ids, nl_ids, gen.no_repeat_ngram_size, r.source_ngrams, gen.source_no_repeat_ngram_size, r.guard,
-            past=past,
-        )
+        out = lookup_decode(model, x, rows[0], rules, past=past)
     elif fast or sample:
-        k = gen.num_return_sequences if sample else 1
-
-        def each(values):  # one entry per output row: row i's k candidates are rows i*k .. i*k+k-1
-            return [v for v in values for _ in range(k)]
-
-        out = greedy_decode(
-            model, x, mask, each(r.max_new_tokens for r in rows),
-            src_mask.repeat_interleave(k, 0) if src_mask is not None else None, gen.source_repetition_penalty,
-            stop_ids, nl_ids, tok.pad_token_id, gen.no_repeat_ngram_size,
-            each(r.source_ngrams for r in rows) if gen.source_no_repeat_ngram_size else None,
-            gen.source_no_repeat_ngram_size,
-            each(r.guard for r in rows) if gen.fact_guard else None,
-            past=past,
-            sampler=make_sampler(gen, loaded.device) if sample else None,
-            graphs=gen.cuda_graphs,
-        )
+        out = decode(model, x, mask, rows, rules, gen.num_return_sequences if sample else 1, past=past)
     else:
-        out = _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model)
+        out = hf_generate(loaded, x, mask, rows, gen, rules, use_cache, model)
     k = gen.num_return_sequences
     results: list[list[str]] = []
     for i, r in enumerate(rows):
@@ -208,14 +164,14 @@ def engine_label(loaded: LoadedModel, gen: GenerationConfig, n_rows: int) -> str
     """What generation runs, for ``--stats`` and the summary line: the weights (``q4`` / ``int8`` / ``fp32``)
     and the engine parts that apply, e.g. ``q4+lean+prefix-cache+lookup`` or ``fp32+hf-generate`` (beams)."""
     from paraphrase_ray.generation.backends.cuda_graphs import graph_engine
-    from paraphrase_ray.generation.backends.llama_step import lean_step
+    from paraphrase_ray.generation.backends.llama_step import llama_step
 
     model, path = generation_model(loaded, gen.quantize)
     tok = loaded.tokenizer
     greedy, sampled = fast_greedy_applies(model, gen, tok), fast_sample_applies(model, gen, tok)
     if not (greedy or sampled):
         return f"{path}+hf-generate"
-    lean = lean_step(model) is not None
+    lean = llama_step(model) is not None
     lookup = bool(greedy and gen.prompt_lookup and n_rows == 1)
     parts = [path] + ["lean"] * lean + ["prefix-cache"] * gen.prefix_cache + ["lookup"] * lookup
     engine = None if lean or lookup else graph_engine(model, gen.cuda_graphs)
@@ -224,21 +180,34 @@ def engine_label(loaded: LoadedModel, gen: GenerationConfig, n_rows: int) -> str
     return "+".join(parts)
 
 
-def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cache, model=None) -> torch.Tensor:
-    """The reference path: ``model.generate`` (default ``loaded.model``) with our rules as HF processors."""
+def hf_generate(
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    rows: Sequence[Row],
+    gen: GenerationConfig,
+    rules: DecodeRules,
+    use_cache: bool = True,
+    model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """The reference path: ``model.generate`` (default ``loaded.model``) with our rules as HF processors.
+
+    ``rules`` gives the source rules and the stops (as for ``decode``); ``gen`` what HF does itself (beams,
+    sampling, its generated-token penalty and no-repeat n-grams)."""
     tok, model = loaded.tokenizer, model if model is not None else loaded.model
     processors = LogitsProcessorList()
-    if src_mask is not None:
-        processors.append(SourceRepetitionPenalty(src_mask, gen.source_repetition_penalty))
-    if gen.source_no_repeat_ngram_size:
-        processors.append(SourceNgramBlock([r.source_ngrams or {} for r in rows], gen.source_no_repeat_ngram_size))
-    if gen.fact_guard and all(r.guard is not None for r in rows):
+    if rules.penalty != 1.0:  # (B, vocab) source mask; HF expands it per beam / candidate (repeat_interleave)
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        processors.append(SourceRepetitionPenalty(source_mask(rows, vocab, loaded.device), rules.penalty))
+    if rules.source_ngram_n:
+        processors.append(SourceNgramBlock([r.source_ngrams or {} for r in rows], rules.source_ngram_n))
+    if rules.fact_guard and all(r.guard is not None for r in rows):
         from paraphrase_ray.generation.fact_guard import FactGuardProcessor
 
         processors.append(FactGuardProcessor([r.guard for r in rows]))
     stopping = StoppingCriteriaList()
-    if nl_ids:
-        stopping.append(StopAtLineEnd(nl_ids, loaded.device))
+    if rules.newline_ids:
+        stopping.append(StopAtLineEnd(list(rules.newline_ids), loaded.device))
     max_new = max(r.max_new_tokens for r in rows)
     if gen.do_sample:
         torch.manual_seed(gen.seed)
@@ -259,7 +228,7 @@ def _hf_generate(loaded, x, mask, rows, gen, src_mask, stop_ids, nl_ids, use_cac
             no_repeat_ngram_size=gen.no_repeat_ngram_size,
             logits_processor=processors,
             stopping_criteria=stopping,
-            eos_token_id=stop_ids or None,
+            eos_token_id=list(rules.stop_ids) or None,
             pad_token_id=tok.pad_token_id,
             use_cache=use_cache,
         )  # (B * num_return_sequences, new_tokens): with inputs_embeds only new tokens come back
@@ -273,22 +242,17 @@ def clean_text(text: str) -> str:
     return ""
 
 
-def paraphrase(
+def rows_for(
     loaded: LoadedModel,
     sources: Sequence[str],
     prompts: SoftPrompt | None | Sequence[SoftPrompt | None],
     template: TemplateConfig,
     gen: GenerationConfig,
-    batch_size: int = 16,
     max_source_tokens: int = 64,
     chat: bool = False,
-    use_cache: bool = True,
-    progress: bool = False,
-) -> list[list[str]]:
-    """Candidates for each source, in input order. ``prompts`` is one prompt for all rows or one per row.
-
-    Rows are sorted by length before batching (less padding); output order is restored.
-    """
+) -> list[Row]:
+    """One ``row_for`` per source, checked first: ``prompts`` is one prompt for all rows or one per row, and no
+    source may be empty. What ``paraphrase`` runs; ``paraphrase_rows`` batches them."""
     if isinstance(prompts, SoftPrompt) or prompts is None:
         prompts = [prompts] * len(sources)
     if len(prompts) != len(sources):
@@ -296,7 +260,16 @@ def paraphrase(
     for i, s in enumerate(sources):
         if not isinstance(s, str) or not s.strip():
             raise InputError(f"source {i} is empty; every text to paraphrase needs some words")
-    rows = [row_for(loaded, s, p, template, gen, max_source_tokens, chat) for s, p in zip(sources, prompts)]
+    return [row_for(loaded, s, p, template, gen, max_source_tokens, chat) for s, p in zip(sources, prompts)]
+
+
+def paraphrase_rows(loaded: LoadedModel, rows: Sequence[Row], gen: GenerationConfig, batch_size: int = 16,
+                    use_cache: bool = True, progress: bool = False) -> list[list[str]]:
+    """Candidates for each row, in input order, ``batch_size`` rows per ``generate_rows`` call. ``use_cache=False``:
+    HF's uncached ``generate`` (the reference path); ``progress``: a progress bar over the batches.
+
+    Rows are sorted by length before batching (less padding); output order is restored.
+    """
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) + (rows[i].prompt.n_tokens if rows[i].prompt else 0))
     results: list[list[str]] = [[] for _ in rows]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -308,3 +281,14 @@ def paraphrase(
         for i, cands in zip(idx, generate_rows(loaded, [rows[i] for i in idx], gen, use_cache)):
             results[i] = cands
     return results
+
+
+def paraphrase(loaded: LoadedModel, sources: Sequence[str], prompts: SoftPrompt | None | Sequence[SoftPrompt | None],
+               template: TemplateConfig, gen: GenerationConfig, batch_size: int = 16, **row: Any) -> list[list[str]]:
+    """Candidates for each source, in input order. ``prompts`` is one prompt for all rows or one per row; ``row``
+    takes ``rows_for``'s ``max_source_tokens`` and ``chat`` (zero-shot baseline only: each source wrapped in the
+    model's chat template).
+
+    ``rows_for`` then ``paraphrase_rows``: call those two for a progress bar or the uncached reference path.
+    """
+    return paraphrase_rows(loaded, rows_for(loaded, sources, prompts, template, gen, **row), gen, batch_size)

@@ -4,7 +4,7 @@ Paraphrases reuse source tokens (names, numbers, short runs that n-gram blocking
 after the last generated one's latest occurrence in the source are a cheap guess at what comes next. Each
 step feeds ``[pending token] + draft`` (1 + k tokens) through the model once and keeps the longest prefix of
 the draft that greedy decoding would have chosen -- every rule applied at every position exactly as
-``generate.greedy_decode`` applies it (``decoding.ban_row``, the source penalty, the stops) -- plus the token
+``decode.decode`` applies it (``rules.ban_row``, the source penalty, the stops) -- plus the token
 greedy picks after it; the KV cache is cropped back to what was kept. So the tokens are greedy's; only the
 number of forward passes changes (``benchmarks/lookup_acceptance.py`` measures the acceptance on paraphrases).
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from paraphrase_ray.generation.backends.llama_step import StaticKV, lean_step
-from paraphrase_ray.generation.rules import SourceRepetitionPenalty, ban_row
+from paraphrase_ray.generation.backends.llama_step import StaticKV, llama_step
+from paraphrase_ray.generation.rows import Row
+from paraphrase_ray.generation.rules import DecodeRules, SourceRepetitionPenalty, ban_row, source_mask
 from paraphrase_ray.models import cache_kwarg
 
 NGRAM = 1  # match the last generated token: measured best on MRPC paraphrases (1.23 tokens kept per draft)
@@ -42,31 +42,26 @@ def draft_tokens(generated: Sequence[int], source: Sequence[int], k: int, n: int
 def lookup_decode(
     model: torch.nn.Module,
     x: torch.Tensor,
-    max_new: int,
-    source: Sequence[int],
-    k: int,
-    src_mask: torch.Tensor | None = None,
-    penalty: float = 1.0,
-    stop_ids: Sequence[int] = (),
-    newline_ids: Sequence[int] = (),
-    no_repeat_ngram: int = 0,
-    ngrams: dict | None = None,
-    ngram_n: int = 0,
-    guard: Any = None,
-    stats: dict | None = None,
+    row: Row,
+    rules: DecodeRules,
     past=None,
-    use_lean: bool = True,
+    stats: dict | None = None,
 ) -> torch.Tensor:
-    """Greedy tokens (1, steps) for one unpadded row ``x`` (1, L, d), the same as ``greedy_decode`` gives.
+    """Greedy tokens (1, steps) for one unpadded row ``x`` (1, L, d), the same as ``decode.decode`` gives.
 
+    Drafts ``rules.lookup`` tokens at a time from ``row.source_ids``; every rule of ``rules`` applies at every
+    position with the row's own limit, source n-grams and guard (``rules.sampler`` is not used: greedy only).
     ``stats`` (if given) accumulates ``passes`` (forward passes after the prefill), ``tokens`` and ``drafted``
     / ``accepted`` draft tokens. ``past``: a KV cache already holding this row's first positions (a shared
     prefix, ``prefix_cache.py``); x is then the rest of the row.
     """
+    max_new, source, k = row.max_new_tokens, row.source_ids, rules.lookup
+    ngrams = row.source_ngrams if rules.source_ngram_n else None
+    guard = row.guard if rules.fact_guard else None
     key = cache_kwarg(model)
     params = inspect.signature(model.forward).parameters
     keep, pass_pos = "logits_to_keep" in params, "position_ids" in params
-    stops, newlines = set(stop_ids), set(newline_ids)
+    stops, newlines = set(rules.stop_ids), set(rules.newline_ids)
     n_past = past.get_seq_length() if past is not None else 0
     kw = {"logits_to_keep": 1} if keep else {}
     if past is not None:
@@ -75,7 +70,10 @@ def lookup_decode(
             kw["position_ids"] = torch.arange(n_past, n_past + x.shape[1], device=x.device)[None]
     res = model(inputs_embeds=x, use_cache=True, **kw)
     cache, length = res.get(key), n_past + x.shape[1]  # tokens in the cache
-    lean = lean_step(model) if use_lean else None  # decode steps without HF's per-layer overhead (lean.py)
+    # (1, vocab): True at the row's source ids, what the source penalty pushes down
+    src_mask = source_mask([row], res.logits.shape[-1], x.device) if rules.penalty != 1.0 else None
+    # decode steps without HF's per-layer overhead (backends/llama_step.py)
+    lean = llama_step(model) if rules.use_lean else None
     if lean is not None:
         cache = StaticKV.from_hf(cache, max_new + k + 1)
     seq: list[int] = []
@@ -83,9 +81,9 @@ def lookup_decode(
 
     def choose(scores: torch.Tensor) -> int:  # scores (vocab,): one position, after every rule
         scores = scores.float().clone()
-        ban_row(scores, seq, no_repeat_ngram, ngrams, ngram_n, guard)
+        ban_row(scores, seq, rules.no_repeat_ngram, ngrams, rules.source_ngram_n, guard)
         if src_mask is not None:
-            scores = SourceRepetitionPenalty(src_mask[:1], penalty)(None, scores[None])[0]
+            scores = SourceRepetitionPenalty(src_mask, rules.penalty)(None, scores[None])[0]
         return int(scores.argmax())
 
     def take(t: int) -> bool:  # append greedy's token; True when the row stops here
@@ -102,7 +100,7 @@ def lookup_decode(
         draft = draft_tokens(seq, source, min(k, max_new - len(seq)))
         feed = [seq[-1], *draft]
         ids = torch.tensor([feed], device=x.device)
-        # as greedy_decode numbers them: an unpadded row's positions are 0, 1, 2, ...
+        # as decode.decode numbers them: an unpadded row's positions are 0, 1, 2, ...
         pos = torch.arange(length, length + len(feed), device=x.device)[None]
         if lean is not None:
             logits = lean(ids, pos, None, cache, keep=len(feed))[0]

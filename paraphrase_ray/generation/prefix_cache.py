@@ -5,8 +5,8 @@ Every row built from one prompt and one template starts with the same positions:
 model's keys and values at a position depend only on the positions up to it, so those of a shared prefix are the
 same for every row; ``generation.prefix_cache`` (on by default) computes them once per (model, prompt values,
 head ids), keeps them (a small LRU per model), and each generation call prefills only the rest of its rows on a
-copy (``greedy_decode`` / ``lookup_decode`` ``past=``). Same keys and values, so the same tokens up to float
-summation order (tests/test_prefix_cache.py); the prefill is where batch-1 generation spent ~30% of its time.
+copy (``decode.decode`` / ``lookup.lookup_decode`` ``past=``). Same keys and values, so the same tokens up to float
+summation order (tests/generation/test_prefix_cache.py); the prefill is where batch-1 generation spent ~30% of its time.
 
 Rows left-padded *after* the prefix (``[prefix][pad][rest]``) keep the positions HF gives ``[pad][prefix][rest]``
 (positions are the attention mask's cumulative sum), so a batch shares one prefix too.

@@ -3,9 +3,15 @@ vocabulary scans they share.
 
 With ``inputs_embeds`` generation Hugging Face's own rules see only the generated tokens, never the source, so
 copy control lives here. Every rule exists twice with the same tokens: as an HF ``LogitsProcessor`` /
-``StoppingCriteria`` (sampling, beams: ``model.generate``) and as a plain function of one row's generated ids
-that ``generate.greedy_decode`` calls (tests pin the two paths to identical output).
+``StoppingCriteria`` (beams, HF's generated-token penalty: ``model.generate``) and as a plain function of one
+row's generated ids that ``decode.decode`` and ``lookup.lookup_decode`` call (tests pin the two paths to
+identical output).
 
+- ``DecodeRules``: the rules and engine knobs of one batch (what is the same for every row), built once per batch
+  from the ``GenerationConfig`` and the tokenizer; what differs per row (limit, source ids, source n-grams, fact
+  guard) stays on ``rows.Row``.
+- ``make_sampler``: HF's temperature and top-p warpers and a seeded draw, for sampled candidates in our loop.
+- ``source_mask``: each row's source ids as a (rows, vocab) mask, what the source penalty pushes down.
 - ``SourceNgramBlock`` / ``source_bans``: never copy n consecutive source tokens (default n = 4), never cutting
   a word (``word_continuation_ids`` are exempt).
 - ``SourceRepetitionPenalty``: HF's repetition-penalty rule over the source's tokens (off by default).
@@ -16,10 +22,15 @@ that ``generate.greedy_decode`` calls (tests pin the two paths to identical outp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
+
+if TYPE_CHECKING:
+    from paraphrase_ray.config import GenerationConfig
+    from paraphrase_ray.generation.rows import Row
 
 _PER_TOKENIZER: dict[tuple[str, int], Any] = {}  # (what, id(tokenizer)) -> vocabulary scans, made once
 _WORD_START_MARKERS = frozenset("Ġ▁Ċĉ")  # byte-level BPE space / newline / tab, SentencePiece space
@@ -169,3 +180,80 @@ def ban_row(scores: torch.Tensor, seq: list[int], no_repeat_ngram: int = 0,
         scores[banned] = -float("inf")
     if guard is not None:
         scores[guard.bans_tensor(seq, scores.device, scores.shape[0])] = -float("inf")
+
+
+def source_mask(rows: Sequence[Row], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), vocab) bool: True at each row's ``source_ids`` (ids >= vocab dropped), what
+    ``SourceRepetitionPenalty`` penalises."""
+    mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        ids = [t for t in r.source_ids if t < vocab]
+        if ids:
+            mask[i, ids] = True
+    return mask
+
+
+def make_sampler(gen: GenerationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """scores (rows, vocab) -> sampled ids (rows,): HF's temperature and top-p warpers in HF's order, then one
+    multinomial draw per row from a generator seeded with ``gen.seed`` (one per call: reproducible per batch).
+
+    Not the same draws as ``generate``: our loop drops finished rows, so later rows consume the generator
+    differently; the distribution per step is the same (tests/generation/test_sampling.py)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator(device=device).manual_seed(gen.seed)
+    warpers = [TemperatureLogitsWarper(gen.temperature)] if gen.temperature != 1.0 else []
+    if gen.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(gen.top_p))
+
+    def draw(scores: torch.Tensor) -> torch.Tensor:
+        for w in warpers:
+            scores = w(None, scores)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=g).squeeze(1)
+
+    return draw
+
+
+@dataclass(frozen=True)
+class DecodeRules:
+    """What every row of one batch is decoded with: the rules, the stops, the sampler and the engine knobs.
+
+    The defaults apply no rule at all (plain greedy to each row's limit, pad id 0), so a test or benchmark names
+    only the rules it wants; ``build`` makes the ones a ``GenerationConfig`` asks for. Per-row data (limit,
+    source ids, source n-grams, fact guard) stays on ``rows.Row``: the decode loop pairs the two.
+    """
+
+    penalty: float = 1.0  # HF's repetition-penalty rule over each row's source ids (1.0: off)
+    no_repeat_ngram: int = 0  # n > 0: no n-gram of the row's own generated tokens twice
+    source_ngram_n: int = 0  # n > 0: no n consecutive source tokens copied (the rows' ``source_ngrams``)
+    fact_guard: bool = False  # the rows' ``FactGuard`` bans inventing a name or number
+    stop_ids: tuple[int, ...] = ()  # a row stops at (and keeps) one of these, as HF stops at eos
+    newline_ids: tuple[int, ...] = ()  # ...or at one of these after some text (``StopAtLineEnd``)
+    pad_id: int = 0  # fills a row's tokens after it stopped
+    # scores (rows, vocab) -> ids (rows,) (``make_sampler``): draw each token after the rules; None: argmax.
+    # It carries its own seeded generator, so one ``DecodeRules`` with a sampler serves one batch.
+    sampler: Callable[[torch.Tensor], torch.Tensor] | None = None
+    lookup: int = 0  # prompt-lookup draft tokens per verify pass (``lookup.py``; one greedy row only)
+    use_lean: bool = True  # decode steps through ``backends/llama_step.py`` where it applies
+    graphs: str = "auto"  # otherwise ``backends/cuda_graphs.py``: auto (on CUDA) | eager | off
+
+    def __post_init__(self) -> None:  # lists given by callers become tuples (frozen all the way down)
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
+        object.__setattr__(self, "newline_ids", tuple(self.newline_ids))
+
+    @classmethod
+    def build(cls, gen: GenerationConfig, tokenizer, device: torch.device, sample: bool = False) -> DecodeRules:
+        """The rules ``gen`` asks for with this tokenizer's eos, pad and newline ids; ``sample``: with a sampler
+        seeded from ``gen`` on ``device`` (sampled candidates in our loop) instead of the argmax."""
+        return cls(
+            penalty=gen.source_repetition_penalty,
+            no_repeat_ngram=gen.no_repeat_ngram_size,
+            source_ngram_n=gen.source_no_repeat_ngram_size,
+            fact_guard=gen.fact_guard,
+            stop_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else (),
+            newline_ids=newline_token_ids(tokenizer) if gen.stop_at_newline else (),
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            sampler=make_sampler(gen, device) if sample else None,
+            lookup=gen.prompt_lookup,
+            graphs=gen.cuda_graphs,
+        )

@@ -7,8 +7,6 @@ longer than any real token is something the model never saw in pre-training).
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -85,12 +83,3 @@ def format_explanation(exp: dict) -> str:
         near = "  ".join(f"{n['token']!r} ({n['distance']:.3f})" for n in p["neighbours"])
         lines.append(f"{p['position']:>3}  {p['norm']:>8.3f}  {near}")
     return "\n".join(lines)
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from paraphrase_ray.prompt.soft_prompt import load_prompt
-
-    loaded, bundle = load_prompt(args.prompt, args.model, "cpu")
-    exp = explain_prompt(bundle.prompt, loaded.model.get_input_embeddings().weight, loaded.tokenizer, args.top_k, args.metric)
-    print(json.dumps(exp, indent=2, ensure_ascii=False) if args.json else format_explanation(exp))
-    return 0

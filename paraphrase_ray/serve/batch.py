@@ -22,13 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from paraphrase_ray.config import GenerationConfig, from_dict, to_dict
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
-from paraphrase_ray.prompt.soft_prompt import CONFIG_FILE, META_FILE, WEIGHTS_FILE, SoftPrompt
+from paraphrase_ray.prompt.directory import CONFIG_FILE, META_FILE, WEIGHTS_FILE
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 from paraphrase_ray.storage import is_uri, open_uri, resolve_prompt_dir
 
 log = logging.getLogger("paraphrase_ray")
@@ -43,7 +45,7 @@ class PromptActor:
         self, files: dict[str, bytes], model: str | None, device: str, generation: dict[str, Any],
         batch_size: int, embedder: str,
     ):
-        from paraphrase_ray.prompt.soft_prompt import load_prompt
+        from paraphrase_ray.prompt.bundle import load_prompt
 
         self.dir = Path(tempfile.mkdtemp(prefix="paraphrase-ray-prompt-"))
         for name, data in files.items():
@@ -109,6 +111,19 @@ def write_dataset(ds, path: str) -> None:
         ds.write_parquet(where, filesystem=fs, mode=SaveMode.OVERWRITE)
 
 
+@dataclass(frozen=True)
+class ActorPool:
+    """Where a Ray Data job runs: ``concurrency`` actors, each taking ``num_gpus`` (a share of a card packs several
+    on one GPU) and ``num_cpus`` (its torch threads), fed ``batch_size`` rows per call (also its generation
+    batch), on the Ray at ``address`` (``auto``: the cluster this runs on; None: a fresh local Ray)."""
+
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 16
+    address: str | None = None
+
+
 def paraphrase_dataset(
     prompt_dir: str | Path,
     input_path: str,
@@ -116,21 +131,18 @@ def paraphrase_dataset(
     gen: GenerationConfig,
     model: str | None = None,
     device: str = "auto",
-    batch_size: int = 16,
-    concurrency: int = 1,
-    num_gpus: float = 0.0,
-    num_cpus: float = 1.0,
     embedder: str = DEFAULT_EMBEDDER,
-    address: str | None = None,
+    pool: ActorPool | None = None,
 ) -> str:
-    """Paraphrase every row of ``input_path`` into ``output_path`` with a pool of ``concurrency`` actors.
+    """Paraphrase every row of ``input_path`` into ``output_path`` with a pool of actors (``ActorPool``).
 
-    Each actor takes ``num_gpus`` (a share of a card packs several on one GPU) and ``num_cpus``. Connects to
-    ``address`` (``auto``: the cluster this runs on) or starts a local Ray, unless Ray is already initialised.
-    Returns the output path.
+    Connects to ``pool.address`` or starts a local Ray, unless Ray is already initialised. Returns the output path.
     """
     import ray
 
+    pool = pool or ActorPool()
+    concurrency, num_gpus, num_cpus = pool.concurrency, pool.num_gpus, pool.num_cpus
+    batch_size, address = pool.batch_size, pool.address
     if concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
     if num_gpus < 0 or num_cpus < 0:
@@ -147,7 +159,7 @@ def paraphrase_dataset(
         ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
         started = True
     try:
-        _check_cpus(ray.cluster_resources().get("CPU", 0.0), concurrency, num_cpus, address)
+        check_cpus(ray.cluster_resources().get("CPU", 0.0), concurrency, num_cpus, address)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # output rows in input order
         ds = read_dataset(input_path)
@@ -174,7 +186,7 @@ def paraphrase_dataset(
     return output_path
 
 
-def _check_cpus(cpus: float, concurrency: int, num_cpus: float, address: str | None) -> None:
+def check_cpus(cpus: float, concurrency: int, num_cpus: float, address: str | None) -> None:
     """The actor pool must leave a CPU for Ray Data's read and write tasks, or the job waits forever."""
     if concurrency * num_cpus + 1 <= cpus:
         return

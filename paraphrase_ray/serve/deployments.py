@@ -6,14 +6,14 @@ request is validated in the FastAPI handler, split into rows, and every row ente
 queue; the batch is grouped only by decoding options, never by prompt.
 
     serve run serve/config.yaml                      # this module's app_builder with the file's args
-    paraphrase-ray serve --prompt best=runs/best      # the same app from the shell (serve_runner.py)
+    paraphrase-ray serve --prompt best=runs/best      # the same app from the shell (serve/runner.py)
 
-Endpoints (``serve_http.py``): ``POST /paraphrase``, ``GET /prompts``, ``GET /stats``, ``GET /healthz``,
+Endpoints (``routes.py``): ``POST /paraphrase``, ``GET /prompts``, ``GET /stats``, ``GET /healthz``,
 ``GET /docs``. Operations: ``check_health`` fails on a stuck batch or a model that fails every batch (Serve
 then replaces the replica); at most ``max_queued_rows`` texts wait per replica (beyond: 503 + Retry-After);
 a request waits at most ``request_timeout_s`` (then 504); counters go to ``ray.serve.metrics``
-(``serve_metrics.py``). What a request may ask and how rows are batched and reranked is decided in
-``serve_policy.py`` (no Ray).
+(``metrics.py``). What a request may ask and how rows are batched and reranked is decided in
+``policy.py`` (no Ray).
 """
 
 # No `from __future__ import annotations`: FastAPI must see real annotation objects.
@@ -31,10 +31,10 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 
 from paraphrase_ray.config import from_dict
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.prompt.soft_prompt import System
+from paraphrase_ray.prompt.bundle import System
 from paraphrase_ray.serve import policy
 from paraphrase_ray.serve.metrics import ReplicaMetrics, ResponseMetrics
-from paraphrase_ray.serve.protocol import (  # noqa: F401  (ZERO_SHOT, ServeSettings, parse_prompt_specs: this module's API)
+from paraphrase_ray.serve.protocol import (
     ENV_API_KEY,
     ZERO_SHOT,
     ParaphraseRequest,
@@ -48,7 +48,7 @@ from paraphrase_ray.serve.routes import busy
 from paraphrase_ray.storage import is_uri
 
 APP_NAME = "paraphrase"
-DEPLOYMENT_NAME = "Paraphraser"  # the model replicas
+DEPLOYMENT_NAME = "ParaphraseModel"  # the model replicas
 INGRESS_NAME = "ParaphraseAPI"  # the HTTP ingress: survives a model replica's crash and answers 503 for it
 RESTART_RETRY_S = 2  # Retry-After when a model replica died under a request
 FAILED_BATCHES_UNHEALTHY = 3  # this many batches in a row with every row failing: the model is unusable
@@ -70,7 +70,7 @@ def _replica() -> "ParaphraseAPI":
         raise RuntimeError("the paraphrase API runs only inside a Serve replica") from e
 
 
-class Paraphraser:
+class ParaphraseModel:
     """One model replica: the base model once, every prompt, one batch queue. ``ParaphraseAPI`` calls it."""
 
     def __init__(self, settings: dict[str, Any]):
@@ -78,7 +78,8 @@ class Paraphraser:
         import torch
 
         from paraphrase_ray.models import load_model
-        from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_bundle
+        from paraphrase_ray.prompt.bundle import load_bundle
+        from paraphrase_ray.prompt.directory import PromptMeta
 
         self.settings = s = from_dict(ServeSettings, settings)
         self.api_key = s.api_key or os.environ.get(ENV_API_KEY) or None
@@ -132,7 +133,7 @@ class Paraphraser:
         if problem:
             raise RuntimeError(problem)
 
-    # -- what the routes in serve_http.py call -----------------------------------------------------------------
+    # -- what the routes in routes.py call -----------------------------------------------------------------
     def explain(self, name: str, top_k: int, metric: str) -> dict[str, Any]:
         from paraphrase_ray.prompt.explain import explain_prompt
 
@@ -190,7 +191,7 @@ class Paraphraser:
     # -- the shared batch --------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=policy.batch_cost)
     async def _generate(self, items: list[policy.Item]) -> list[list[str] | Exception]:
-        """Rows of any prompts, grouped only by decoding options (``serve_policy.run_batch``)."""
+        """Rows of any prompts, grouped only by decoding options (``policy.run_batch``)."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         out = await loop.run_in_executor(self._gen_pool, self._run_batch, items)
@@ -235,14 +236,14 @@ class Paraphraser:
 
 
 class ParaphraseAPI:
-    """The HTTP ingress (``serve_http.make_api``): auth, schema, status counters; the work is ``Paraphraser``'s.
+    """The HTTP ingress (``routes.make_api``): auth, schema, status counters; the work is ``ParaphraseModel``'s.
 
     A separate deployment, so that when a model replica dies under a request (SIGKILL, OOM, a failed health
     check) the caller gets a 503 with ``Retry-After`` instead of the proxy's bare 500.
     """
 
     def __init__(self, model, settings: dict[str, Any]):
-        self.model = model  # DeploymentHandle of Paraphraser
+        self.model = model  # DeploymentHandle of ParaphraseModel
         self.settings = s = from_dict(ServeSettings, settings)
         self.api_key = s.api_key or os.environ.get(ENV_API_KEY) or None
         self.metrics = ResponseMetrics()
@@ -250,7 +251,7 @@ class ParaphraseAPI:
         self._timeout = s.request_timeout_s + 10 if s.request_timeout_s else None
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """``Paraphraser.<method>(*args)`` on a model replica, with its errors as HTTP errors."""
+        """``ParaphraseModel.<method>(*args)`` on a model replica, with its errors as HTTP errors."""
         try:
             return await asyncio.wait_for(getattr(self.model, method).remote(*args), timeout or self._timeout)
         except HTTPException as e:  # raised on the model replica: re-raise it plainly here
@@ -288,7 +289,7 @@ class ParaphraseAPI:
 
 # -- building ------------------------------------------------------------------------------------------------------
 def build_app(settings: ServeSettings, **deployment_options: Any) -> serve.Application:
-    """The bound application: ``ParaphraseAPI`` (HTTP) in front of ``Paraphraser`` (the model).
+    """The bound application: ``ParaphraseAPI`` (HTTP) in front of ``ParaphraseModel`` (the model).
 
     ``deployment_options`` override ``DEPLOYMENT_DEFAULTS`` for the model deployment (replicas, resources,
     health checks); its ``runtime_env`` goes to the ingress too (the API key may come from there). The FastAPI
@@ -306,7 +307,7 @@ def build_app(settings: ServeSettings, **deployment_options: Any) -> serve.Appli
     runtime_env = (options.get("ray_actor_options") or {}).get("runtime_env")
     if runtime_env:
         ingress_options["ray_actor_options"] = {**ingress_options["ray_actor_options"], "runtime_env": runtime_env}
-    model = serve.deployment(name=DEPLOYMENT_NAME, **options)(Paraphraser)
+    model = serve.deployment(name=DEPLOYMENT_NAME, **options)(ParaphraseModel)
     ingress = serve.deployment(name=INGRESS_NAME, **ingress_options)(serve.ingress(asgi_app)(ParaphraseAPI))
     args = dataclasses.asdict(settings)
     return ingress.bind(model.bind(args), args)

@@ -1,6 +1,6 @@
 """What the Serve endpoint decides per request, without Ray: validation, decoding options, batching, rerank.
 
-The deployment (``serving.py``) only moves data between HTTP, the batch queue and these functions, so every
+The deployment (``deployments.py``) only moves data between HTTP, the batch queue and these functions, so every
 rule a caller can trip (limits, unknown prompt, bad decoding options) is testable in-process.
 
     items = request_items(settings, loaded, prompts, default, req)   # 404 / 413 / 422 before the queue
@@ -17,7 +17,7 @@ from fastapi import HTTPException
 
 from paraphrase_ray.config import GenerationConfig
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.prompt.soft_prompt import System
+from paraphrase_ray.prompt.bundle import System
 from paraphrase_ray.serve.protocol import (
     DEBUG_STALL_MARK,
     MAX_CANDIDATES,
@@ -32,7 +32,7 @@ class Item:
     """One row in the batch queue; ``gen`` is normalised so rows differing only in length limits share it."""
 
     prompt: str
-    row: Any  # generate.Row
+    row: Any  # generation.rows.Row
     gen: GenerationConfig
     text: str = ""
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from paraphrase_ray.config import ZERO_SHOT  # reserved prompt name, the base model with no prompt
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
+from paraphrase_ray.prompt.directory import WEIGHTS_FILE
 from paraphrase_ray.storage import is_uri, resolve_prompt_dir
 
 ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
@@ -98,9 +99,9 @@ def parse_prompt_specs(specs: tuple[str, ...], default: str | None = None) -> li
             )
         if name in dict(out):
             raise ConfigError(f"prompt name {name!r} is given twice; name them with NAME=DIR")
-        if not (p / "adapter_model.safetensors").is_file():
+        if not (p / WEIGHTS_FILE).is_file():
             raise ConfigError(
-                f"{p} is not a prompt directory (no adapter_model.safetensors; pickles are never loaded)"
+                f"{p} is not a prompt directory (no {WEIGHTS_FILE}; pickles are never loaded)"
             )
         out.append((name, p))
     if default is not None:
@@ -143,7 +144,7 @@ def request_model(s: ServeSettings) -> type[ParaphraseRequest]:
     """``ParaphraseRequest`` with this server's limits in the schema, so ``/openapi.json`` states what is enforced.
 
     Limits that depend on the tokenizer (source tokens, context) cannot be stated in JSON Schema and stay in
-    ``serve_policy``; ``GET /prompts`` lists them.
+    ``policy``; ``GET /prompts`` lists them.
     """
     text = Annotated[str, StringConstraints(min_length=1, max_length=s.max_chars, pattern=r"\S")]
     return create_model(
@@ -162,7 +163,7 @@ def request_model(s: ServeSettings) -> type[ParaphraseRequest]:
 class CandidateScore(BaseModel):
     adequacy: float
     self_bleu: float
-    objective: float  # BERT-iBLEU, halved when not faithful (see metrics.py)
+    objective: float  # BERT-iBLEU, halved when not faithful (see evaluation/metrics.py)
     copy_: bool = Field(alias="copy")
     faithful: bool = True
     invented: list[str] = Field(default_factory=list, description="names / numbers the source lacks")

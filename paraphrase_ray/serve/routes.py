@@ -1,8 +1,8 @@
 """The Serve app's HTTP face: a FastAPI app built per application from its ``ServeSettings``.
 
 Built on the replica (``serve.ingress`` with a builder function), so the request schema carries this app's
-limits (``serve_schema.request_model``) and ``/openapi.json`` states exactly what the server enforces. Routes
-are plain functions that call the replica serving the request (``replica()``); the work is in ``serving.py``.
+limits (``protocol.request_model``) and ``/openapi.json`` states exactly what the server enforces. Routes
+are plain functions that call the replica serving the request (``replica()``); the work is in ``deployments.py``.
 
 Auth: when an API key is set, every data route needs ``Authorization: Bearer KEY``. The key is an OpenAPI
 security scheme (``HTTPBearer``), so ``/docs`` shows an Authorize button; ``/healthz``, the playground ``/``,

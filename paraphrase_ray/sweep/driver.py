@@ -27,7 +27,6 @@ Outputs under ``<storage>/<name>/`` (see ``sweep.SweepStorage``): Tune's state a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -64,12 +63,10 @@ from paraphrase_ray.sweep.spec import (
     ParamSpec,
     SweepSpec,
     SweepStorage,
-    load_spec,
-    smoke,
     spec_from_dict,
     spec_to_dict,
 )
-from paraphrase_ray.sweep.tracking import apply_flags, callbacks
+from paraphrase_ray.sweep.tracking import callbacks
 from paraphrase_ray.sweep.trial import TrialContext, _zero_shot, run_trial
 
 log = logging.getLogger("paraphrase_ray")
@@ -324,7 +321,7 @@ def _result_trial_id(result) -> str:
 
 def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> dict[str, Any] | None:
     """Copy the best trial's best-scoring prompt to ``<storage>/<name>/best`` with its metrics and the sweep."""
-    from paraphrase_ray.prompt.soft_prompt import CARD_FILE, CONFIG_FILE, META_FILE, WEIGHTS_FILE, update_meta
+    from paraphrase_ray.prompt.directory import PROMPT_FILES, update_meta
 
     metric, sign = spec.objective.metric, (1 if spec.objective.mode == "max" else -1)
     ranked = [
@@ -349,29 +346,11 @@ def export_best(store: SweepStorage, grid, spec: SweepSpec, rows, zero_shot) -> 
             metrics={k: metrics.get(k) for k in (*SUMMARY_KEYS, "val_loss")},
             zero_shot=[{k: z.get(k) for k in ("system", "model", *COMPONENTS)} for z in zero_shot],
         )
-        store.upload_dir(local, BEST_DIR, (WEIGHTS_FILE, CONFIG_FILE, META_FILE, CARD_FILE))  # card: update_meta
+        store.upload_dir(local, BEST_DIR, PROMPT_FILES)  # the card: written by update_meta
     return {**best_row, "path": store.display(BEST_DIR)}
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
-def cmd_tune(args: argparse.Namespace) -> int:
-    spec = load_spec(args.space)
-    name = args.name or Path(args.space).stem
-    if args.resume and (args.smoke_test or args.num_samples is not None):
-        print(
-            "note: --resume continues the sweep as it was started; --smoke-test/--num-samples are ignored",
-            file=sys.stderr,
-        )
-    if not args.resume and args.smoke_test:
-        spec = smoke(spec)
-    if not args.resume and args.num_samples is not None:
-        if args.num_samples < 1:
-            raise ConfigError("--num-samples must be >= 1")
-        spec = dataclasses.replace(spec, num_samples=args.num_samples)
-    spec = apply_flags(spec, args.mlflow, args.mlflow_uri, args.wandb)
-    return report_sweep(spec, name, args.storage, args.resume, args.address, args.space)
-
-
+# ------------------------------------------------------------------------------------- the tune command's run
 def report_sweep(
     spec: SweepSpec, name: str, storage: str, resume: bool = False, address: str | None = None,
     space: str = "SPACE.yaml",

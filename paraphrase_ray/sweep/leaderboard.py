@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from paraphrase_ray.config import ZERO_SHOT
 from paraphrase_ray.sweep.spec import COMPONENTS, SweepSpec, SweepStorage
 
 LEADERBOARD_FILE, PLOT_FILE = "leaderboard.csv", "sweep.png"
@@ -88,7 +89,7 @@ def leaderboard(
         rows.append(row)
     rows.sort(key=lambda r: -sign * r[metric] if _num(r.get(metric)) is not None else math.inf)
     for z in zero_shot:
-        row = {"trial_id": z.get("system", "zero-shot"), "status": "baseline"}
+        row = {"trial_id": z.get("system", ZERO_SHOT), "status": "baseline"}
         row.update({k: (z["model"] if k == "model" else None) for k in spec.search})
         row.update({k: z.get(k) for k in COMPONENTS}, wall_s=z.get("wall_s"))
         rows.append(row)

@@ -4,7 +4,7 @@
 interval it paraphrases the sweep's held-out rows with the current prompt, scores them on the sweep's shared
 Evaluator actor, and reports train/validation loss, the objective and its components with a prompt-only
 checkpoint (prompt + AdamW moments, safetensors; no base-model weights). ``_zero_shot`` scores the baselines
-once per sweep on the same rows. The driver (``tune.py``) builds the ``TrialContext`` they share.
+once per sweep on the same rows. The driver (``driver.py``) builds the ``TrialContext`` they share.
 
 Base model once per worker process: the driver sets ``reuse_actors``, so a finished trial's process runs the
 next trial, and ``models.load_model`` memoises per process. Reports carry ``worker_pid``, ``worker_trial``
@@ -17,6 +17,7 @@ continued from; 0 when it started fresh), so a trial retried after its node was 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from paraphrase_ray.config import RunConfig, replace_nested
+from paraphrase_ray.config import ZERO_SHOT, ZERO_SHOT_CHAT, RunConfig, replace_nested
 from paraphrase_ray.evaluation.evaluator import EvaluatorClient
 from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS
 
@@ -52,7 +53,8 @@ class TrialContext:
     mode: str
 
 
-_WORKER: dict[str, Any] = {"trials": 0, "models": set()}  # per process: trials run here, models loaded here
+# Ordinals of the trials this worker process runs (Tune reuses a process for several trials with reuse_actors).
+_TRIAL_ORDINALS = itertools.count(1)
 
 
 def trial_config(ctx: TrialContext, params: dict[str, Any]) -> RunConfig:
@@ -106,25 +108,23 @@ def run_trial(
     and the sweep's actor; tests pass their own to run a trial in-process.
     """
     from paraphrase_ray.data import Pair
-    from paraphrase_ray.models import load_model
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta, read_meta, update_meta
+    from paraphrase_ray.models import is_loaded, load_model
+    from paraphrase_ray.prompt.directory import PromptMeta, read_meta, update_meta
     from paraphrase_ray.training.trainer import train  # looked up per call: tests replace train.train
 
     report = report or tune.report
     get_checkpoint = get_checkpoint or tune.get_checkpoint
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     start, t0 = time.time(), time.perf_counter()
-    _WORKER["trials"] += 1
+    ordinal = next(_TRIAL_ORDINALS)
     cfg = trial_config(ctx, config)
-    key = (cfg.model, cfg.train.precision, cfg.train.device)
-    fresh = key not in _WORKER["models"]
+    fresh = not is_loaded(cfg.model, cfg.train.precision, cfg.train.device)
     loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)  # memoised per process
-    _WORKER["models"].add(key)
     client = client or EvaluatorClient(**ctx.evaluator)
     info = {
         "node_id": _node_id(),
         "worker_pid": os.getpid(),
-        "worker_trial": _WORKER["trials"],
+        "worker_trial": ordinal,
         "model_fresh_load": fresh,
         "trial_start": start,
     }
@@ -212,7 +212,7 @@ def _zero_shot(model: str, ctx: TrialContext) -> list[dict[str, Any]]:
     for chat in (False, True) if loaded.is_chat else (False,):
         t0 = time.perf_counter()
         scores = score_prompt(loaded, None, cfg, ctx, client, chat=chat)
-        system = "zero-shot-chat" if chat else "zero-shot"
+        system = ZERO_SHOT_CHAT if chat else ZERO_SHOT
         out.append(
             {
                 "system": system,

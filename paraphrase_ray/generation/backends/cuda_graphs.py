@@ -11,14 +11,15 @@ graph replays the whole step's kernels with one launch. Graphs need fixed shapes
   real slots and are never read) and the capacity is rounded up to a multiple of 64;
 - one graph per (R, capacity), captured on first use and kept (LRU, ``MAX_BUCKETS``).
 
-The prefill stays the plain forward (any length, prefix cache, k candidates): ``start`` copies its
+The prefill stays the plain forward (any length, prefix cache, k candidates): ``decode.decode`` asks
+``graph_engine(model, rules.graphs)`` for the model's engine, and ``start`` copies its prefilled
 ``DynamicCache`` into the bucket's static cache; ``step`` then writes the new token's inputs into the buffers and
 replays. Every captured graph is checked once against the same step run eagerly; a graph that fails to capture
 or disagrees is dropped for that model and its steps run eagerly through the same static cache (same tokens,
 no speed-up), with a warning.
 
 ``mode="eager"`` runs the identical static-cache step without capturing, on any device: the CPU tests use it to
-check tokens against the plain loop (tests/test_graph_step.py). Capture itself needs CUDA.
+check tokens against the plain loop (tests/generation/test_cuda_graphs.py). Capture itself needs CUDA.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class GraphEngine:
 
     def _new_bucket(self, cache, rows: int, cap: int) -> _Bucket | None:
         """Build (and capture) a bucket, making room by evicting free ones; None when it cannot be had."""
-        size = _cache_bytes(cache, rows, cap)
+        size = cache_bytes(cache, rows, cap)
         if size > MAX_BUCKET_BYTES:
             return None
         for k in [k for k, b in self.buckets.items() if not b.busy]:  # least recently used first
@@ -149,7 +150,7 @@ class GraphEngine:
         return sum(b.nbytes for b in self.buckets.values())
 
 
-def _cache_bytes(like, rows: int, cap: int) -> int:
+def cache_bytes(like, rows: int, cap: int) -> int:
     """Bytes of a static cache of ``rows`` x ``cap`` positions shaped like the HF cache ``like``."""
     return sum(
         rows * cap * (t.shape[1] * t.shape[3]) * t.element_size()
@@ -187,7 +188,7 @@ class _Bucket:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # (R, 1, V): the captured step's logits (static address)
         self.used, self.length = 0, 0  # real rows; positions held
-        self.nbytes = _cache_bytes(like, rows, cap)
+        self.nbytes = cache_bytes(like, rows, cap)
         self.busy = False  # adopted by a decode that has not released it yet
 
     def _forward(self) -> torch.Tensor:

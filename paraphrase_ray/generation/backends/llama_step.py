@@ -1,6 +1,6 @@
-"""A lean decode step for Llama-architecture models whose Linear layers run on the low-bit kernel (quant.py).
+"""A lean decode step for Llama-architecture models whose Linear layers run on the low-bit kernel (``lowbit.py``).
 
-After quant.py, a batch-1 step of the embedded 135M model spent ~7 ms in the kernels and ~13 ms in everything
+After ``lowbit.py``, a batch-1 step of the embedded 135M model spent ~7 ms in the kernels and ~13 ms in everything
 else: ~2,000 small ATen ops and the Python of 30 Hugging Face decoder layers, mask building, and a KV cache
 that grows by ``torch.cat`` (a copy of the whole cache per layer per token). This step does the same math in
 eight calls per layer into the compiled extension (csrc/lowbit_linear.cpp): q/k/v and gate/up each as one
@@ -9,10 +9,10 @@ RMSNorm, SiLU-and-multiply, and ``attend``, which applies RoPE with HF's own rot
 values in place into preallocated buffers (``StaticKV``) and runs grouped-query attention.
 
 Only decode steps run here; the prefill stays Hugging Face's forward (any length, any mask) and its cache is
-copied into a ``StaticKV``. ``lean_step(model)`` returns None (use the HF forward) unless the model is a
+copied into a ``StaticKV``. ``llama_step(model)`` returns None (use the HF forward) unless the model is a
 ``LlamaForCausalLM`` with plain settings (no attention / MLP bias, SiLU, default RoPE type, SDPA or eager
-attention) whose decoder Linear layers are all quant.py ``LowBitLinear``. Logits agree with the HF forward of
-the same low-bit model to float tolerance (tests/test_lean.py).
+attention) whose decoder Linear layers are all ``lowbit.LowBitLinear``. Logits agree with the HF forward of
+the same low-bit model to float tolerance (tests/generation/test_llama_step.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _LOCK = threading.Lock()
 class StaticKV:
     """Per-layer key / value buffers (B, H_kv, capacity, D) holding ``length`` positions, written in place.
 
-    Answers what decode_loop and lookup ask of a cache: ``get_seq_length``, ``crop`` (negative: drop that many
+    Answers what ``decode.decode`` and ``lookup.lookup_decode`` ask of a cache: ``get_seq_length``, ``crop`` (negative: drop that many
     from the end), ``batch_select_indices`` (drop finished rows) and ``batch_repeat_interleave`` (k candidates).
     """
 
@@ -168,7 +168,7 @@ def _applies(model: nn.Module) -> bool:
                same([la.mlp.gate_proj, la.mlp.up_proj]) for la in model.model.layers)
 
 
-def lean_step(model: nn.Module) -> LeanLlama | None:
+def llama_step(model: nn.Module) -> LeanLlama | None:
     """The lean decode step for ``model`` (built once per model), or None when it does not apply."""
     with _LOCK:
         if model not in _STEPS:

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from paraphrase_ray.config import QUANTIZE_METHODS
 from paraphrase_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 QK = 32  # weights per block
-METHODS = ("auto", "q4", "int8", "none")
 KERNEL_MAX_ROWS = 32  # above this many rows per call (prefill), the fp32 matmul is used: exact and faster
 _SOURCE = Path(__file__).parent / "csrc" / "lowbit_linear.cpp"
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
@@ -321,8 +321,8 @@ def quantize_for_generation(model: nn.Module, method: str = "auto", max_rows: in
     ``q4`` needs an fp32 CPU model; layers whose weights are not exactly Q4_1 / Q8_0 stay fp32. ``int8``
     replaces every Linear. The copy's ``quant_summary`` attribute says which layers got which format.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in QUANTIZE_METHODS:
+        raise ConfigError(f"unknown quantization method {method!r}; choose one of {', '.join(QUANTIZE_METHODS)}")
     if method == "none":
         return model, "none"
     if not _is_cpu_fp32(model):
@@ -368,7 +368,7 @@ _GEN_LOCK = threading.Lock()
 
 
 def generation_model(loaded, method: str = "auto") -> tuple[nn.Module, str]:
-    """(module, path) that generation runs: the frozen model with low-bit Linear layers (``quant.py``), built once
+    """(module, path) that generation runs: the frozen model with low-bit Linear layers (``lowbit.py``), built once
     per model and method and shared by every later call; ``path`` is "q4", "int8" or "fp32".
 
     ``auto`` never changes the text: the exact Q4_1/Q8_0 kernel for layers that are llama.cpp blocks (the

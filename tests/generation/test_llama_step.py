@@ -1,4 +1,4 @@
-"""The lean decode step (lean.py) against the Hugging Face forward of the same low-bit model."""
+"""The lean decode step (backends/llama_step.py) against the Hugging Face forward of the same low-bit model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.generation.backends.llama_step import StaticKV, lean_step
+from paraphrase_ray.generation.backends.llama_step import StaticKV, llama_step
 from paraphrase_ray.generation.backends.lowbit import generation_model
 from paraphrase_ray.generation.generate import build_batch, generate_rows, row_for
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
@@ -21,7 +21,7 @@ SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitl
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
 def test_lean_logits_match_the_hf_forward_padded_batch_and_multi_token(smollm):
     model, path = generation_model(smollm, "auto")
-    lean = lean_step(model)
+    lean = llama_step(model)
     assert path == "q4" and lean is not None
     rows = [row_for(smollm, s, None, TemplateConfig(), GenerationConfig()) for s in SOURCES[:3]]
     x, mask = build_batch(smollm, rows)  # mixed lengths: left padding
@@ -71,9 +71,9 @@ def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, mo
                 generate_rows(smollm, rows[:2], cold))  # sampled candidates
     with_lean = run()
     calls = []
-    real = lean_step
-    monkeypatch.setattr(loop, "lean_step", lambda m: calls.append(1) and None)
-    monkeypatch.setattr(lookup, "lean_step", lambda m: calls.append(1) and None)
+    real = llama_step
+    monkeypatch.setattr(loop, "llama_step", lambda m: calls.append(1) and None)
+    monkeypatch.setattr(lookup, "llama_step", lambda m: calls.append(1) and None)
     without = run()
     assert calls and real(generation_model(smollm, "auto")[0]) is not None
     assert with_lean == without
@@ -96,7 +96,7 @@ def test_tiny_llama_lean_step_matches_hf_forward_head_dim_16():
     if load_kernels() is None:
         pytest.skip("low-bit kernel unavailable here")
     model, path = quantize_for_generation(tiny_llama(seed=3), "q4")
-    lean = lean_step(model)
+    lean = llama_step(model)
     assert path == "q4" and lean is not None
     torch.manual_seed(0)
     ids = torch.randint(0, 200, (2, 7))

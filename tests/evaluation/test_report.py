@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from paraphrase_ray import files
 from paraphrase_ray.cli.main import main
 from paraphrase_ray.config import DataConfig, GenerationConfig
 from paraphrase_ray.data import Pair, load_pairs
@@ -196,7 +197,7 @@ def test_format_table_aligns_and_marks_undefined_metrics():
         and rows["ibleu"] == ["-", "-"]
     )
     assert report.rank_key(s1) > report.rank_key(dict(s1, objective=0.4))
-    assert report.jsonable({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
+    assert files.jsonable({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
 
 
 def test_split_warning_names_a_prompt_trained_on_another_split():

@@ -11,7 +11,8 @@ import pytest
 from paraphrase_ray.cli.main import main
 from paraphrase_ray.config import PromptConfig, RunConfig
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.prompt.soft_prompt import PromptMeta, SoftPrompt
+from paraphrase_ray.prompt.directory import PromptMeta
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 ROWS = [
     {"id": 1, "source": "The bank raised its rates again."},
@@ -31,7 +32,7 @@ def prompt_dir(tiny, tiny_model_dir, tmp_path):
 
 def in_process(prompt_dir, sources, max_new_tokens=6, batch_size=8) -> list[str]:
     from paraphrase_ray.api import decoding_for, paraphrase_texts
-    from paraphrase_ray.prompt.soft_prompt import load_prompt
+    from paraphrase_ray.prompt.bundle import load_prompt
 
     loaded, bundle = load_prompt(prompt_dir, device="cpu")  # the precision the actors pick too
     gen = decoding_for(bundle.info, 1, max_new_tokens=max_new_tokens)
@@ -51,13 +52,13 @@ def test_parquet_in_and_out_in_process(prompt_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ray_data_greedy_equals_in_process_parquet(ray_session, prompt_dir, tmp_path):
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta
-    from paraphrase_ray.serve.batch import paraphrase_dataset
+    from paraphrase_ray.prompt.directory import PromptMeta
+    from paraphrase_ray.serve.batch import ActorPool, paraphrase_dataset
 
     src, dst = tmp_path / "in.parquet", tmp_path / "out"
     pq.write_table(pa.Table.from_pylist(ROWS), src)
     gen = PromptMeta.read(prompt_dir).decoding(max_new_tokens=6)
-    paraphrase_dataset(prompt_dir, str(src), str(dst), gen, device="cpu", batch_size=8, concurrency=1)
+    paraphrase_dataset(prompt_dir, str(src), str(dst), gen, device="cpu", pool=ActorPool(concurrency=1, batch_size=8))
     out = pq.read_table(dst).to_pylist()  # a directory of Parquet files, rows in input order
     assert [r["id"] for r in out] == [1, 2, 3, 4, 5]
     assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in ROWS])
@@ -80,11 +81,11 @@ def test_ray_cli_jsonl_with_candidates_and_empty_rows(ray_session, prompt_dir, t
 
 
 def test_ray_argument_errors_are_named_before_starting_ray(prompt_dir, tmp_path, capsys):
-    from paraphrase_ray.serve.batch import paraphrase_dataset
+    from paraphrase_ray.serve.batch import ActorPool, paraphrase_dataset
 
     gen = PromptMeta.read(prompt_dir).generation
     with pytest.raises(ConfigError, match="--concurrency must be >= 1"):
-        paraphrase_dataset(prompt_dir, "x.parquet", "out", gen, concurrency=0)
+        paraphrase_dataset(prompt_dir, "x.parquet", "out", gen, pool=ActorPool(concurrency=0))
     with pytest.raises(ConfigError, match="input not found: .*missing.parquet"):
         paraphrase_dataset(prompt_dir, str(tmp_path / "missing.parquet"), "out", gen)
     assert main(["paraphrase", "--prompt", str(prompt_dir), "--text", "Hi there.", "--ray"]) == 2
@@ -92,12 +93,12 @@ def test_ray_argument_errors_are_named_before_starting_ray(prompt_dir, tmp_path,
 
 
 def test_an_actor_pool_that_would_starve_reads_is_refused_on_a_local_ray():
-    from paraphrase_ray.serve.batch import _check_cpus
+    from paraphrase_ray.serve.batch import check_cpus
 
-    _check_cpus(2, 2, 0.5, None)
+    check_cpus(2, 2, 0.5, None)
     with pytest.raises(ConfigError, match="--concurrency 2 x --num-cpus 1 leaves no CPU for reading"):
-        _check_cpus(2, 2, 1.0, None)
-    _check_cpus(2, 2, 1.0, "auto")  # a cluster may autoscale: a warning only
+        check_cpus(2, 2, 1.0, None)
+    check_cpus(2, 2, 1.0, "auto")  # a cluster may autoscale: a warning only
 
 
 @pytest.mark.slow
@@ -106,8 +107,8 @@ def test_ray_data_reads_and_writes_gs_through_the_emulator(ray_session, prompt_d
     import pyarrow.fs as pafs
     from gcs_emulator import GcsEmulator
 
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta
-    from paraphrase_ray.serve.batch import paraphrase_dataset
+    from paraphrase_ray.prompt.directory import PromptMeta
+    from paraphrase_ray.serve.batch import ActorPool, paraphrase_dataset
 
     monkeypatch.setenv("PARAPHRASE_RAY_CACHE", str(tmp_path / "cache"))
     with GcsEmulator(bucket="data", log=tmp_path / "emulator.log") as gcs:
@@ -117,7 +118,8 @@ def test_ray_data_reads_and_writes_gs_through_the_emulator(ray_session, prompt_d
         pafs.copy_files(str(prompt_dir), "data/prompts/p", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
         gen = PromptMeta.read(prompt_dir).decoding(max_new_tokens=6)
-        paraphrase_dataset(gcs.uri("prompts/p"), gcs.uri("in"), gcs.uri("out"), gen, device="cpu", batch_size=8)
+        paraphrase_dataset(gcs.uri("prompts/p"), gcs.uri("in"), gcs.uri("out"), gen, device="cpu",
+                           pool=ActorPool(batch_size=8))
         files = [i.path for i in fs.get_file_info(pafs.FileSelector("data/out")) if i.path.endswith(".parquet")]
         out = [row for path in sorted(files) for row in pq.read_table(path, filesystem=fs).to_pylist()]
     assert [r["id"] for r in out] == [1, 2, 3]

@@ -10,7 +10,7 @@ import yaml
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.sweep.spec import load_spec, smoke, spec_from_dict, spec_to_dict
 
-SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+SPACES = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
 
 
 def test_spaces_are_shipped():

@@ -185,7 +185,7 @@ def test_fault_metrics_reach_the_ray_metrics_export_port(ops, client):
     assert any('status="422"' in ln and 'route="/paraphrase"' in ln for ln in lines), lines
     assert any('deployment="ParaphraseAPI"' in ln for ln in lines), lines  # Serve's tags: summed per deployment
     rows = [ln for ln in text.splitlines() if ln.startswith(EXPORTED[1])]
-    assert rows and all('deployment="Paraphraser"' in ln for ln in rows), rows  # counted on the model replicas
+    assert rows and all('deployment="ParaphraseModel"' in ln for ln in rows), rows  # counted on the model replicas
 
 
 # -- 7. schema fuzzing --------------------------------------------------------------------------------------

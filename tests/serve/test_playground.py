@@ -13,7 +13,7 @@ import httpx
 import pytest
 from serve_helpers import KEY
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 @pytest.fixture(scope="module")

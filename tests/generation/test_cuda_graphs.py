@@ -1,4 +1,4 @@
-"""The static-cache decode step (graph_step.py) gives the plain loop's tokens; its buckets are reused and bounded.
+"""The static-cache decode step (backends/cuda_graphs.py) gives the plain loop's tokens; its buckets are reused and bounded.
 
 Capture needs CUDA; on CPU ``cuda_graphs: eager`` runs the very step the graph would replay (same buffers, same
 StaticCache, same dummy rows), so these tests check everything but the replay itself. gpu_suite.sh measures
@@ -18,13 +18,20 @@ from paraphrase_ray.data import SAMPLE_PATH
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.generation import prefix_cache
 from paraphrase_ray.generation.backends import cuda_graphs as graph_step
-from paraphrase_ray.generation.decode import greedy_decode
+from paraphrase_ray.generation.decode import decode
 from paraphrase_ray.generation.generate import engine_label, generate_rows, row_for
+from paraphrase_ray.generation.rows import Row
+from paraphrase_ray.generation.rules import DecodeRules
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig(prefix="Rewrite the next sentence in other words, keeping every fact: ")
 SOURCES = [json.loads(line)["source"] for line in SAMPLE_PATH.read_text().splitlines()[:6]]
 GEN = GenerationConfig(max_new_tokens=12, max_new_tokens_ratio=10.0, stop_at_newline=False, prompt_lookup=0)
+
+
+def _bare(*limits):
+    """Rows that carry only their length limits (the embeddings are built here, not from sources)."""
+    return [Row.bare(n) for n in limits]
 
 
 def _left_padded(model, tok, texts):
@@ -42,9 +49,9 @@ def test_static_step_gives_the_plain_loops_tokens_with_left_padding_and_mixed_le
     x, mask = _left_padded(
         tiny.model, tiny.tokenizer, SOURCES[:3]
     )  # 3 rows -> a 4-row bucket (one dummy row)
-    kw = dict(max_new=[14, 6, 14], pad_id=tiny.tokenizer.pad_token_id, stop_ids=[tiny.tokenizer.eos_token_id])
-    plain = greedy_decode(tiny.model, x, mask, graphs="off", **kw)
-    static = greedy_decode(tiny.model, x, mask, graphs="eager", **kw)
+    rows, kw = _bare(14, 6, 14), dict(pad_id=tiny.tokenizer.pad_token_id, stop_ids=[tiny.tokenizer.eos_token_id])
+    plain = decode(tiny.model, x, mask, rows, DecodeRules(graphs="off", **kw))
+    static = decode(tiny.model, x, mask, rows, DecodeRules(graphs="eager", **kw))
     assert torch.equal(plain, static)
     assert plain.shape[1] == 14 and (plain != tiny.tokenizer.pad_token_id).any()
     # the bucket: rows rounded up to a power of two, capacity to a multiple of 64
@@ -62,10 +69,10 @@ def test_static_step_on_a_llama_with_grouped_query_attention():
     x = torch.randn(2, 7, model.config.hidden_size, generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :3] = 0  # row 1 is left-padded
-    kw = dict(max_new=[10, 10], pad_id=0)
+    rows, kw = _bare(10, 10), dict(pad_id=0, use_lean=False)
     assert torch.equal(
-        greedy_decode(model, x, mask, graphs="off", use_lean=False, **kw),
-        greedy_decode(model, x, mask, graphs="eager", use_lean=False, **kw),
+        decode(model, x, mask, rows, DecodeRules(graphs="off", **kw)),
+        decode(model, x, mask, rows, DecodeRules(graphs="eager", **kw)),
     )
 
 
@@ -132,12 +139,12 @@ def test_a_graph_that_cannot_be_captured_falls_back_to_the_eager_static_step(tin
     engine = graph_step.GraphEngine(tiny.model, capture=True)
     monkeypatch.setattr(D, "graph_engine", lambda model, mode: engine)
     x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
-    kw = dict(max_new=[10, 10], pad_id=tiny.tokenizer.pad_token_id)
+    rows, kw = _bare(10, 10), dict(pad_id=tiny.tokenizer.pad_token_id)
     with caplog.at_level("WARNING", logger="paraphrase_ray.generation.backends.cuda_graphs"):
-        fallback = greedy_decode(tiny.model, x, mask, **kw)
+        fallback = decode(tiny.model, x, mask, rows, DecodeRules(**kw))
     assert engine.disabled and "CUDA graphs off" in caplog.text
     assert all(b.graph is None for b in engine.buckets.values())
-    assert torch.equal(fallback, greedy_decode(tiny.model, x, mask, graphs="off", **kw))
+    assert torch.equal(fallback, decode(tiny.model, x, mask, rows, DecodeRules(graphs="off", **kw)))
 
 
 @torch.no_grad()
@@ -145,7 +152,7 @@ def test_a_batch_too_big_for_a_bucket_takes_the_plain_forward(tiny, monkeypatch)
     engine = graph_step.GraphEngine(tiny.model, capture=False)
     x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
     out = tiny.model(inputs_embeds=x, attention_mask=mask, use_cache=True)
-    need = graph_step._cache_bytes(out.past_key_values, 2, 128)
+    need = graph_step.cache_bytes(out.past_key_values, 2, 128)
     monkeypatch.setattr(graph_step, "MAX_BUCKET_BYTES", need - 1)
     assert engine.start(out.past_key_values, mask, 128 - x.shape[1]) is None and not engine.buckets
     monkeypatch.setattr(graph_step, "MAX_BUCKET_BYTES", need)
@@ -157,17 +164,18 @@ def test_a_batch_too_big_for_a_bucket_takes_the_plain_forward(tiny, monkeypatch)
 
 @torch.no_grad()
 def test_each_decode_hands_its_bucket_back(tiny):
-    """greedy_decode releases its bucket when it ends (normally or not), so the next call reuses the graph."""
+    """decode releases its bucket when it ends (normally or not), so the next call reuses the graph."""
     engine = graph_step.graph_engine(tiny.model, "eager")
     x, mask = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
-    kw = dict(max_new=[6, 6], pad_id=tiny.tokenizer.pad_token_id)
-    first = greedy_decode(tiny.model, x, mask, graphs="eager", **kw)
+    rows, rules = _bare(6, 6), DecodeRules(pad_id=tiny.tokenizer.pad_token_id, graphs="eager")
+    first = decode(tiny.model, x, mask, rows, rules)
     assert len(engine.buckets) == 1 and not any(b.busy for b in engine.buckets.values())
+    broken = [dataclasses.replace(r, guard=object()) for r in rows]
     with pytest.raises(AttributeError):  # a decode that fails midway (a broken guard) still hands it back
-        greedy_decode(tiny.model, x, mask, graphs="eager", guards=[object(), object()], **kw)
+        decode(tiny.model, x, mask, broken, dataclasses.replace(rules, fact_guard=True))
     assert not any(b.busy for b in engine.buckets.values())
     assert (
-        torch.equal(first, greedy_decode(tiny.model, x, mask, graphs="eager", **kw))
+        torch.equal(first, decode(tiny.model, x, mask, rows, rules))
         and len(engine.buckets) == 1
     )
 
@@ -175,17 +183,17 @@ def test_each_decode_hands_its_bucket_back(tiny):
 @torch.no_grad()
 def test_a_reused_bucket_keeps_nothing_of_the_previous_decode(tiny):
     """Same bucket, other rows: no key, value or mask of the earlier decode leaks into the next one."""
-    kw = dict(max_new=[10, 10], pad_id=tiny.tokenizer.pad_token_id)
+    rows, kw = _bare(10, 10), dict(pad_id=tiny.tokenizer.pad_token_id)
     a = _left_padded(tiny.model, tiny.tokenizer, SOURCES[:2])
     b = _left_padded(
         tiny.model, tiny.tokenizer, [SOURCES[3][:60], SOURCES[4][:40]]
     )  # shorter: stale slots after
-    greedy_decode(tiny.model, *a, graphs="eager", **kw)
+    decode(tiny.model, *a, rows, DecodeRules(graphs="eager", **kw))
     engine = graph_step.graph_engine(tiny.model, "eager")
     first = dict(engine.buckets)
-    got = greedy_decode(tiny.model, *b, graphs="eager", **kw)
+    got = decode(tiny.model, *b, rows, DecodeRules(graphs="eager", **kw))
     assert dict(engine.buckets) == first  # the same bucket served both (a larger one fits: no new capture)
-    assert torch.equal(got, greedy_decode(tiny.model, *b, graphs="off", **kw))
+    assert torch.equal(got, decode(tiny.model, *b, rows, DecodeRules(graphs="off", **kw)))
 
 
 def test_engines_go_with_their_model(tiny_model_dir):
@@ -197,7 +205,7 @@ def test_engines_go_with_their_model(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
     x, mask = _left_padded(loaded.model, loaded.tokenizer, SOURCES[:2])
     with torch.no_grad():
-        greedy_decode(loaded.model, x, mask, [4, 4], pad_id=0, graphs="eager")
+        decode(loaded.model, x, mask, _bare(4, 4), DecodeRules(pad_id=0, graphs="eager"))
     assert graph_step.graph_engine(loaded.model, "eager").buckets
     ref = weakref.ref(loaded.model)
     del loaded, x, mask
@@ -221,8 +229,8 @@ def test_sliding_window_models_take_the_plain_forward():
     )
     model = MistralForCausalLM(cfg).eval()
     x, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long)
-    kw = dict(max_new=[12, 12], pad_id=0)  # past the window: a rolling cache would matter
+    rows = _bare(12, 12)  # past the window: a rolling cache would matter
     assert torch.equal(
-        greedy_decode(model, x, mask, graphs="eager", **kw), greedy_decode(model, x, mask, graphs="off", **kw)
+        decode(model, x, mask, rows, DecodeRules(graphs="eager")), decode(model, x, mask, rows, DecodeRules(graphs="off"))
     )
     assert graph_step.graph_engine(model, "eager") is None  # told once, then not tried again

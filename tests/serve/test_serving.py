@@ -21,17 +21,10 @@ from serve_helpers import KEY, TEXTS
 from paraphrase_ray.config import GenerationConfig, TemplateConfig
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
-from paraphrase_ray.serve.deployments import (
-    APP_NAME,
-    DEPLOYMENT_NAME,
-    INGRESS_NAME,
-    ZERO_SHOT,
-    ServeSettings,
-    app_builder,
-    parse_prompt_specs,
-)
+from paraphrase_ray.serve.deployments import APP_NAME, DEPLOYMENT_NAME, INGRESS_NAME, app_builder
+from paraphrase_ray.serve.protocol import ZERO_SHOT, ServeSettings, parse_prompt_specs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVED = ["a", "b", "known", "other"]  # the shared app's prompts, in order ("a" is the default)
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from paraphrase_ray.cli.main import build_parser, main
+from paraphrase_ray.cli.main import COMMANDS, main
+from paraphrase_ray.cli.parser import build_parser
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 
@@ -60,10 +61,67 @@ def test_user_errors_are_one_line_exit_2(tiny_model_dir, tmp_path, capsys):
     assert "no-such-org/no-such-model" in err and "Fix" in err
 
 
+def _raising(exc: BaseException):
+    def command(args):
+        raise exc
+
+    return command
+
+
+@pytest.mark.parametrize("error", ["ConfigError", "InputError", "DataError", "PromptFileError", "HubError",
+                                   "ModelLoadError"])
+def test_every_project_error_is_one_line_and_exit_2(monkeypatch, capsys, error):
+    from paraphrase_ray import errors
+
+    monkeypatch.setitem(COMMANDS, "data", _raising(getattr(errors, error)("the reason, and the fix")))
+    assert main(["data", "sample"]) == 2
+    assert capsys.readouterr().err == "error: the reason, and the fix\n"
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError("division by zero"), ValueError("a plain ValueError"),
+                                 RuntimeError("a bug")])
+def test_any_other_exception_is_not_swallowed(monkeypatch, capsys, exc):
+    """Not a ParaphraseRayError: a bug, so main() lets it propagate (a traceback, exit 1) instead of exit 2."""
+    monkeypatch.setitem(COMMANDS, "data", _raising(exc))
+    with pytest.raises(type(exc), match=str(exc)):
+        main(["data", "sample"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    monkeypatch.setitem(COMMANDS, "data", _raising(KeyboardInterrupt()))
+    assert main(["data", "sample"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_process_exit_codes_of_python_m_paraphrase_ray_cli(tmp_path):
+    """From a shell: --help (without importing torch or Ray), a user error (2, one line), a bug (1, a traceback)."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    r = run("-m", "paraphrase_ray.cli", "--help")
+    assert r.returncode == 0 and "paraphrase-ray" in r.stdout and "serve" in r.stdout, r.stderr
+    r = run("-c", "import sys, paraphrase_ray.cli.main; print(sorted({'torch', 'ray'} & set(sys.modules)))")
+    assert r.stdout.strip() == "[]", r.stderr
+    r = run("-m", "paraphrase_ray.cli", "data", "no-such-file.jsonl")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: data source 'no-such-file.jsonl' is not a file, an hf: spec, or 'sample'"
+    ], r.stderr
+    bug = ("import sys; from paraphrase_ray.cli import main as m; m.COMMANDS['data'] = lambda args: 1 / 0; "
+           "sys.exit(m.main(['data', 'sample']))")
+    r = run("-c", bug)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr, r.stderr
+    assert "error:" not in r.stderr
+
+
 def test_every_command_documents_every_flag():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"train", "paraphrase", "evaluate", "tune", "serve", "explain", "data"} <= set(sub.choices)
+    assert set(COMMANDS) == set(sub.choices)  # every command is dispatched, and nothing else
     for name, p in sub.choices.items():
         for action in p._actions:
             if action.dest != "help":
@@ -92,7 +150,8 @@ def test_issue_commands_on_the_embedded_model(tmp_path, mrpc_path, capsys):
     assert len(content & {w.strip(".,;:!?").lower() for w in text.split()}) >= 2, text
     # the prompt is used: the same decoding without it (the bare template) says something else
     from paraphrase_ray.generation.generate import paraphrase
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_prompt
+    from paraphrase_ray.prompt.bundle import load_prompt
+    from paraphrase_ray.prompt.directory import PromptMeta
 
     meta = PromptMeta.read(out)
     loaded, bundle = load_prompt(out)  # what the command loads: the recorded base model and precision
@@ -196,16 +255,17 @@ def test_diverged_training_exits_1_and_saves_nothing(tiny_model_dir, tmp_path, c
 
 def _serve_args(monkeypatch, env_key=None):
     """cmd_serve with Ray replaced: what it prints and what it would deploy, without binding anything."""
-    import paraphrase_ray.serve.runner as runner
+    from paraphrase_ray.serve.runner import LocalServe
 
     deployed = {}
 
-    def fake_run_local(settings, host, port, address=None, device="auto"):
+    def fake_deploy(self, settings, host, port, device="auto", replica_cpus=None, log_level=None):
         deployed.update(settings=settings, host=host, port=port)
         raise KeyboardInterrupt  # Ctrl-C during start-up
 
-    monkeypatch.setattr(runner, "run_local", fake_run_local)
-    monkeypatch.setattr(runner, "shutdown", lambda local=True: deployed.setdefault("shutdown", local))
+    monkeypatch.setattr(LocalServe, "deploy", fake_deploy)
+    # shutdown(): True when the Ray is a local one (no --address), as before
+    monkeypatch.setattr(LocalServe, "shutdown", lambda self: deployed.setdefault("shutdown", self.address is None))
     if env_key is None:
         monkeypatch.delenv("PARAPHRASE_RAY_API_KEY", raising=False)
     else:
@@ -223,6 +283,7 @@ def test_serve_warns_when_binding_all_interfaces_without_a_key(tiny_model_dir, t
         "shutting down",
     ]
     assert deployed["host"] == "0.0.0.0" and deployed["settings"].api_key is None and deployed["shutdown"] is True
+    assert deployed["port"] == 8123
     # a key from the environment (or --api-key) silences it and reaches the app's settings
     deployed = _serve_args(monkeypatch, env_key="from-env")
     assert main(["serve", "--prompt", str(p), "--host", "0.0.0.0"]) == 0
@@ -235,6 +296,17 @@ def test_serve_warns_when_binding_all_interfaces_without_a_key(tiny_model_dir, t
     deployed = _serve_args(monkeypatch)
     assert main(["serve", "--prompt", str(p)]) == 0  # loopback by default: no warning
     assert capsys.readouterr().out.splitlines() == ["shutting down"] and deployed["host"] == "127.0.0.1"
+    assert deployed["port"] == 8000  # the default port
+
+
+def test_serve_demo_deploys_asks_and_shuts_down_through_the_runner(monkeypatch):
+    import paraphrase_ray.serve.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "demo", lambda prompt_dirs, port=0: calls.append((prompt_dirs, port)) or 0)
+    assert main(["serve", "--prompt", "a=x", "--prompt", "y", "--demo"]) == 0
+    assert main(["serve", "--prompt", "x", "--demo", "--port", "8124"]) == 0
+    assert calls == [(["a=x", "y"], 0), (["x"], 8124)]  # port 0: a free one
 
 
 @pytest.mark.slow

@@ -338,11 +338,11 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
         stop(proc)
 
     shutil.rmtree(replica_copy, ignore_errors=True)
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve" / "config.yaml").read_text())
     config["http_options"]["port"] = port  # Serve keeps the HTTP options of its first start on a cluster
     app = config["applications"][0]
     app["args"]["prompts"] = {"best": best}
-    model = next(d for d in app["deployments"] if d["name"] == "Paraphraser")
+    model = next(d for d in app["deployments"] if d["name"] == "ParaphraseModel")
     model["ray_actor_options"]["num_cpus"] = 1  # the workers have one CPU each
     model.pop("autoscaling_config", None)
     model["num_replicas"] = 1
@@ -363,7 +363,7 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
 
 # ------------------------------------------------------------------------------------- evaluator's node
 def test_multinode_evaluator_survives_the_loss_of_its_node(cluster):
-    """The sweep's shared evaluator is restartable (what tune.py asks for): its node lost, Ray restarts it on
+    """The sweep's shared evaluator is restartable (what sweep/driver.py asks for): its node lost, Ray restarts it on
     another node under the same name, and a client's call made after the loss is answered by the new one."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -375,7 +375,7 @@ def test_multinode_evaluator_survives_the_loss_of_its_node(cluster):
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     try:
         cluster.wait_for_nodes()  # a node added by an earlier test may still be registering
-        for _ in range(5):  # soft affinity (what tune.py uses) may still place it on the head: place it again
+        for _ in range(5):  # soft affinity (what sweep/driver.py uses) may still place it on the head: place it again
             target = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
             handle = get_evaluator(
                 name, namespace, num_cpus=0, max_restarts=3,

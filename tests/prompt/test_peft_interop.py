@@ -33,7 +33,7 @@ def test_alias_is_written_as_its_hub_id_with_a_hub_ready_card(tiny, tmp_path):
     import yaml
 
     from paraphrase_ray.models import HUB_IDS
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta, update_meta
+    from paraphrase_ray.prompt.directory import PromptMeta, update_meta
 
     sp = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random"))
     sp.save(tmp_path, "smollm2-135m", tiny.model, {"data": {"sources": ["hf:glue/mrpc"]}})
@@ -98,7 +98,8 @@ def test_peft_saved_prompt_reads_its_base_model_from_adapter_config(peft_dir, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_prompt
+    from paraphrase_ray.prompt.bundle import load_prompt
+    from paraphrase_ray.prompt.directory import PromptMeta
 
     assert PromptMeta.read(peft_dir).base_model == str(tiny_model_dir)
     loaded, bundle = load_prompt(peft_dir, device="cpu", precision="fp32")
@@ -112,7 +113,7 @@ def test_peft_saved_prompt_runs_through_paraphrase_evaluate_and_the_api(peft_dir
     from paraphrase_ray import Paraphraser
     from paraphrase_ray.cli.main import main
     from paraphrase_ray.generation.generate import paraphrase
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta
+    from paraphrase_ray.prompt.directory import PromptMeta
 
     texts = ["The bank raised its rates again.", "Snow fell all night long."]
     api = Paraphraser.from_pretrained(peft_dir, device="cpu")  # the precision the CLI picks too
@@ -155,7 +156,7 @@ def test_peft_prompt_without_a_resolvable_base_model_needs_model(peft_dir, tiny_
 
 def test_a_lora_adapter_is_refused_by_name(tmp_path):
     from paraphrase_ray.errors import PromptFileError
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta
+    from paraphrase_ray.prompt.directory import PromptMeta
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
     with pytest.raises(PromptFileError, match="peft_type is 'LORA'"):

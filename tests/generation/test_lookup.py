@@ -1,4 +1,4 @@
-"""Prompt-lookup drafting (lookup.py) gives greedy_decode's tokens, with fewer forward passes when drafts hit."""
+"""Prompt-lookup drafting (lookup.py) gives decode.decode's tokens, with fewer forward passes when drafts hit."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
+from paraphrase_ray.generation.decode import decode
 from paraphrase_ray.generation.generate import (
     build_batch,
     generate_rows,
-    greedy_decode,
-    newline_token_ids,
     row_for,
 )
 from paraphrase_ray.generation.lookup import draft_tokens, lookup_decode
+from paraphrase_ray.generation.rows import Row
+from paraphrase_ray.generation.rules import DecodeRules, newline_token_ids
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig()
@@ -34,7 +34,7 @@ def test_draft_tokens_follow_the_latest_match():
 def _free_run(tiny, prompt, source, n=20):
     """The model's own greedy continuation of ``source``: as a 'source' to draft from, it is often right."""
     x, mask = build_batch(tiny, [row_for(tiny, source, prompt, T, GenerationConfig())])
-    ids = greedy_decode(tiny.model, x, mask, [n], pad_id=tiny.tokenizer.pad_token_id)[0].tolist()
+    ids = decode(tiny.model, x, mask, [Row.bare(n)], DecodeRules(pad_id=tiny.tokenizer.pad_token_id))[0].tolist()
     return tiny.tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -56,19 +56,10 @@ def test_lookup_gives_the_plain_loops_tokens(tiny, rules):
         if drafts_from and drafts_from.strip():  # the model reads `source`; bans and drafts come from its free run
             row = dataclasses.replace(row_for(tiny, drafts_from, prompt, T, gen), ids=row.ids)
         x, mask = build_batch(tiny, [row])
-        src_mask = None
-        if gen.source_repetition_penalty != 1.0:
-            src_mask = torch.zeros(1, tiny.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-            src_mask[0, row.source_ids] = True
-        args = dict(stop_ids=[tok.eos_token_id], newline_ids=newline_token_ids(tok))
-        plain = greedy_decode(tiny.model, x, mask, [row.max_new_tokens], src_mask, gen.source_repetition_penalty,
-                              pad_id=tok.pad_token_id, no_repeat_ngram=gen.no_repeat_ngram_size,
-                              source_ngrams=[row.source_ngrams], source_ngram_n=gen.source_no_repeat_ngram_size,
-                              guards=[row.guard], **args)[0].tolist()
-        fast = lookup_decode(tiny.model, x, row.max_new_tokens, row.source_ids, 4, src_mask,
-                             gen.source_repetition_penalty, no_repeat_ngram=gen.no_repeat_ngram_size,
-                             ngrams=row.source_ngrams, ngram_n=gen.source_no_repeat_ngram_size, guard=row.guard,
-                             stats=stats, **args)[0].tolist()
+        # gen's rules, eos and the newline ids, 4 draft tokens per verify pass
+        rules = dataclasses.replace(DecodeRules.build(gen, tok, x.device), newline_ids=newline_token_ids(tok), lookup=4)
+        plain = decode(tiny.model, x, mask, [row], rules)[0].tolist()
+        fast = lookup_decode(tiny.model, x, row, rules, stats=stats)[0].tolist()
         plain = plain[: len(fast)] if len(plain) > len(fast) and all(t == tok.pad_token_id for t in plain[len(fast):]) else plain
         assert fast == plain, (rules, i)
     assert stats["tokens"] > 0 and stats["passes"] < stats["tokens"]

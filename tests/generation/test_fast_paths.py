@@ -15,18 +15,18 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, RunConfig, TemplateConfig, TrainConfig
 from paraphrase_ray.data import SAMPLE_PATH, Pair, collate, encode_pair
+from paraphrase_ray.generation.decode import decode, fast_greedy_applies
 from paraphrase_ray.generation.generate import (
-    _hf_generate,
     build_batch,
-    fast_greedy_applies,
     generate_rows,
-    greedy_decode,
-    newline_token_ids,
+    hf_generate,
     paraphrase,
     row_for,
 )
+from paraphrase_ray.generation.rules import DecodeRules
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
-from paraphrase_ray.training.trainer import _length_groups, loss_terms, prompt_loss, token_weights, train
+from paraphrase_ray.training.loss import length_groups, loss_terms, prompt_loss, token_weights
+from paraphrase_ray.training.trainer import train
 
 T = TemplateConfig()
 PAIRS = [Pair(r["source"], r["target"]) for r in map(json.loads, SAMPLE_PATH.read_text().splitlines()[:12])]
@@ -56,7 +56,7 @@ def test_fast_loss_and_grad_equal_full_logits_fp32(tiny, rows, copy_weight):
     pairs = {"one": PAIRS[:1], "padded": PAIRS[:5], "two-length-groups": PAIRS[:4] + SHORT}[rows]
     batch = _batch(tiny, pairs, max_target=6 if rows == "one" else 64)
     assert rows == "one" or bool((batch.attention_mask == 0).any())
-    assert len(_length_groups(batch.attention_mask)) == (2 if rows == "two-length-groups" else 1)
+    assert len(length_groups(batch.attention_mask)) == (2 if rows == "two-length-groups" else 1)
     prompt = SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=4, init="random_std"))
     full_loss, full_grad = _loss_and_grad(tiny.model, prompt, batch, False, copy_weight)
     fast_loss, fast_grad = _loss_and_grad(tiny.model, prompt, batch, True, copy_weight)
@@ -96,14 +96,14 @@ def test_fast_loss_within_bf16_tolerance_of_fp32(tiny):
 
 
 def test_training_loss_curves_match(tiny, monkeypatch):
-    import paraphrase_ray.training.trainer as train_mod
+    import paraphrase_ray.training.loss as loss_mod
 
     cfg = RunConfig(train=TrainConfig(steps=4, batch_size=6, lr=0.1, warmup_steps=0, eval_every=1, progress=False,
                                       early_stop_patience=None, device="cpu", precision="fp32"),
                     prompt=PromptConfig(n_tokens=4))
     curves = {}
     for fast in (True, False):  # train() and its validation both go through the patched loss_terms
-        monkeypatch.setattr(train_mod, "loss_terms", lambda *a, fast=fast, **k: loss_terms(*a[:3], fast=fast, **k))
+        monkeypatch.setattr(loss_mod, "loss_terms", lambda *a, fast=fast, **k: loss_terms(*a[:3], fast=fast, **k))
         res = train(tiny, cfg, train_pairs=PAIRS[:5] + SHORT, val_pairs=PAIRS[9:11])
         curves[fast] = [(e["train_loss"], e["val_loss"]) for e in res.history]
     assert len(curves[True]) == 4
@@ -133,36 +133,24 @@ GREEDY = GenerationConfig(max_new_tokens=12, source_repetition_penalty=1.0, stop
          "no-repeat-3-rows-stop-early", "defaults", "source-block-1", "source-block-2-rows-stop-early",
          "no-fact-guard", "no-fact-guard-rows-stop-early"],
 )
-def test_greedy_decode_equals_hf_generate(tiny, gen, stops):
+def test_decode_equals_hf_generate(tiny, gen, stops):
     prompts = [SoftPrompt.init(tiny.model, tiny.tokenizer, PromptConfig(n_tokens=n, init="random", seed=n))
                for n in (3, 6)]
     # mixed prompts, no prompt, and very different lengths: left padding and per-row limits differ
     rows = [row_for(tiny, s, [prompts[0], prompts[1], None][i % 3], T, gen) for i, s in enumerate(SOURCES)]
     assert fast_greedy_applies(tiny.model, gen, tiny.tokenizer)
     x, mask = build_batch(tiny, rows)
-    tok, limits = tiny.tokenizer, [r.max_new_tokens for r in rows]
-    src_mask = None
-    if gen.source_repetition_penalty != 1.0:
-        src_mask = torch.zeros(len(rows), tiny.model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
-        for i, r in enumerate(rows):
-            src_mask[i, r.source_ids] = True
-    eos, nl = [tok.eos_token_id], newline_token_ids(tok) if gen.stop_at_newline else []
-    ngrams = [r.source_ngrams for r in rows]
-    guards = [r.guard for r in rows] if gen.fact_guard else None
+    tok = tiny.tokenizer
+    rules = DecodeRules.build(gen, tok, x.device)  # eos, the newline ids, and every rule of gen
     with torch.no_grad():
         if stops == "frequent":
             # a random tiny model never says eos or newline: stand in its two most frequent tokens, so rows
             # stop at different steps and leave the batch (the pruning path)
-            free = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty,
-                                 pad_id=tok.pad_token_id, no_repeat_ngram=gen.no_repeat_ngram_size,
-                                 source_ngrams=ngrams, source_ngram_n=gen.source_no_repeat_ngram_size,
-                                 guards=guards)
+            free = decode(tiny.model, x, mask, rows, dataclasses.replace(rules, stop_ids=(), newline_ids=()))
             common = torch.bincount(free.flatten()).argsort(descending=True)[:2].tolist()
-            eos, nl = common[:1], common[1:] if gen.stop_at_newline else []
-        ours = greedy_decode(tiny.model, x, mask, limits, src_mask, gen.source_repetition_penalty, eos, nl,
-                             tok.pad_token_id, gen.no_repeat_ngram_size, ngrams, gen.source_no_repeat_ngram_size,
-                             guards)
-        ref = _hf_generate(tiny, x, mask, rows, gen, src_mask, eos, nl, use_cache=True)
+            rules = dataclasses.replace(rules, stop_ids=common[:1], newline_ids=common[1:] if gen.stop_at_newline else [])
+        ours = decode(tiny.model, x, mask, rows, rules)
+        ref = hf_generate(tiny, x, mask, rows, gen, rules, use_cache=True)
     lengths = []
     for i, r in enumerate(rows):  # token for token, up to each row's own limit
         a, b = ours[i, : r.max_new_tokens].tolist(), ref[i, : r.max_new_tokens].tolist()
@@ -218,10 +206,9 @@ def test_no_repeat_ngram_bans_what_the_free_run_repeats(tiny):
     gen = dataclasses.replace(GREEDY, max_new_tokens=24, max_new_tokens_ratio=10.0)
     rows = [row_for(tiny, s, None, T, gen) for s in SOURCES]
     x, mask = build_batch(tiny, rows)
-    limits = [r.max_new_tokens for r in rows]
-    with torch.no_grad():
-        free = greedy_decode(tiny.model, x, mask, limits, pad_id=tiny.tokenizer.pad_token_id)
-        banned = greedy_decode(tiny.model, x, mask, limits, pad_id=tiny.tokenizer.pad_token_id, no_repeat_ngram=2)
+    with torch.no_grad():  # each row to its own limit, no rule but the no-repeat ban
+        free = decode(tiny.model, x, mask, rows, DecodeRules(pad_id=tiny.tokenizer.pad_token_id))
+        banned = decode(tiny.model, x, mask, rows, DecodeRules(pad_id=tiny.tokenizer.pad_token_id, no_repeat_ngram=2))
 
     def repeats(ids):
         bigrams = list(zip(ids, ids[1:]))
@@ -232,7 +219,7 @@ def test_no_repeat_ngram_bans_what_the_free_run_repeats(tiny):
 
 
 def test_source_ngram_block_never_copies_a_source_ngram(tiny):
-    from paraphrase_ray.generation.generate import generate_rows, source_ngrams
+    from paraphrase_ray.generation.rules import source_ngrams
 
     assert source_ngrams([1, 2, 3, 1, 2, 4], 3) == {(1, 2): [3, 4], (2, 3): [1], (3, 1): [2]}
     # make the free greedy output itself the "source": unblocked, the model would copy it token for token
@@ -243,12 +230,13 @@ def test_source_ngram_block_never_copies_a_source_ngram(tiny):
     for n in (1, 2):
         gen = dataclasses.replace(free_gen, source_no_repeat_ngram_size=n)
         row = row_for(tiny, SOURCES[0], None, T, gen)
-        row = dataclasses.replace(row, source_ngrams=source_ngrams(ids, n))  # penalise the free run's n-grams
+        # penalise the free run's n-grams; 12 new tokens
+        row = dataclasses.replace(row, source_ngrams=source_ngrams(ids, n), max_new_tokens=12)
         x, mask = build_batch(tiny, [row])
+        plain = DecodeRules(pad_id=tiny.tokenizer.pad_token_id)
         with torch.no_grad():
-            unblocked = greedy_decode(tiny.model, x, mask, [12], pad_id=tiny.tokenizer.pad_token_id)[0].tolist()
-            out = greedy_decode(tiny.model, x, mask, [12], pad_id=tiny.tokenizer.pad_token_id,
-                                source_ngrams=[row.source_ngrams], source_ngram_n=n)[0].tolist()
+            unblocked = decode(tiny.model, x, mask, [row], plain)[0].tolist()
+            out = decode(tiny.model, x, mask, [row], dataclasses.replace(plain, source_ngram_n=n))[0].tolist()
 
         def grams(t, n=n):
             return {tuple(t[j : j + n]) for j in range(len(t) - n + 1)}
@@ -258,7 +246,7 @@ def test_source_ngram_block_never_copies_a_source_ngram(tiny):
 
 
 def test_source_block_never_cuts_a_word_in_half(smollm):
-    from paraphrase_ray.generation.generate import source_ngrams, word_continuation_ids
+    from paraphrase_ray.generation.rules import source_ngrams, word_continuation_ids
 
     tok = smollm.tokenizer
     cont = word_continuation_ids(tok)
@@ -282,7 +270,8 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
     """Rows from ``row_for`` with the default n = 4: generation may finish a copied word (a source 4-gram that
     ends in a word-continuation token) but never copies a 4-gram that ends on a word start; without the
     exemption (the strict ban) it copies neither, and the outputs differ."""
-    from paraphrase_ray.generation.generate import clean_text, source_ngrams, word_continuation_ids
+    from paraphrase_ray.generation.generate import clean_text
+    from paraphrase_ray.generation.rules import source_ngrams, word_continuation_ids
 
     tok = tiny.tokenizer
     cont = word_continuation_ids(tok)
@@ -294,8 +283,9 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
     for pair in PAIRS[:12]:
         model_input = row_for(tiny, pair.source, None, T, free_gen)
         x, mask = build_batch(tiny, [model_input])
-        with torch.no_grad():
-            free = greedy_decode(tiny.model, x, mask, [24], pad_id=tok.pad_token_id)[0].tolist()
+        with torch.no_grad():  # 24 new tokens, no rule
+            free = decode(tiny.model, x, mask, [dataclasses.replace(model_input, max_new_tokens=24)],
+                          DecodeRules(pad_id=tok.pad_token_id))[0].tolist()
         # the "source" is the model's own free run, so unblocked it would copy it; the model still reads the
         # sample sentence, and the bans come from row_for on the source text
         source = tok.decode(free, skip_special_tokens=True)
@@ -307,9 +297,9 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
         outs = []
         for r in (row, strict):
             with torch.no_grad():
-                out = greedy_decode(tiny.model, x, mask, [r.max_new_tokens], stop_ids=[tok.eos_token_id],
-                                    pad_id=tok.pad_token_id, no_repeat_ngram=3, source_ngrams=[r.source_ngrams],
-                                    source_ngram_n=4)[0].tolist()
+                out = decode(tiny.model, x, mask, [r], DecodeRules(
+                    stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, no_repeat_ngram=3, source_ngram_n=4,
+                ))[0].tolist()
             outs.append(out)
         ours, theirs = outs
         assert all(g[-1] in cont for g in _copied_ngrams(ours, src)), "copied a 4-gram ending on a word start"
@@ -326,7 +316,7 @@ def test_whole_word_exemption_reaches_real_generation(tiny):
 def test_whole_word_exemption_keeps_copied_names_whole_on_smollm(smollm):
     """The embedded model, zero-shot chat, default decoding (n = 4): "Nicklaus" comes out whole; with the strict
     ban (no exemption) the same decoding cuts or mangles it."""
-    from paraphrase_ray.generation.generate import source_ngrams
+    from paraphrase_ray.generation.rules import source_ngrams
 
     src = "Gary Nicklaus, the 34-year-old son of Jack Nicklaus, shot a 66 at Pinehurst on Thursday."
     gen = GenerationConfig(max_new_tokens=40)

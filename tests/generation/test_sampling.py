@@ -1,4 +1,4 @@
-"""Sampled candidates in our loop (decode_loop.greedy_decode(sampler=...)): the rules of greedy, HF's
+"""Sampled candidates in our loop (decode.decode with DecodeRules(sampler=...)): the rules of greedy, HF's
 distribution, reproducible by seed."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
 from paraphrase_ray.data import SAMPLE_PATH
-from paraphrase_ray.generation.decode import fast_sample_applies, greedy_decode, make_sampler
+from paraphrase_ray.generation.decode import decode, fast_sample_applies
 from paraphrase_ray.generation.generate import build_batch, generate_rows, row_for
+from paraphrase_ray.generation.rows import Row
+from paraphrase_ray.generation.rules import DecodeRules, make_sampler
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 T = TemplateConfig()
@@ -49,7 +51,9 @@ def test_first_token_distribution_matches_hf_sampling(tiny, prompt):
     row = row_for(tiny, SOURCES[0], prompt, T, gen)
     x, mask = build_batch(tiny, [row])
     tok = tiny.tokenizer
-    ours = greedy_decode(tiny.model, x, mask, [1] * n, pad_id=tok.pad_token_id, sampler=make_sampler(gen, x.device))
+    # n candidates of one token each from the one row, no rule but the sampler
+    rules = DecodeRules(pad_id=tok.pad_token_id, sampler=make_sampler(gen, x.device))
+    ours = decode(tiny.model, x, mask, [Row.bare(1)], rules, k=n)
     torch.manual_seed(1)  # seed 0 would make the same draws as ours (same probabilities, same generator)
     with torch.no_grad():
         hf = tiny.model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=1, do_sample=True,

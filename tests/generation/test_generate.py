@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from paraphrase_ray.config import GenerationConfig, PromptConfig, TemplateConfig
-from paraphrase_ray.generation.generate import SourceRepetitionPenalty, clean_text, paraphrase, row_for
+from paraphrase_ray.generation.generate import clean_text, paraphrase, paraphrase_rows, row_for, rows_for
+from paraphrase_ray.generation.rules import SourceRepetitionPenalty
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 SOURCES = [
@@ -35,8 +36,9 @@ def test_greedy_batched_equals_one_by_one(tiny, prompts):
 
 
 def test_cache_equals_no_cache(tiny, prompts):
-    with_cache = paraphrase(tiny, SOURCES, prompts[1], T, GREEDY, use_cache=True)
-    without = paraphrase(tiny, SOURCES, prompts[1], T, GREEDY, use_cache=False)
+    rows = rows_for(tiny, SOURCES, prompts[1], T, GREEDY)  # what paraphrase runs, with the cache on and off
+    with_cache = paraphrase_rows(tiny, rows, GREEDY, use_cache=True)
+    without = paraphrase_rows(tiny, rows, GREEDY, use_cache=False)
     assert with_cache == without
 
 
@@ -54,7 +56,8 @@ def test_smollm_cache_matches_no_cache_with_a_prompt(smollm):
     p = SoftPrompt.init(smollm.model, smollm.tokenizer, PromptConfig(n_tokens=8, init="text"))
     gen = dataclasses.replace(GREEDY, max_new_tokens=10)
     src = ["The weather was so cold that the lake froze overnight.", "He sold the car."]
-    assert paraphrase(smollm, src, p, T, gen, use_cache=True) == paraphrase(smollm, src, p, T, gen, use_cache=False)
+    rows = rows_for(smollm, src, p, T, gen)  # paraphrase(...) is paraphrase_rows(rows_for(...)): the cache is its knob
+    assert paraphrase_rows(smollm, rows, gen, use_cache=True) == paraphrase_rows(smollm, rows, gen, use_cache=False)
 
 
 def test_source_penalty_pushes_scores_of_source_tokens_down():

@@ -27,7 +27,7 @@ from paraphrase_ray.sweep.leaderboard import (
 )
 from paraphrase_ray.sweep.spec import SweepStorage, load_spec, spec_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_space(model_dir: Path) -> dict:
@@ -242,7 +242,7 @@ def _context(tiny_model_dir):
 
 
 def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_thread):
-    from paraphrase_ray.prompt.soft_prompt import load_bundle
+    from paraphrase_ray.prompt.bundle import load_bundle
     from paraphrase_ray.sweep.driver import run_trial
 
     ctx = _context(tiny_model_dir)
@@ -450,7 +450,8 @@ def test_real_sweep_interrupted_then_resumed(ray_session, tmp_path, tiny_model_d
     from paraphrase_ray.cli.main import main
     from paraphrase_ray.generation.generate import paraphrase
     from paraphrase_ray.models import load_model
-    from paraphrase_ray.prompt.soft_prompt import PromptMeta, load_bundle
+    from paraphrase_ray.prompt.bundle import load_bundle
+    from paraphrase_ray.prompt.directory import PromptMeta
 
     space = tmp_path / "tiny.yaml"
     data = tiny_space(tiny_model_dir)
