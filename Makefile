@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check paraphrase_ray tests benchmarks
-	$(BIN)/python -c "import pkgutil, importlib, paraphrase_ray as p; [importlib.import_module(m.name) for m in pkgutil.walk_packages(p.__path__, 'paraphrase_ray.')]"
+	$(BIN)/python -c "import pkgutil, importlib, paraphrase_ray as p; [importlib.import_module(m.name) for m in pkgutil.walk_packages(p.__path__, 'paraphrase_ray.') if not m.name.endswith('__main__')]"
 
 # The playground's end-to-end test drives Debian's chromium (no browser download at test time).
 browser:

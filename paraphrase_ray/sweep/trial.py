@@ -82,7 +82,7 @@ def score_prompt(
         cfg.template,
         cfg.generation,
         ctx.gen_batch_size,
-        cfg.data.max_source_tokens,
+        max_source_tokens=cfg.data.max_source_tokens,
         chat=chat,
     )
     t1 = time.perf_counter()

@@ -62,7 +62,7 @@ def test_static_step_gives_the_plain_loops_tokens_with_left_padding_and_mixed_le
 
 @torch.no_grad()
 def test_static_step_on_a_llama_with_grouped_query_attention():
-    from test_quant import tiny_llama
+    from test_lowbit import tiny_llama
 
     model = tiny_llama(exact=False).eval()
     g = torch.Generator().manual_seed(0)

@@ -89,7 +89,7 @@ def test_greedy_lookup_and_sampled_tokens_equal_with_and_without_lean(smollm, mo
 def test_tiny_llama_lean_step_matches_hf_forward_head_dim_16():
     """A 2-layer random Llama rounded to Q4_1 blocks (head_dim 16: the attention's scalar path, GQA 4:2), no
     embedded model needed: padded one-token steps and a causal multi-token pass against the HF forward."""
-    from test_quant import tiny_llama
+    from test_lowbit import tiny_llama
 
     from paraphrase_ray.generation.backends.lowbit import load_kernels, quantize_for_generation
 
