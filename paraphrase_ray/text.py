@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from paraphrase_ray.errors import InputError
 
-_NUMBER_WORDS = {
+NUMBER_WORDS = {
     w: str(i)
     for i, w in enumerate(
         "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -45,8 +45,8 @@ _NUMBER_WORDS = {
     )
     if i > 0
 }
-_NUMBER_WORDS.update({w: str(10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
-_NUMBER_WORDS["hundred"] = "100"
+NUMBER_WORDS.update({w: str(10 * i) for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
+NUMBER_WORDS["hundred"] = "100"
 # long form -> short form; every form of a fact is compared through the short one
 _ABBREVIATIONS = {
     "senator": "sen", "representative": "rep", "governor": "gov", "general": "gen", "doctor": "dr",
@@ -144,9 +144,9 @@ def check(source: str, output: str) -> FactCheck:
     src, out = _scan(source), _scan(output)
     src_numbers = {k for kind, _, k, _ in src if kind == "num"}
     src_keys = {k for kind, _, k, _ in src if kind == "word"}
-    src_spelled = {_NUMBER_WORDS[k] for k in src_keys if k in _NUMBER_WORDS}
+    src_spelled = {NUMBER_WORDS[k] for k in src_keys if k in NUMBER_WORDS}
     out_numbers = {k for kind, _, k, _ in out if kind == "num"}
-    out_numbers |= {_NUMBER_WORDS[k] for kind, _, k, _ in out if kind == "word" and k in _NUMBER_WORDS}
+    out_numbers |= {NUMBER_WORDS[k] for kind, _, k, _ in out if kind == "word" and k in NUMBER_WORDS}
     invented: dict[str, str] = {}  # key -> first surface form
     for kind, surface, key, at_start in out:
         if kind == "num" and key not in src_numbers and key not in src_spelled:
@@ -178,8 +178,8 @@ def source_words(source: str) -> set[str]:
             whole, _, frac = key.partition(".")
             if whole.isdigit():
                 words.add(f"{int(whole):,}" + (f".{frac}" if frac else ""))  # "1200" -> "1,200"
-        elif key in _NUMBER_WORDS:
-            words.add(_NUMBER_WORDS[key])
+        elif key in NUMBER_WORDS:
+            words.add(NUMBER_WORDS[key])
         elif key in _SHORT_FORMS:
             forms = [long for long, short in _ABBREVIATIONS.items() if short == key] + [key]
             for form in forms:  # in the source's capitalisation: "Sen" -> "Senator", "SEN"

@@ -49,6 +49,7 @@ import numpy as np
 
 from paraphrase_ray.errors import InputError
 from paraphrase_ray.evaluation.embedder import EmbeddingCache, encode_unique
+from paraphrase_ray.evaluation.verdict import acceptable, verdicts
 from paraphrase_ray.text import check as check_facts
 from paraphrase_ray.text import is_copy, is_empty, sentence_bleu
 
@@ -73,6 +74,8 @@ SUMMARY_KEYS = (
     "success_rate",
     "faithful_rate",
     "faithful_success_rate",
+    "acceptable_rate",
+    "garbled_rate",
 )
 
 @dataclass(frozen=True)
@@ -91,6 +94,13 @@ class RowScore:
     faithful: bool = True
     invented: tuple[str, ...] = ()  # names / numbers in the prediction that the source lacks
     dropped: tuple[str, ...] = ()  # source numbers missing from the prediction
+    # the reader's verdict, estimated word by word (verdict.py)
+    added_words: tuple[str, ...] = ()  # content words of the prediction with no counterpart in the source
+    dropped_words: tuple[str, ...] = ()  # content words of the source with no counterpart in the prediction
+    garbled: tuple[str, ...] = ()  # words of the prediction that are not words ("premiumes")
+    content_recall: float = 1.0  # weighted share of the source's content kept
+    content_precision: float = 1.0  # weighted share of the prediction's content backed by the source
+    acceptable: bool = False  # what a careful reader would accept (verdict.acceptable)
 
     @property
     def faithful_success(self) -> bool:
@@ -174,9 +184,10 @@ def score_rows(
     # Empty predictions are not embedded: their similarities are 0 by definition (below).
     texts = [*sources, *(r for r in refs if r is not None), *(p for p in predictions if not is_empty(p))]
     emb = encode_unique(embedder, texts, batch_size, cache)
+    words = verdicts(sources, predictions, embedder)  # words embedded apart from the texts' cache
 
     rows = []
-    for src, ref, pred in zip(sources, refs, predictions, strict=True):
+    for src, ref, pred, v in zip(sources, refs, predictions, words, strict=True):
         empty = is_empty(pred)
         copy = is_copy(src, pred)
         # An empty output (no letter or digit) keeps no meaning and no wording: all its overlaps are 0.
@@ -194,9 +205,11 @@ def score_rows(
         success = (
             not empty and not copy and adequacy >= SUCCESS_ADEQUACY and self_bleu < SUCCESS_MAX_SELF_BLEU
         )
+        ok = acceptable(v, self_bleu, usable=not (empty or copy), faithful=facts.faithful)
         rows.append(
             RowScore(adequacy, ref_sim, self_bleu, ref_bleu, ibleu, copy, empty, objective, success,
-                     facts.faithful, facts.invented, facts.dropped)
+                     facts.faithful, facts.invented, facts.dropped, v.added, v.dropped, v.garbled,
+                     v.recall, v.precision, ok)
         )
     return rows
 
@@ -223,6 +236,8 @@ def summarize(rows: Sequence[RowScore]) -> dict[str, float]:
         "success_rate": _mean([float(r.success) for r in rows]),
         "faithful_rate": _mean([float(r.faithful) for r in rows]),
         "faithful_success_rate": _mean([float(r.faithful_success) for r in rows]),
+        "acceptable_rate": _mean([float(r.acceptable) for r in rows]),
+        "garbled_rate": _mean([float(bool(r.garbled)) for r in rows]),
     }
 
 
@@ -233,10 +248,13 @@ def score(*args: Any, **kwargs: Any) -> dict[str, float]:
 
 def rank_candidates(scores: Sequence[RowScore]) -> list[int]:
     """Candidate indices best first: usable (not a copy, not empty) before the rest, then faithful before not,
-    then by objective. Faithfulness is a hard tier, not only the objective's factor: a wrong fact is wrong."""
+    then acceptable to the reader's detector (nothing added or dropped, no broken word) before not, then by
+    objective. Faithfulness and the verdict are hard tiers, not only factors: a wrong fact is wrong, and a
+    candidate that drops "she said" is not rescued by its novelty."""
     return sorted(
         range(len(scores)),
-        key=lambda i: (scores[i].copy or scores[i].empty, not scores[i].faithful, -scores[i].objective),
+        key=lambda i: (scores[i].copy or scores[i].empty, not scores[i].faithful, not scores[i].acceptable,
+                       -scores[i].objective),
     )
 
 
