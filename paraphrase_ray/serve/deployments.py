@@ -141,7 +141,7 @@ class ParaphraseModel:
         if served is None or served.prompt is None:
             names = [n for n, p in self.prompts.items() if p.prompt is not None]
             raise HTTPException(404, f"unknown prompt {name!r}; available: {', '.join(names)}")
-        table = self.loaded.model.get_input_embeddings().weight
+        table = self.loaded.model.get_input_embeddings()  # the module: Gemma scales its table rows
         return explain_prompt(served.prompt, table, self.loaded.tokenizer, top_k, metric)
 
     def list_prompts(self) -> dict[str, Any]:
