@@ -69,6 +69,41 @@ def build_tiny_opt(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+WINDOW = 8  # the tiny Gemma 3's sliding window: shorter than every test sequence that uses it
+
+
+def build_tiny_gemma3(out_dir: Path, seed: int = 0, window: int = WINDOW) -> Path:
+    """A tiny random Gemma 3 (sliding, full, sliding layers; tied, scaled embeddings), as Gemma-3-270m is built."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True, initializer_range=0.3,
+    )
+    Gemma3ForCausalLM(cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture()
+def tiny_gemma(tiny_gemma_dir):
+    """A freshly loaded (uncached) tiny Gemma 3 in fp32 on CPU."""
+    from paraphrase_ray.models import load_model
+
+    return load_model(str(tiny_gemma_dir), precision="fp32", device="cpu", cache=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_opt(tmp_path_factory.mktemp("tiny-opt"))

@@ -37,7 +37,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from paraphrase_ray.config import GenerationConfig, TemplateConfig
 from paraphrase_ray.data import encode_chat, encode_source
 from paraphrase_ray.errors import InputError
-from paraphrase_ray.generation import prefix_cache
+from paraphrase_ray.generation import lookup, prefix_cache
 from paraphrase_ray.generation.backends.lowbit import generation_model
 from paraphrase_ray.generation.decode import decode, fast_greedy_applies, fast_sample_applies
 from paraphrase_ray.generation.fact_guard import FactGuard
@@ -52,7 +52,7 @@ from paraphrase_ray.generation.rules import (
     source_ngrams,
     word_continuation_ids,
 )
-from paraphrase_ray.models import LoadedModel, cache_kwarg
+from paraphrase_ray.models import LoadedModel, cache_kwarg, sliding_window
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 ZERO_SHOT_INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n{source}"
@@ -130,7 +130,7 @@ def generate_rows(
     model, _ = generation_model(loaded, gen.quantize)  # low-bit Linear layers on CPU unless quantize: none
     fast = use_cache and fast_greedy_applies(model, gen, tok)
     sample = use_cache and not fast and fast_sample_applies(model, gen, tok)  # K candidates in our loop too
-    skip = prefix_cache.shared_prefix(rows) if (fast or sample) and gen.prefix_cache else 0
+    skip = prefix_cache.shared_prefix(rows, sliding_window(model)) if (fast or sample) and gen.prefix_cache else 0
     past = None
     x, mask = build_batch(loaded, rows, skip)
     if skip:  # [prompt][head] from the cache; only the rest of each row is prefilled (prefix_cache.py)
@@ -139,12 +139,8 @@ def generate_rows(
         )
         mask = torch.cat([mask.new_ones(len(rows), n_past), mask], dim=1)
     rules = DecodeRules.build(gen, tok, loaded.device, sample)  # the same for every row; per-row data: the rows
-    if fast and rules.lookup and len(rows) == 1:
-        from paraphrase_ray.generation.lookup import (
-            lookup_decode,  # one row: draft from its source, verify in one pass (same tokens)
-        )
-
-        out = lookup_decode(model, x, rows[0], rules, past=past)
+    if fast and rules.lookup and len(rows) == 1 and lookup.applies(model):
+        out = lookup.lookup_decode(model, x, rows[0], rules, past=past)  # one row: draft from its source, verify
     elif fast or sample:
         out = decode(model, x, mask, rows, rules, gen.num_return_sequences if sample else 1, past=past)
     else:
@@ -172,9 +168,9 @@ def engine_label(loaded: LoadedModel, gen: GenerationConfig, n_rows: int) -> str
     if not (greedy or sampled):
         return f"{path}+hf-generate"
     lean = llama_step(model) is not None
-    lookup = bool(greedy and gen.prompt_lookup and n_rows == 1)
-    parts = [path] + ["lean"] * lean + ["prefix-cache"] * gen.prefix_cache + ["lookup"] * lookup
-    engine = None if lean or lookup else graph_engine(model, gen.cuda_graphs)
+    drafts = bool(greedy and gen.prompt_lookup and n_rows == 1 and lookup.applies(model))
+    parts = [path] + ["lean"] * lean + ["prefix-cache"] * gen.prefix_cache + ["lookup"] * drafts
+    engine = None if lean or drafts else graph_engine(model, gen.cuda_graphs)
     if engine is not None:  # graphs once captured; a static cache stepped eagerly where capture is off or failed
         parts.append("cuda-graphs" if engine.capture and not engine.disabled else "static-cache")
     return "+".join(parts)

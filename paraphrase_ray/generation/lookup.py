@@ -10,6 +10,10 @@ number of forward passes changes (``benchmarks/lookup_acceptance.py`` measures t
 
 Batch 1 only (the CLI's single text, Serve's single requests, per-row calls): in a batch, rows would keep
 different numbers of draft tokens and the cache cannot be cropped per row, so batches use the plain loop.
+
+Sliding-window layers (Gemma 3) keep only their last ``window - 1`` positions, so a rejected draft cannot be
+cropped away once the window is full: their layers record past states (``activate_past_recording``) and crop
+back to the window; where a transformers version cannot, ``applies`` is False and the plain loop runs.
 """
 
 from __future__ import annotations
@@ -22,9 +26,27 @@ import torch
 from paraphrase_ray.generation.backends.llama_step import StaticKV, llama_step
 from paraphrase_ray.generation.rows import Row
 from paraphrase_ray.generation.rules import DecodeRules, SourceRepetitionPenalty, ban_row, source_mask
-from paraphrase_ray.models import cache_kwarg
+from paraphrase_ray.models import cache_kwarg, sliding_window
 
 NGRAM = 1  # match the last generated token: measured best on MRPC paraphrases (1.23 tokens kept per draft)
+
+
+def applies(model: torch.nn.Module) -> bool:
+    """True when lookup can crop this model's cache: no sliding-window layers, or layers that record past states."""
+    if sliding_window(model) is None:
+        return True
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+    except ImportError:
+        return False
+    return hasattr(DynamicSlidingWindowLayer, "activate_past_recording")
+
+
+def _record_past(cache) -> None:
+    """Sliding-window layers keep what a crop needs (they crop back to the window after it)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
 
 
 def draft_tokens(generated: Sequence[int], source: Sequence[int], k: int, n: int = NGRAM) -> list[int]:
@@ -70,6 +92,7 @@ def lookup_decode(
             kw["position_ids"] = torch.arange(n_past, n_past + x.shape[1], device=x.device)[None]
     res = model(inputs_embeds=x, use_cache=True, **kw)
     cache, length = res.get(key), n_past + x.shape[1]  # tokens in the cache
+    _record_past(cache)
     # (1, vocab): True at the row's source ids, what the source penalty pushes down
     src_mask = source_mask([row], res.logits.shape[-1], x.device) if rules.penalty != 1.0 else None
     # decode steps without HF's per-layer overhead (backends/llama_step.py)

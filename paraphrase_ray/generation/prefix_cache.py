@@ -9,7 +9,8 @@ copy (``decode.decode`` / ``lookup.lookup_decode`` ``past=``). Same keys and val
 summation order (tests/generation/test_prefix_cache.py); the prefill is where batch-1 generation spent ~30% of its time.
 
 Rows left-padded *after* the prefix (``[prefix][pad][rest]``) keep the positions HF gives ``[pad][prefix][rest]``
-(positions are the attention mask's cumulative sum), so a batch shares one prefix too.
+(positions are the attention mask's cumulative sum), so a batch shares one prefix too -- except where a sliding
+attention window (Gemma 3) could cut such a batch: it counts cache slots, pads included (``shared_prefix``).
 """
 
 from __future__ import annotations
@@ -52,13 +53,21 @@ def prompt_key(prompt) -> str | None:
     return f"{tuple(w.shape)}:{w.dtype}:{hashlib.blake2b(w.numpy().tobytes(), digest_size=16).hexdigest()}"
 
 
-def shared_prefix(rows) -> int:
+def shared_prefix(rows, window: int | None = None) -> int:
     """How many leading ids every row shares with its template head (0: no shared prefix worth caching).
 
     Rows must carry the same prompt values and the same head; every row keeps at least one id after it (the
-    prefill of the rest must produce a last position)."""
+    prefill of the rest must produce a last position). ``window``: the model's sliding attention window
+    (``models.sliding_window``). A window counts cache slots, and ``[prefix][pad][rest]`` puts a row's pads
+    between its prefix and its rest where HF's ``[pad][prefix][rest]`` does not, so rows of different lengths
+    that could outgrow the window would see different keys: no shared prefix then (rows of one length, or
+    rows that fit the window, get exactly HF's keys)."""
     if not rows or any(r.head is None for r in rows):
         return 0
+    if window is not None and len({len(r.ids) for r in rows}) > 1:
+        n_prompt = rows[0].prompt.n_tokens if rows[0].prompt is not None else 0
+        if n_prompt + max(len(r.ids) for r in rows) + max(r.max_new_tokens for r in rows) > window:
+            return 0
     head = rows[0].head
     if any(r.head != head for r in rows):
         return 0

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from paraphrase_ray.errors import ConfigError, PromptFileError
-from paraphrase_ray.prompt.soft_prompt import SoftPrompt
+from paraphrase_ray.prompt.soft_prompt import SoftPrompt, embedding_scale
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,19 @@ class PositionExplanation:
 
 @torch.no_grad()
 def explain_prompt(
-    prompt: SoftPrompt, embeddings: torch.Tensor, tokenizer, top_k: int = 5, metric: str = "cosine"
+    prompt: SoftPrompt, embeddings: torch.Tensor | torch.nn.Module, tokenizer, top_k: int = 5, metric: str = "cosine"
 ) -> dict:
-    """Nearest tokens per position. ``embeddings`` is the model's input table, (vocab, d_embed)."""
+    """Nearest tokens per position. ``embeddings``: the model's input-embedding module (its table as the module
+    outputs it: Gemma scales its rows by sqrt(d_model), and prompts live in that space), or a (vocab, d_embed)
+    table already in the prompt's space."""
     if metric not in ("cosine", "l2"):
         raise ConfigError(f"metric must be 'cosine' or 'l2', got {metric!r}")
     if not 1 <= top_k <= 100:
         raise ConfigError(f"top_k must be in 1..100, got {top_k}")
-    table = embeddings.detach().float().cpu()  # (V, d)
+    if isinstance(embeddings, torch.nn.Module):
+        table = embeddings.weight.detach().float().cpu() * embedding_scale(embeddings)  # (V, d)
+    else:
+        table = embeddings.detach().float().cpu()  # (V, d)
     vecs = prompt.weight.detach().float().cpu()  # (P, d)
     if vecs.shape[1] != table.shape[1]:
         raise PromptFileError(f"prompt width {vecs.shape[1]} != embedding width {table.shape[1]}")

@@ -57,8 +57,13 @@ class SoftPrompt(nn.Module):
 
     @classmethod
     def init(cls, model: nn.Module, tokenizer: Any, cfg: PromptConfig) -> SoftPrompt:
-        """Initialise from the model's embedding table following ``cfg.init``."""
-        table = model.get_input_embeddings().weight.detach().float().cpu()  # (vocab, d_embed)
+        """Initialise from the model's embedding table following ``cfg.init``.
+
+        The prompt lives where ``embed(ids)`` lands (what PEFT prepends too), so table rows are scaled as the
+        embedding module scales them (Gemma: by sqrt(d_model) ~ 25; most models: 1)."""
+        embedding = model.get_input_embeddings()
+        # (vocab, d_embed), in the embedding module's output space
+        table = _Scaled(embedding.weight.detach().float().cpu(), embedding_scale(embedding))
         gen = torch.Generator().manual_seed(cfg.seed)
         n, d = cfg.n_tokens, table.shape[1]
         if cfg.init == "vocab":
@@ -69,7 +74,7 @@ class SoftPrompt(nn.Module):
             weight = (torch.rand(n, d, generator=gen) * 2 - 1) * cfg.random_range
         elif cfg.init == "random_std":
             # uniform with the table's own std: keeps the prompt on the same scale as real tokens
-            std = table.std().item()
+            std = table.std()
             weight = (torch.rand(n, d, generator=gen) * 2 - 1) * std * math.sqrt(3)
         else:  # text
             ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
@@ -136,6 +141,32 @@ class SoftPrompt(nn.Module):
                 f"{expected_dim} wide: it was trained for a different base model"
             )
         return cls(weight)
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """What an input-embedding module multiplies its table rows by in ``forward`` (Gemma's scaled embedding:
+    sqrt(d_model) in the table's dtype; a plain ``nn.Embedding``: 1), measured on the module itself."""
+    w = embedding.weight
+    norms = w.detach()[:64].float().norm(dim=1)
+    ids = torch.nonzero(norms > 0).flatten()[:8].to(w.device)
+    if not len(ids):
+        return 1.0
+    with torch.no_grad():
+        out = embedding(ids).float()
+    return float(out.norm() / w.detach()[ids].float().norm())
+
+
+class _Scaled:
+    """A (vocab, d) table read as ``scale * table`` without materialising the product (Gemma's is 262k rows)."""
+
+    def __init__(self, table: torch.Tensor, scale: float):
+        self.table, self.scale, self.shape = table, scale, table.shape
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.table[idx] * self.scale
+
+    def std(self) -> float:
+        return self.table.std().item() * self.scale
 
 
 def frequent_token_ids(tokenizer: Any, vocab_size: int, top_k: int) -> torch.Tensor:

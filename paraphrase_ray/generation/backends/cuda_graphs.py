@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from paraphrase_ray.errors import ConfigError
-from paraphrase_ray.models import cache_kwarg
+from paraphrase_ray.models import cache_kwarg, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,10 @@ class GraphEngine:
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.disabled = ""  # why graphs were given up for this model (then steps run eagerly)
         self._lock = threading.Lock()  # a bucket serves one decode at a time (threads may share the model)
-        self.unsupported = (
-            ""  # why no static cache fits this model (e.g. sliding-window layers): plain forward
-        )
+        # why no static cache fits this model: plain forward. Sliding-window layers (Gemma 3): HF's static
+        # sliding layers roll their buffer on a host-side counter, which a replayed graph cannot follow
+        window = sliding_window(model)
+        self.unsupported = f"sliding-window attention (window {window})" if window else ""
 
     def start(self, cache, attn: torch.Tensor | None, extra: int) -> _Bucket | None:
         """Copy a prefilled Hugging Face cache (B rows, n positions; ``attn`` (B, n) or None: all valid) into the

@@ -11,7 +11,7 @@ values in place into preallocated buffers (``StaticKV``) and runs grouped-query 
 Only decode steps run here; the prefill stays Hugging Face's forward (any length, any mask) and its cache is
 copied into a ``StaticKV``. ``llama_step(model)`` returns None (use the HF forward) unless the model is a
 ``LlamaForCausalLM`` with plain settings (no attention / MLP bias, SiLU, default RoPE type, SDPA or eager
-attention) whose decoder Linear layers are all ``lowbit.LowBitLinear``. Logits agree with the HF forward of
+attention, no sliding window) whose decoder Linear layers are all ``lowbit.LowBitLinear``. Logits agree with the HF forward of
 the same low-bit model to float tolerance (tests/generation/test_llama_step.py).
 """
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from paraphrase_ray.generation.backends.lowbit import LowBitLinear
+from paraphrase_ray.models import sliding_window
 
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -46,6 +47,9 @@ class StaticKV:
         n = cache.get_seq_length()
         for layer in cache.layers:
             k, v = layer.keys, layer.values  # (B, H_kv, n, D)
+            if getattr(layer, "is_sliding", False) or k.shape[2] != n:
+                # a sliding-window layer holds only its window: these buffers would attend to every position
+                raise ValueError(f"StaticKV holds full-attention layers only, not {type(layer).__name__}")
             kb = k.new_empty(k.shape[0], k.shape[1], n + extra, k.shape[3])
             vb = v.new_empty(kb.shape)
             kb[:, :, :n] = k
@@ -156,6 +160,8 @@ def _applies(model: nn.Module) -> bool:
     if cfg.attention_bias or getattr(cfg, "mlp_bias", False) or cfg.hidden_act != "silu":
         return False
     if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    if sliding_window(model) is not None:  # attend() sees every cached position: no window
         return False
     linears = []
     for layer in model.model.layers:
