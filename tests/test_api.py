@@ -61,6 +61,21 @@ def test_candidates_are_sampled_then_ranked_like_the_cli(paraphraser):
     assert ranked == rerank(TEXTS[:2], raw, load_embedder())[0]
 
 
+def test_only_accepted_keeps_exactly_what_the_detector_accepts(paraphraser):
+    """``only_accepted``: a text's paraphrase, or None where the detector rejects the best candidate; the scores come
+    from ``scored`` (the same candidates, the same order) and carry the reader's flags."""
+    cands, scores = paraphraser.scored(TEXTS, num_candidates=3, max_new_tokens=8)
+    kept = paraphraser.paraphrase(TEXTS, num_candidates=3, only_accepted=True, max_new_tokens=8)
+    assert kept == [c[0] if s[0].acceptable else None for c, s in zip(cands, scores)]
+    assert [c[0] for c in cands] == paraphraser.paraphrase(TEXTS, num_candidates=3, max_new_tokens=8)
+    # a tiny random model writes no acceptable paraphrase: every row is flagged, and the flags say why
+    assert not any(s.acceptable for ss in scores for s in ss)
+    assert all(s.garbled or s.added_words or s.dropped_words or s.copy or s.empty or not s.faithful
+               or s.self_bleu >= 75 for ss in scores for s in ss)
+    one, one_scores = paraphraser.scored(TEXTS[:1], num_candidates=1, max_new_tokens=8)  # greedy is scored too
+    assert len(one[0]) == len(one_scores[0]) == 1
+
+
 def test_bad_arguments_are_named(paraphraser):
     with pytest.raises(ConfigError, match="unknown config key 'tempreture'.*did you mean 'temperature'"):
         paraphraser.paraphrase(TEXTS, tempreture=0.5)
