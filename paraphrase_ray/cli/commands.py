@@ -257,8 +257,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return runner.demo(list(args.prompt), args.port or 0)
     port = 8000 if args.port is None else args.port
     key = args.api_key or os.environ.get(ENV_API_KEY) or None
-    limits = {k: getattr(args, k) for k in ("max_queued_rows", "request_timeout_s") if hasattr(args, k)}
-    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key, **limits)
+    keys = ("max_queued_rows", "request_timeout_s", "max_request_work", "max_queued_work")
+    limits = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    hosts = tuple(getattr(args, "allowed_hosts", None) or ())
+    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key, allowed_hosts=hosts, **limits)
     names = [n for n, _ in parse_prompt_specs(settings.prompts)]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(

@@ -159,13 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000; with --demo a free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PARAPHRASE_RAY_API_KEY)")
+    p.add_argument("--allowed-hosts", nargs="+", default=[], metavar="HOST",
+                   help="Host headers a server without an API key answers besides 127.0.0.1, localhost and [::1] "
+                   "(any port); others get 403")
     _add_device_flag(p, "where the replica runs")
     p.add_argument("--address", help="Ray cluster address; default: start a local Ray")
     g = p.add_argument_group("back-pressure (also args in serve/config.yaml)")
     g.add_argument("--max-queued-rows", type=int, default=256, metavar="N",
                    help="texts waiting per replica; beyond them a request gets 503 with Retry-After (default 256)")
     g.add_argument("--request-timeout-s", type=float, default=60.0, metavar="S",
-                   help="a request not answered within S seconds gets 504 (default 60)")
+                   help="a request not answered within S seconds gets 504 and its generation stops (default 60)")
+    g.add_argument("--max-request-work", type=int, default=16384, metavar="N",
+                   help="work units one request may ask (input tokens + candidates x new tokens per text); "
+                   "beyond: 413 (default 16384)")
+    g.add_argument("--max-queued-work", type=int, default=65536, metavar="N",
+                   help="work units waiting per replica; beyond them a request gets 503 with Retry-After (default 65536)")
     p.add_argument("--demo", action="store_true",
                    help="deploy on a fresh local Ray, ask every prompt (and zero-shot) two sample sentences at once "
                    "over HTTP, print the answers and the batching, shut down")

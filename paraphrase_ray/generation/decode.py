@@ -102,11 +102,15 @@ def decode(
     which with ``inputs_embeds`` sees only the generated tokens too); ``rules.source_ngram_n`` bans copying a
     source n-gram of the row's ``source_ngrams`` (``SourceNgramBlock``); ``rules.fact_guard``: the row's
     ``guard`` bans inventing a name or number (``FactGuardProcessor``). A sampler draws after the same rules.
+    A row may carry a ``should_stop`` callable (Serve sets one: the row's request timed out or its caller left);
+    once it returns true the row stops at the next step, like a row at its limit.
     """
     # per output row (row i's k candidates are rows i*k .. i*k+k-1), as HF expands num_return_sequences
     max_new = [r.max_new_tokens for r in rows for _ in range(k)]
     source_ngrams = [r.source_ngrams for r in rows for _ in range(k)] if rules.source_ngram_n else None
     guards = [r.guard for r in rows for _ in range(k)] if rules.fact_guard else None
+    checks = [getattr(r, "should_stop", None) for r in rows for _ in range(k)]
+    checks = checks if any(checks) else None
     no_repeat_ngram, source_ngram_n, sampler = rules.no_repeat_ngram, rules.source_ngram_n, rules.sampler
     bsz, dev = len(max_new), x.device
     cache_key = cache_kwarg(model)
@@ -177,6 +181,10 @@ def decode(
                 stop |= is_nl & has_text
                 has_text = has_text | ~is_nl
             done = done | stop
+            if checks is not None:
+                gone = [j for j, r in enumerate(active.tolist()) if checks[r] is not None and checks[r]()]
+                if gone:
+                    done[gone] = True
             n_done = int(done.sum())  # one host sync per step, as in HF's loop
             if n_done == done.shape[0]:
                 break

@@ -8,33 +8,38 @@ queue; the batch is grouped only by decoding options, never by prompt.
     serve run serve/config.yaml                      # this module's app_builder with the file's args
     paraphrase-ray serve --prompt best=runs/best      # the same app from the shell (serve/runner.py)
 
-Endpoints (``routes.py``): ``POST /paraphrase``, ``GET /prompts``, ``GET /stats``, ``GET /healthz``,
-``GET /docs``. Operations: ``check_health`` fails on a stuck batch or a model that fails every batch (Serve
-then replaces the replica); at most ``max_queued_rows`` texts wait per replica (beyond: 503 + Retry-After);
-a request waits at most ``request_timeout_s`` (then 504); counters go to ``ray.serve.metrics``
-(``metrics.py``). What a request may ask and how rows are batched and reranked is decided in
-``policy.py`` (no Ray).
+Endpoints (``routes.py``, behind ``guard.py``): ``POST /paraphrase``, ``GET /prompts``, ``GET /stats``,
+``GET /healthz``, ``GET /docs``. Operations: requests are admitted in work units (``admission.py``: 413 over
+``max_request_work``, 503 + Retry-After over ``max_queued_work`` or ``max_queued_rows``); a request is answered
+within ``request_timeout_s`` or gets 504 and its generation stops; ``check_health`` fails on a stuck batch or a
+model that fails its probe batch after batch (Serve then replaces the replica), and each replica posts that
+state for ``/healthz`` (``health.py``); counters go to ``ray.serve.metrics`` (``metrics.py``). What a request
+may ask and how rows are batched is decided in ``policy.py`` (no Ray).
 """
 
 # No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
 import dataclasses
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import HTTPException
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from paraphrase_ray.config import from_dict
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.bundle import System
-from paraphrase_ray.serve import policy
+from paraphrase_ray.serve import health, policy
+from paraphrase_ray.serve.admission import Admission, StopHook, busy
+from paraphrase_ray.serve.guard import internal_error
 from paraphrase_ray.serve.metrics import ReplicaMetrics, ResponseMetrics
 from paraphrase_ray.serve.protocol import (
+    DEBUG_RAISE_MARK,
     ENV_API_KEY,
     ZERO_SHOT,
     ParaphraseRequest,
@@ -44,22 +49,26 @@ from paraphrase_ray.serve.protocol import (
     parse_prompt_specs,
     split_prompt_spec,
 )
-from paraphrase_ray.serve.routes import busy
 from paraphrase_ray.storage import is_uri
 
 APP_NAME = "paraphrase"
 DEPLOYMENT_NAME = "ParaphraseModel"  # the model replicas
 INGRESS_NAME = "ParaphraseAPI"  # the HTTP ingress: survives a model replica's crash and answers 503 for it
 RESTART_RETRY_S = 2  # Retry-After when a model replica died under a request
-FAILED_BATCHES_UNHEALTHY = 3  # this many batches in a row with every row failing: the model is unusable
+FAILED_BATCHES_UNHEALTHY = 3  # this many failed batches in a row, each confirmed by the probe: the model is unusable
 # Serve's own options for the deployment; serve/config.yaml and build_app's options override them.
+# max_queued_requests: requests waiting at a caller (the ingress) for a model replica beyond max_ongoing_requests;
+# past it the ingress answers 503 at once (Serve's BackPressureError) instead of letting them wait into a 504.
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 64,
+    "max_queued_requests": 64,
     "ray_actor_options": {"num_cpus": 1},
     "health_check_period_s": 10,
     "health_check_timeout_s": 30,
 }
-INGRESS_DEFAULTS: dict[str, Any] = {"max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 0}}
+INGRESS_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 512, "max_queued_requests": 1024, "ray_actor_options": {"num_cpus": 0}
+}
 
 
 def _replica() -> "ParaphraseAPI":
@@ -112,18 +121,30 @@ class ParaphraseModel:
         self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="rerank")
         self._embedder = None
         self.metrics = ReplicaMetrics()
+        self.admission = Admission(s)
+        self._stop_hook = StopHook()  # a timed-out request's pass stops at its next model call
+        self._stop_hook.install_on(self.loaded, [p.generation.quantize for p in self.prompts.values()])
+        self._probe = (base, policy.probe_row(self.loaded, base))
         self._batch_started: float | None = None  # monotonic start of the batch in the generation thread
-        self._failed_batches, self._last_error = 0, ""
-        self._rows_per_s = 0.0  # recent generation throughput, for Retry-After
+        self._failed_batches = 0
+        ctx = serve.get_replica_context()
+        self._health = health.Publisher(ctx.app_name, ctx.replica_id.unique_id, self.health_problem)
+
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
+        publisher = getattr(self, "_health", None)
+        if publisher is not None:
+            publisher.stop()
 
     # -- health ------------------------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
-        """Why this replica should be replaced, or None: a stuck batch, or a model that fails every batch."""
+        """Why this replica should be replaced, or None: a stuck batch, or a model that fails every batch.
+
+        Fixed sentences (the open ``/healthz`` shows them): the errors themselves are in the replica's log."""
         started, limit = self._batch_started, self.settings.stuck_batch_s
         if started is not None and time.monotonic() - started > limit:
-            return f"a generation batch has run for {time.monotonic() - started:.0f} s (stuck_batch_s={limit:g})"
+            return f"a generation batch has run longer than stuck_batch_s ({limit:g} s)"
         if self._failed_batches >= FAILED_BATCHES_UNHEALTHY:
-            return f"the model failed {self._failed_batches} batches in a row: {self._last_error}"
+            return f"the model failed {self._failed_batches} batches in a row (see the replica's log)"
         return None
 
     def check_health(self) -> None:
@@ -150,42 +171,51 @@ class ParaphraseModel:
     def stats(self) -> dict[str, Any]:
         return {
             **self.metrics.summary(),
+            **self.admission.summary(),
             "replica": serve.get_replica_context().replica_id.unique_id,
             "batch_wait_s": round(self._batch_wait, 3),
             "device": str(self.loaded.device),
         }
 
     async def paraphrase(self, body: dict[str, Any]) -> ParaphraseResponse:
-        """Validate, admit under the queue cap, wait at most ``request_timeout_s``; rerank when asked."""
+        """Validate, admit under the budgets, answer (generation and rerank) within ``request_timeout_s``.
+
+        A request that times out, or whose caller leaves, is cancelled: its rows that have not started are
+        skipped and the ones generating stop at the next decode step."""
         s, m, req = self.settings, self.metrics, ParaphraseRequest.model_validate(body)
-        served, texts, items = policy.request_items(s, self.loaded, self.prompts, self.default, req)
-        if m.queued_rows + len(items) > s.max_queued_rows:
-            wait = m.queued_rows / self._rows_per_s if self._rows_per_s else 1.0
-            raise busy(
-                f"server busy: {m.queued_rows} texts queued, {len(items)} more would pass the limit of "
-                f"{s.max_queued_rows}; retry after the Retry-After seconds",
-                min(wait, 60.0),
-            )
+        cancel = threading.Event()
+        served, texts, items = policy.request_items(s, self.loaded, self.prompts, self.default, req, cancel.is_set)
+        if s.debug_stall_s and any(DEBUG_RAISE_MARK in t for t in texts):
+            raise RuntimeError(f"{DEBUG_RAISE_MARK}: a plain exception on the model replica (tests only)")
+        ticket = self.admission.admit(items)
         m.admitted(len(items))
         try:
-            outs = await asyncio.wait_for(asyncio.gather(*(self._generate(it) for it in items)), s.request_timeout_s)
+            answer = self._answer(served, texts, items, req.rerank, cancel.is_set)
+            return await asyncio.wait_for(answer, s.request_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(
                 504,
                 f"not answered within the server's request timeout of {s.request_timeout_s:g} s "
-                f"({m.queued_rows} texts were queued); retry later or send fewer texts",
+                f"({self.admission.rows} texts were queued); its generation was stopped; retry later or send "
+                "fewer texts",
             ) from None
         finally:
+            cancel.set()  # answered, timed out or abandoned: nothing more to generate for it
+            self.admission.release(ticket)
             m.queue(-len(items))
+
+    async def _answer(self, served: System, texts: list[str], items: list[policy.Item], rerank: bool, stopped):
+        outs = await asyncio.gather(*(self._generate(it) for it in items))
         for o in outs:
             if isinstance(o, Exception):
-                raise HTTPException(500, f"generation failed: {type(o).__name__}: {o}")
+                _, detail = internal_error("generation", o)
+                raise HTTPException(500, f"generation failed: {detail}")
         results = [
             ParaphraseResult(text=t, paraphrase=c[0] if c else "", candidates=c)
             for t, c in zip(texts, outs, strict=True)
         ]
-        if req.rerank:
-            await self._rerank(results)
+        if rerank:
+            await self._rerank(results, stopped)
         return ParaphraseResponse(prompt=served.name, model=self.loaded.name, results=results)
 
     # -- the shared batch --------------------------------------------------------------------------------------
@@ -197,7 +227,7 @@ class ParaphraseModel:
         out = await loop.run_in_executor(self._gen_pool, self._run_batch, items)
         took = time.perf_counter() - t0
         self.metrics.generated(took)
-        self._rows_per_s = len(items) / max(took, 1e-3)
+        self.admission.finished(items, took)
         # Closed-loop callers resend the moment their batch returns; a fixed 10 ms wait then starts the next
         # batch without them and the callers split into convoys of half-size batches. Waiting a small share of
         # the last batch's time lets them rejoin, costing at most that share of throughput.
@@ -207,24 +237,43 @@ class ParaphraseModel:
         return out
 
     def _run_batch(self, items: list[policy.Item]) -> list[list[str] | Exception]:
-        """In the generation thread; ``check_health`` watches how long this takes and whether it keeps failing."""
+        """In the generation thread; ``check_health`` watches how long this takes and whether it keeps failing.
+
+        A failed row counts against the model only when the model then fails the probe too (a short greedy
+        row of a plain sentence): a row that failed for what its request asked never makes the replica
+        unhealthy."""
         self._batch_started = time.monotonic()
         try:
-            out = policy.run_batch(self.loaded, items, self.metrics.batch, self.settings.debug_stall_s)
+            out = policy.run_batch(
+                self.loaded, items, self.metrics.batch, self.settings.debug_stall_s, self._stop_hook.watch
+            )
+            if any(isinstance(o, Exception) and not isinstance(o, policy.Cancelled) for o in out):
+                self._failed_batches = 0 if self._probe_ok() else self._failed_batches + 1
+            elif any(isinstance(o, list) for o in out):
+                self._failed_batches = 0
         finally:
             self._batch_started = None
-        errors = [o for o in out if isinstance(o, Exception)]
-        self._failed_batches = self._failed_batches + 1 if len(errors) == len(out) else 0
-        if errors:
-            self._last_error = f"{type(errors[0]).__name__}: {errors[0]}"
         return out
 
-    async def _rerank(self, results: list[ParaphraseResult]) -> None:
+    def _probe_ok(self) -> bool:
+        from paraphrase_ray.generation.generate import generate_rows
+
+        served, row = self._probe
+        try:
+            generate_rows(self.loaded, [row], policy.probe_gen(served))
+            return True
+        except Exception as e:
+            internal_error("the model probe", e)
+            return False
+
+    async def _rerank(self, results: list[ParaphraseResult], stopped) -> None:
         """Score every candidate; the best usable, faithful candidate comes first (``metrics.rank_candidates``)."""
         from paraphrase_ray.evaluation.embedder import load_embedder
         from paraphrase_ray.evaluation.metrics import rerank
 
         def score():
+            if stopped():
+                raise asyncio.CancelledError  # the request timed out while waiting for this thread
             if self._embedder is None:
                 self._embedder = load_embedder(self.settings.embedder, device=str(self.loaded.device))
             return rerank([r.text for r in results], [r.candidates for r in results], self._embedder)
@@ -249,16 +298,21 @@ class ParaphraseAPI:
         self.metrics = ResponseMetrics()
         # the model answers 504 itself at request_timeout_s; this bounds a model replica that stopped answering
         self._timeout = s.request_timeout_s + 10 if s.request_timeout_s else None
+        self._health = health.Reader(serve.get_replica_context().app_name)
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """``ParaphraseModel.<method>(*args)`` on a model replica, with its errors as HTTP errors."""
+        """``ParaphraseModel.<method>(*args)`` on a model replica, with its errors as HTTP errors; any other
+        error of the model replica is logged here with an id, and the caller gets only the id."""
         try:
             return await asyncio.wait_for(getattr(self.model, method).remote(*args), timeout or self._timeout)
         except HTTPException as e:  # raised on the model replica: re-raise it plainly here
             cause = getattr(e, "cause", e)
             raise HTTPException(cause.status_code, cause.detail, headers=cause.headers) from None
         except BackPressureError as e:
-            raise busy(f"server busy: {e}", e.retry_after_s or RESTART_RETRY_S) from None
+            raise busy(
+                "server busy: the model replicas' queues are full; retry after the Retry-After seconds",
+                e.retry_after_s or RESTART_RETRY_S,
+            ) from None
         except RayActorError:
             raise busy(
                 "the model replica stopped while serving this request and is being replaced; it changed nothing, "
@@ -267,12 +321,13 @@ class ParaphraseAPI:
             ) from None
         except asyncio.TimeoutError:
             raise HTTPException(504, f"the model replica did not answer within {timeout or self._timeout:g} s") from None
+        except RayTaskError as e:  # its text names pids, node addresses, files and source lines
+            _, detail = internal_error(f"the model replica's {method}", e)
+            raise HTTPException(500, detail) from None
 
     async def health_problem(self) -> str | None:
-        try:
-            return await self.call("health_problem", timeout=5)
-        except HTTPException as e:
-            return str(e.detail)
+        """From the board the model replicas post to (``health.py``): never queued behind generation."""
+        return await self._health.problem()
 
     async def paraphrase(self, req: ParaphraseRequest) -> ParaphraseResponse:
         return await self.call("paraphrase", req.model_dump(exclude_unset=True))

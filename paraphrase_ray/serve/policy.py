@@ -8,6 +8,7 @@ rule a caller can trip (limits, unknown prompt, bad decoding options) is testabl
 """
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from paraphrase_ray.config import GenerationConfig
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.prompt.bundle import System
 from paraphrase_ray.serve.protocol import (
+    DEBUG_FAIL_MARK,
     DEBUG_STALL_MARK,
     MAX_CANDIDATES,
     CandidateScore,
@@ -27,18 +29,40 @@ from paraphrase_ray.serve.protocol import (
 )
 
 
+class Cancelled(Exception):
+    """A row's request timed out or its caller left: its generation stopped (never a failure of the model)."""
+
+
 @dataclass(frozen=True)
 class Item:
-    """One row in the batch queue; ``gen`` is normalised so rows differing only in length limits share it."""
+    """One row in the batch queue; ``gen`` is normalised so rows differing only in length limits or seed share it.
+
+    ``seed``: the seed the row asked for (``run_batch`` seeds each pass from its rows'); ``stop``: true once the
+    row's request timed out or its caller left (the row is skipped, or stops at the next decode step)."""
 
     prompt: str
     row: Any  # generation.rows.Row
     gen: GenerationConfig
     text: str = ""
+    seed: int = 0
+    stop: Callable[[], bool] | None = None
 
     @property
     def cost(self) -> int:  # sequences this row adds to the forward pass
         return max(self.gen.num_beams, self.gen.num_return_sequences)
+
+    @property
+    def input_tokens(self) -> int:  # what its prefill reads: soft prompt + template + source
+        prompt = self.row.prompt
+        return len(self.row.ids) + (int(prompt.weight.shape[0]) if prompt is not None else 0)
+
+    @property
+    def work(self) -> int:
+        """Work units (admission.py): input tokens + sequences x the row's max new tokens."""
+        return self.input_tokens + self.cost * self.row.max_new_tokens
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop()
 
 
 def batch_cost(items: list[Item]) -> int:
@@ -96,9 +120,17 @@ def decoding(served: System, req: ParaphraseRequest, cap: int) -> GenerationConf
 
 
 def request_items(
-    s: ServeSettings, loaded, prompts: dict[str, System], default: str, req: ParaphraseRequest
+    s: ServeSettings,
+    loaded,
+    prompts: dict[str, System],
+    default: str,
+    req: ParaphraseRequest,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[System, list[str], list[Item]]:
-    """Everything a caller can get wrong is rejected here, before the batch queue: (prompt, texts, rows)."""
+    """Everything a caller can get wrong is rejected here, before the batch queue: (prompt, texts, rows).
+
+    Every prompt's source-token limit holds, zero-shot's too (a chat model's zero-shot row is not cut, so an
+    unchecked one could be the whole context). ``stop``: the request's cancel check, carried by each row."""
     from paraphrase_ray.generation.generate import row_for
 
     name = req.prompt or default
@@ -107,15 +139,17 @@ def request_items(
     served = prompts[name]
     texts = request_texts(req, s)
     gen = decoding(served, req, s.max_new_tokens)
-    # the batch key: rows that differ only in their length limits share one forward pass
-    key = dataclasses.replace(
-        gen, max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=1.0, seed=gen.seed if gen.do_sample else 0
-    )
+    # the batch key: rows that differ only in their length limits or seed share one forward pass
+    key = dataclasses.replace(gen, max_new_tokens=s.max_new_tokens, max_new_tokens_ratio=1.0, seed=0)
+    seed = gen.seed if gen.do_sample else 0
     tok, ctx = loaded.tokenizer, loaded.max_positions
     items = []
     for where, t in texts:
-        n_src = len(tok(served.template.prefix + t, add_special_tokens=True)["input_ids"])
-        if not served.chat and n_src > served.max_source_tokens:
+        if served.chat:  # the chat template wraps the source; the limit is on the source itself
+            n_src = len(tok(t, add_special_tokens=False)["input_ids"])
+        else:
+            n_src = len(tok(served.template.prefix + t, add_special_tokens=True)["input_ids"])
+        if n_src > served.max_source_tokens:
             raise HTTPException(
                 413, f"{where}: {n_src} tokens exceed prompt {name!r}'s limit of {served.max_source_tokens} source tokens"
             )
@@ -127,17 +161,34 @@ def request_items(
                 f"{where}: {served.n_tokens} prompt + {len(row.ids)} input + {row.max_new_tokens} "
                 f"new tokens exceed the model's context of {ctx}",
             )
-        items.append(Item(name, row, key, t))
+        if stop is not None:
+            row.should_stop = stop  # decode.decode stops the row at the next step once this is true
+        items.append(Item(name, row, key, t, seed, stop))
     return served, [t for _, t in texts], items
 
 
+def pass_seed(seeds: set[int]) -> int:
+    """One pass's seed: its rows' seed when they agree (a request alone reproduces), else a mix of them."""
+    if len(seeds) == 1:
+        return next(iter(seeds))
+    digest = hashlib.blake2b(repr(sorted(seeds)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # within MAX_SEED
+
+
 def run_batch(
-    loaded, items: Sequence[Item], on_batch: Callable[[int, bool], None], stall_s: float = 0.0
+    loaded,
+    items: Sequence[Item],
+    on_batch: Callable[[int, bool], None],
+    stall_s: float = 0.0,
+    abort: Callable[[Callable[[], bool] | None], None] | None = None,
 ) -> list[list[str] | Exception]:
     """Rows of any prompts, one forward pass per decoding options; a failing group never fails the others.
 
-    ``on_batch(rows, mixed_prompts)`` is called per forward pass. ``stall_s`` (tests only, see
-    ``ServeSettings.debug_stall_s``): sleep that long first when a row's text holds ``DEBUG_STALL_MARK``.
+    ``on_batch(rows, mixed_prompts)`` is called per forward pass. A row whose request stopped is answered
+    ``Cancelled`` without generating; ``abort(check)`` (the replica's ``StopHook.watch``) makes a pass stop at
+    its next model call once ``check()`` is true, i.e. once every row in it has stopped. ``stall_s`` (tests
+    only, see ``ServeSettings.debug_stall_s``): sleep that long first when a row's text holds ``DEBUG_STALL_MARK``;
+    a row holding ``DEBUG_FAIL_MARK`` fails.
     """
     from paraphrase_ray.generation.generate import generate_rows
 
@@ -146,16 +197,36 @@ def run_batch(
     groups: dict[GenerationConfig, list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(it.gen, []).append(i)
-    out: list[list[str] | Exception] = [[] for _ in items]
-    for gen, idx in groups.items():
+    out: list[list[str] | Exception] = [Cancelled() for _ in items]
+
+    def generate(idx: list[int]) -> None:
+        live = [i for i in idx if not items[i].stopped()]
+        if not live:
+            return
+        if stall_s and any(DEBUG_FAIL_MARK in items[i].text for i in live):
+            raise RuntimeError(f"{DEBUG_FAIL_MARK} asked for this failure")
+        gen = dataclasses.replace(items[live[0]].gen, seed=pass_seed({items[i].seed for i in live}))
+        if abort is not None:
+            abort(lambda: all(items[i].stopped() for i in live))
+        try:
+            for i, cands in zip(live, generate_rows(loaded, [items[i].row for i in live], gen), strict=True):
+                out[i] = cands
+        finally:
+            if abort is not None:
+                abort(None)
+
+    for idx in groups.values():
         on_batch(len(idx), len({items[i].prompt for i in idx}) > 1)
         try:
-            for i, cands in zip(idx, generate_rows(loaded, [items[i].row for i in idx], gen), strict=True):
-                out[i] = cands
+            generate(idx)
+        except Cancelled:
+            pass  # every row of the pass stopped: they stay Cancelled
         except Exception:  # retry one row at a time so one bad row cannot fail its neighbours
             for i in idx:
                 try:
-                    out[i] = generate_rows(loaded, [items[i].row], gen)[0]
+                    generate([i])
+                except Cancelled:
+                    pass
                 except Exception as e:
                     out[i] = e
     return out
@@ -189,6 +260,26 @@ def prompt_listing(prompts: dict[str, System], default: str, loaded, s: ServeSet
         "max_candidates": MAX_CANDIDATES,
         "context_tokens": loaded.max_positions,
         "max_queued_rows": s.max_queued_rows,
+        "max_request_work": s.max_request_work,
+        "max_queued_work": s.max_queued_work,
         "request_timeout_s": s.request_timeout_s,
     }
     return {"base_model": loaded.name, "default": default, "prompts": items, "limits": limits}
+
+
+PROBE_TEXT = "The committee approved the budget."
+
+
+def probe_gen(served: System) -> GenerationConfig:
+    """The probe's decoding: two greedy tokens with ``served``'s rules (``probe_row``)."""
+    return dataclasses.replace(
+        served.generation, max_new_tokens=2, do_sample=False, num_beams=1, num_return_sequences=1, seed=0
+    )
+
+
+def probe_row(loaded, served: System) -> Any:
+    """A row of a plain sentence: after a failed batch, the model generating it says the model still works
+    (so the failure was the request's, not the model's)."""
+    from paraphrase_ray.generation.generate import row_for
+
+    return row_for(loaded, PROBE_TEXT, served.prompt, served.template, probe_gen(served), served.max_source_tokens)

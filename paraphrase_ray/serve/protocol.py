@@ -18,8 +18,13 @@ from paraphrase_ray.storage import is_uri, resolve_prompt_dir
 
 ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
 MAX_CANDIDATES = 8
-DEBUG_STALL_MARK = "[debug-stall]"  # see ServeSettings.debug_stall_s (tests only)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_SEED = 2**63 - 1  # torch generators take a 64-bit seed; keep to the signed range every backend accepts
+PROMPT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # what parse_prompt_specs accepts (and "zero-shot")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # what a server without an API key answers (any port)
+# TEST ONLY, active only when ServeSettings.debug_stall_s > 0: a text holding a mark stalls its batch, fails its
+# row's generation, or makes the model replica raise a plain exception (what a bug would do)
+DEBUG_STALL_MARK, DEBUG_FAIL_MARK, DEBUG_RAISE_MARK = "[debug-stall]", "[debug-fail]", "[debug-raise]"
+_NAME_RE = re.compile(PROMPT_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,17 @@ class ServeSettings:
     embedder: str = DEFAULT_EMBEDDER  # rerank scorer
     # operations (issue 14): back-pressure, timeouts, health
     max_queued_rows: int = 256  # texts admitted and not yet answered, per replica; beyond: 503 + Retry-After
+    # admission in work units (admission.py): a row costs its input tokens (prompt + source) plus candidates x
+    # its max new tokens. One request over max_request_work: 413; the replica's queue over max_queued_work: 503
+    max_request_work: int = 16384
+    max_queued_work: int = 65536
+    # Host headers a server without an API key answers besides loopback (LOOPBACK_HOSTS); "*": any (not advised)
+    allowed_hosts: tuple[str, ...] = ()
     request_timeout_s: float | None = 60.0  # a request still waiting after this gets 504 (None: no limit)
     stuck_batch_s: float = 120.0  # check_health fails (Serve replaces the replica) if one batch runs longer
     # TEST ONLY: a batch holding a text that contains DEBUG_STALL_MARK sleeps this long in the generation thread,
-    # so tests can stall a replica on purpose. 0 (the default) disables it; never set it in production.
+    # so tests can stall a replica on purpose; > 0 also enables DEBUG_FAIL_MARK and DEBUG_RAISE_MARK. 0 (the
+    # default) disables them all; never set it in production.
     debug_stall_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -66,6 +78,12 @@ class ServeSettings:
             raise ConfigError(
                 f"serve max_queued_rows ({self.max_queued_rows}) must be >= max_texts ({self.max_texts})"
             )
+        if not 1 <= self.max_request_work <= self.max_queued_work:
+            raise ConfigError(
+                f"serve needs 1 <= max_request_work ({self.max_request_work}) <= max_queued_work ({self.max_queued_work})"
+            )
+        if any(not h or len(h) > 253 or any(c in h for c in "/ ") for h in self.allowed_hosts):
+            raise ConfigError(f"serve allowed_hosts must be host names (no scheme, path or port), got {self.allowed_hosts}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ConfigError("serve request_timeout_s must be > 0 (or null for no limit)")
         if self.stuck_batch_s <= 0 or self.debug_stall_s < 0:
@@ -120,7 +138,10 @@ class ParaphraseRequest(BaseModel):
     text: str | None = Field(None, description="one text (or use texts)")
     texts: list[str] | None = Field(None, description="several texts; answered in input order")
     prompt: str | None = Field(
-        None, description=f"prompt name (default: the server's default; {ZERO_SHOT!r}: none)"
+        None,
+        max_length=64,
+        pattern=PROMPT_NAME_PATTERN,
+        description=f"prompt name (default: the server's default; {ZERO_SHOT!r}: none); see GET /prompts",
     )
     num_candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description="candidates per text")
     do_sample: bool | None = Field(None, description="sample (default: only when num_candidates > num_beams)")
@@ -136,7 +157,8 @@ class ParaphraseRequest(BaseModel):
         None, ge=0, le=16, description="never copy this many consecutive source tokens (0: off)"
     )
     max_new_tokens: int | None = Field(None, ge=1, description="at most the server cap (see GET /prompts)")
-    seed: int | None = Field(None, ge=0, description="sampling seed")
+    # (OpenAPI's "maximum" is a float, 2^63 rounded: the description states the exact bound)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=f"sampling seed, 0 to 2^63-1 = {MAX_SEED}")
     rerank: bool = Field(False, description="score candidates; the best non-copy comes first")
 
 

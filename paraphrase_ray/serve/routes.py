@@ -9,45 +9,25 @@ security scheme (``HTTPBearer``), so ``/docs`` shows an Authorize button; ``/hea
 ``/docs`` and ``/openapi.json`` stay open. The middleware checks the key before the body is read.
 """
 
-import hmac
-import logging
-import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from paraphrase_ray.serve.protocol import ParaphraseResponse, ServeSettings, request_model
+from paraphrase_ray.serve.guard import UNAUTHORIZED, Guard, key_ok
+from paraphrase_ray.serve.protocol import (
+    PROMPT_NAME_PATTERN,
+    ParaphraseResponse,
+    ServeSettings,
+    request_model,
+)
 
-log = logging.getLogger("paraphrase_ray")
-DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
-OPEN_PATHS = frozenset({"/healthz", "/"}) | DOC_PATHS  # never need the key, never counted
-MAX_BODY_BYTES = 1 << 20
 PLAYGROUND_PATH = Path(__file__).parent / "resources" / "playground.html"
-_EXPLAIN = re.compile(r"^/prompts/[^/]+/explain$")
-UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer KEY'"
-
-
-def key_ok(given: str | None, key: str | None) -> bool:
-    """Constant-time comparison; no key configured means open."""
-    return not key or (given is not None and hmac.compare_digest(given.strip().encode(), key.encode()))
-
-
-def route_label(path: str) -> str:
-    """A bounded set of metric labels: the route template, or 'other' (unknown paths, probes)."""
-    if path in ("/paraphrase", "/prompts", "/stats"):
-        return path
-    return "/prompts/{name}/explain" if _EXPLAIN.match(path) else "other"
-
-
-def busy(detail: str, retry_after_s: float) -> HTTPException:
-    """503 with ``Retry-After`` (whole seconds, at least 1)."""
-    return HTTPException(503, detail, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -58,11 +38,13 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         loc, kind, ctx = loc.lstrip(".") or "body", err.get("type", ""), err.get("ctx") or {}
         if kind == "too_long" and loc == "texts":
             msgs.append(f"texts: {ctx.get('actual_length')} texts exceed the limit of {ctx.get('max_length')} per request")
-        elif kind == "string_too_long":
+        elif kind == "string_too_long" and loc.startswith("text"):
             msgs.append(f"{loc}: {len(err.get('input', ''))} characters exceed the limit of {ctx.get('max_length')}")
         else:
             size_only = False
-            if kind in ("string_too_short", "string_pattern_mismatch"):
+            if loc == "prompt" and kind in ("string_too_long", "string_pattern_mismatch"):
+                msgs.append("prompt: a name is 1-64 letters, digits, '_', '.' or '-' (GET /prompts lists them)")
+            elif kind in ("string_too_short", "string_pattern_mismatch"):
                 msgs.append(f"{loc}: empty or whitespace-only text")
             elif kind == "too_short" and loc == "texts":
                 msgs.append("texts: empty list; give at least one text")
@@ -90,29 +72,7 @@ def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
 
     keyed = [Depends(require_key)]
 
-    @api.middleware("http")
-    async def guard(request: Request, call_next):
-        """Key and body size before the body is read; every response on a data path counted by status."""
-        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        if path in OPEN_PATHS:
-            return await call_next(request)
-        rep, label = replica(), route_label(path)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        length = request.headers.get("content-length", "")
-        if not key_ok(given if scheme.lower() == "bearer" else None, rep.api_key):
-            response = JSONResponse({"detail": UNAUTHORIZED}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        elif length.isdigit() and int(length) > MAX_BODY_BYTES:
-            response = JSONResponse({"detail": f"request body over the limit of {MAX_BODY_BYTES} bytes"}, status_code=413)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # never a bare 500: say what failed
-                log.exception("unhandled error on %s", path)
-                response = JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
-        rep.metrics.response(label, response.status_code)
-        return response
+    api.add_middleware(Guard, replica=replica)  # host, key, content type, body size, error ids (guard.py)
 
     @api.exception_handler(RequestValidationError)
     async def schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,7 +80,8 @@ def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
-        """200 ``{"status": "ok"}``, or 503 with the reason Serve's health check fails too."""
+        """200 ``{"status": "ok"}``, or 503 with the reason Serve's health check fails too (never queued behind
+        generation: the ingress reads what the model replicas post, ``health.py``)."""
         problem = await replica().health_problem()
         if problem:
             return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
@@ -138,7 +99,7 @@ def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
 
     @api.get("/prompts/{name}/explain", dependencies=keyed)
     async def explain(
-        name: str, top_k: Annotated[int, Query(ge=1, le=50)] = 5, metric: Literal["cosine", "l2"] = "cosine"
+        name: Annotated[str, PathParam(max_length=64, pattern=PROMPT_NAME_PATTERN)], top_k: Annotated[int, Query(ge=1, le=50)] = 5, metric: Literal["cosine", "l2"] = "cosine"
     ) -> dict[str, Any]:
         """Nearest vocabulary tokens of each prompt vector, and norms (see ``paraphrase-ray explain``)."""
         return await replica().explain(name, top_k, metric)
@@ -154,9 +115,11 @@ def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
         response_model=ParaphraseResponse,
         response_model_by_alias=True,
         responses={
-            413: {"description": "too many texts, or a text too long (see GET /prompts for the limits)"},
-            503: {"description": "queue full or replica restarting: retry after the Retry-After seconds"},
-            504: {"description": "not answered within the server's request timeout"},
+            413: {"description": "too many texts, a text too long, a body over 1 MiB, or more work than "
+                   "max_request_work (see GET /prompts for the limits)"},
+            415: {"description": "the body is not sent as application/json"},
+            503: {"description": "queue full (texts or work) or replica restarting: retry after Retry-After"},
+            504: {"description": "not answered within the server's request timeout (generation stopped)"},
         },
     )
     async def paraphrase(req: body_model) -> ParaphraseResponse:  # type: ignore[valid-type]
