@@ -20,8 +20,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +122,9 @@ def _offline_model_dir(alias: str) -> Path:
     pkg_dir, gguf_name = _gguf_location(alias)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Build into a temp dir then rename: several Ray workers may race to convert on first use.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}-"))
-    try:
+    from paraphrase_ray.files import publish_dir
+
+    def convert(tmp: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=gguf_name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=gguf_name)
         # The dequantized weights are plain fp32 tensors; drop the GGUF marker so they save as safetensors.
@@ -137,13 +134,10 @@ def _offline_model_dir(alias: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    # Written beside the target and renamed into place: a failed conversion leaves nothing, a killed one's temp
+    # (~0.5 GB) goes with the next conversion, and of Ray workers racing on first use the first copy wins.
+    return publish_dir(target, convert, replace=False)
 
 
 def _gguf_location(alias: str) -> tuple[Path, str]:
@@ -273,6 +267,7 @@ def cache_kwarg(module: nn.Module) -> str | None:
 
     params = inspect.signature(module.forward).parameters
     return next((k for k in ("cache", "past_key_values") if k in params), None)
+
 
 def sliding_window(model: nn.Module) -> int | None:
     """The attention window of a model with sliding-window layers (Gemma 2/3, Mistral), None when every layer

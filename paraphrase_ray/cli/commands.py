@@ -39,9 +39,11 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from paraphrase_ray.models import load_model
+    from paraphrase_ray.prompt.directory import check_out_dir
     from paraphrase_ray.training.trainer import train
 
     cfg = build_run_config(args)
+    check_out_dir(args.out)  # before loading the model: never a directory of other files (README.md)
     loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)
     out = Path(args.out)
     resume = out / "checkpoint" if args.resume else None
@@ -59,7 +61,7 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
     from paraphrase_ray.data import read_source_file
     from paraphrase_ray.files import write_records
     from paraphrase_ray.prompt.directory import PromptMeta
-    from paraphrase_ray.storage import resolve_prompt_dir
+    from paraphrase_ray.storage import check_output, resolve_prompt_dir
 
     if (args.text is None) == (args.input is None):
         raise ConfigError("give exactly one of --text or --input")
@@ -69,6 +71,10 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         raise ConfigError("--text is empty")
     if args.ray and args.input is None:
         raise ConfigError("--ray paraphrases files: give --input and --output")
+    if args.output:  # before any work: never over what this did not write, never over its own input
+        check_output(args.output, [args.input] if args.input else [], args.overwrite)
+        if not args.ray and Path(args.output).is_dir():
+            raise ConfigError(f"--output {args.output} is a directory: give a .jsonl or .parquet file (or use --ray)")
     shown = args.num_candidates  # asked for explicitly: every candidate is printed / written
     k, quantize = shown or DEFAULT_CANDIDATES, QUANTIZE[args.precision]
     args.prompt = str(resolve_prompt_dir(args.prompt))  # a gs:// prompt (a sweep's best/) is fetched once
@@ -77,7 +83,7 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
 
         gen = decoding_for(PromptMeta.read(args.prompt), k, max_new_tokens=args.max_new_tokens, quantize=quantize)
         pool = ActorPool(concurrency=args.concurrency, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
-                         batch_size=args.batch_size, address=args.address)
+                         batch_size=args.batch_size, address=args.address, overwrite=args.overwrite)
         out = paraphrase_dataset(args.prompt, args.input, args.output, gen, args.model, args.device, args.embedder, pool)
         print(f"wrote paraphrases to {out}/", file=sys.stderr)
         return 0

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "through); with --ray also a directory of Parquet files or gs://")
     g.add_argument("--output", help="JSONL or .parquet file to write (adds 'prediction', and 'candidates' when K > 1); "
                    "with --ray a directory of Parquet files (JSONL files if it ends in .jsonl), local or gs://")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an --output that exists and is not empty (default: refuse); never one that holds "
+                   "the --input")
     g = p.add_argument_group("decoding")
     g.add_argument("--num-candidates", type=int, default=None,
                    help=f"sample K candidates (temperature 0.8) and keep the best: usable, faithful, then by objective "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from paraphrase_ray.config import GenerationConfig, RunConfig, TemplateConfig, from_dict, to_dict
-from paraphrase_ray.errors import PromptFileError
+from paraphrase_ray.errors import ConfigError, PromptFileError
 from paraphrase_ray.files import atomic_write
 from paraphrase_ray.prompt.card import render_card
 
@@ -126,6 +126,30 @@ def write_meta(prompt_dir: Path, meta: dict[str, Any]) -> None:
     """The metadata, then the model card made from it (so ``README.md`` always shows the latest metrics)."""
     atomic_write(prompt_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     write_card(prompt_dir)
+
+
+def is_prompt_dir(path: str | Path) -> bool:
+    """A directory that holds a prompt: ``adapter_model.safetensors`` and ``adapter_config.json``."""
+    return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Where ``train`` may write a prompt: a new or empty directory, or a prompt directory (re-training into one,
+    as ``--resume`` does, also when only its ``checkpoint/`` was saved). Never a directory of other files: the
+    prompt's files, the model card ``README.md`` first, would overwrite theirs."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {p} is a file; give a directory for the prompt")
+    if not p.is_dir() or is_prompt_dir(p):
+        return
+    names = [n for n in (e.name for e in p.iterdir()) if not n.startswith(".checkpoint.tmp-")]  # a killed save's
+    if not names or (names == ["checkpoint"] and is_prompt_dir(p / "checkpoint")):
+        return
+    raise ConfigError(
+        f"--out {p} already holds files that are not a prompt ({', '.join(sorted(names)[:3])}"
+        f"{', ...' if len(names) > 3 else ''}; no {WEIGHTS_FILE} + {CONFIG_FILE}), and the prompt's files "
+        f"({CARD_FILE} first) would overwrite theirs: give a new or empty directory, or a prompt directory"
+    )
 
 
 def write_card(prompt_dir: str | Path) -> Path:

@@ -31,7 +31,7 @@ from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.prompt.directory import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
-from paraphrase_ray.storage import is_uri, open_uri, resolve_prompt_dir
+from paraphrase_ray.storage import check_output, is_uri, open_uri, resolve_prompt_dir
 
 log = logging.getLogger("paraphrase_ray")
 
@@ -100,15 +100,18 @@ def read_dataset(path: str):
     return ray.data.read_parquet(where, filesystem=fs)
 
 
-def write_dataset(ds, path: str) -> None:
-    """Write ``ds`` as a directory of JSONL files (name ends in .jsonl/.json) or Parquet files, replacing it."""
+def write_dataset(ds, path: str, overwrite: bool = False) -> None:
+    """Write ``ds`` as a directory of JSONL files (name ends in .jsonl/.json) or Parquet files. ``overwrite``: what
+    is there is deleted first (Ray's OVERWRITE, before the input is read: ``storage.check_output`` runs first);
+    else nothing is deleted (APPEND into a new or empty directory)."""
     from ray.data import SaveMode
 
     where, fs, suffix = _location(path)
+    mode = SaveMode.OVERWRITE if overwrite else SaveMode.APPEND
     if suffix in JSON_SUFFIXES:
-        ds.write_json(where, filesystem=fs, mode=SaveMode.OVERWRITE, force_ascii=False)
+        ds.write_json(where, filesystem=fs, mode=mode, force_ascii=False)
     else:
-        ds.write_parquet(where, filesystem=fs, mode=SaveMode.OVERWRITE)
+        ds.write_parquet(where, filesystem=fs, mode=mode)
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class ActorPool:
     num_cpus: float = 1.0
     batch_size: int = 16
     address: str | None = None
+    overwrite: bool = False  # replace a non-empty output directory (never one that holds the input)
 
 
 def paraphrase_dataset(
@@ -149,6 +153,7 @@ def paraphrase_dataset(
         raise ConfigError("--num-gpus and --num-cpus must be >= 0")
     if not is_uri(input_path) and not Path(input_path).exists():
         raise ConfigError(f"input not found: {input_path}")
+    check_output(output_path, [input_path], pool.overwrite)  # before Ray deletes anything
     local = resolve_prompt_dir(str(prompt_dir))  # a gs:// prompt is fetched once, here
     SoftPrompt.load(local)  # fail here, not in every actor, on a bad prompt directory
     files = {n: (local / n).read_bytes() for n in (CONFIG_FILE, WEIGHTS_FILE, META_FILE) if (local / n).is_file()}
@@ -178,7 +183,7 @@ def paraphrase_dataset(
             num_gpus=num_gpus or None,
             num_cpus=num_cpus,
         )
-        write_dataset(ds, output_path)
+        write_dataset(ds, output_path, pool.overwrite)
     finally:
         if started:
             ray.shutdown()

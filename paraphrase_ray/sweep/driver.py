@@ -185,10 +185,10 @@ def run_sweep(
             "(gs:// needs credentials that can read and write the bucket: README.md, 'Run on Google Cloud')"
         ) from e
     if resume:
-        stored = store.read_bytes(SPACE_FILE)
+        stored = store.read_yaml(SPACE_FILE)  # a damaged file: a ConfigError naming it
         if stored is None or not has_state:
             raise ConfigError(f"nothing to resume at {store.uri}: no sweep named {name!r} was started there")
-        spec = spec_from_dict(yaml.safe_load(stored), where=f"{store.display(SPACE_FILE)}: ")
+        spec = spec_from_dict(stored, where=f"{store.display(SPACE_FILE)}: ")
     elif has_state:  # (a space.yaml without Tune state is a sweep that never started: start it afresh)
         raise ConfigError(
             f"sweep {name!r} already exists at {store.uri}: pass --resume to continue it, or a new --name"
@@ -210,8 +210,7 @@ def run_sweep(
             scheduling_strategy=here,
             max_restarts=3,
         )
-        stored_zs = store.read_bytes(ZERO_SHOT_FILE)
-        zero_shot = json.loads(stored_zs) if stored_zs else []
+        zero_shot = store.read_json(ZERO_SHOT_FILE) or []  # missing or damaged: computed (again) below
         zs_refs = (
             []
             if zero_shot

@@ -28,17 +28,21 @@ against ``RunConfig``'s own validation, so a range that would fail in trial 37 f
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import yaml
 
 from paraphrase_ray.config import RunConfig, from_dict, load_yaml, replace_nested, to_dict
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.evaluation.embedder import DEFAULT_EMBEDDER
 from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS
-from paraphrase_ray.storage import check_bucket, is_uri, open_uri
+from paraphrase_ray.files import atomic_write_bytes
+from paraphrase_ray.storage import check_bucket, is_uri, open_uri, publish_files
 
 PARAM_TYPES = ("int", "float", "choice")
 SEARCHERS = ("optuna", "random")
@@ -46,6 +50,8 @@ SCHEDULERS = ("asha", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 COMPONENTS = tuple(k for k in SUMMARY_KEYS if k != "n")  # what a trial reports from the Evaluator
 OBJECTIVE_METRICS = (*COMPONENTS, "val_loss")
+
+log = logging.getLogger("paraphrase_ray")
 
 
 @dataclass(frozen=True)
@@ -319,8 +325,17 @@ class SweepStorage:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """One file, whole or not at all: a local one through ``files.atomic_write``; a bucket's object appears
+        only when its upload completes."""
         target = self.path(rel)
+        if self.local:
+            atomic_write_bytes(target, data)
+            return
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(target) as f:
             f.write(data)
@@ -331,9 +346,31 @@ class SweepStorage:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 
+    def read_json(self, rel: str) -> Any:
+        """A JSON file the sweep can compute again (None when missing); a damaged one (a truncated copy an
+        older version left) is named in a warning and treated as missing."""
+        data = self.read_bytes(rel)
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError as e:
+            log.warning("warning: %s is truncated or not JSON (%s); computing it again", self.display(rel), e)
+            return None
+
+    def read_yaml(self, rel: str) -> dict[str, Any] | None:
+        """A YAML mapping (None when missing); a damaged file is a ConfigError naming it."""
+        data = self.read_bytes(rel)
+        if data is None:
+            return None
+        try:
+            doc = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            doc = e
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{self.display(rel)} is truncated or not a YAML mapping ({doc}); restore it, or "
+                              "start the sweep again under a new --name")
+        return doc
+
     def upload_dir(self, local_dir: Path, rel: str, files: tuple[str, ...]) -> None:
-        """Replace directory ``rel`` with the given files of ``local_dir``."""
-        if self.exists(rel):
-            self.fs.delete_dir(self.path(rel))
-        for name in files:
-            self.write_bytes(f"{rel}/{name}", (Path(local_dir) / name).read_bytes())
+        """Replace directory ``rel`` with the given files of ``local_dir``; no reader sees a mix of the old and the
+        new (``storage.publish_files``: swapped in whole locally, a manifest written last in a bucket)."""
+        publish_files(self.fs, self.path(rel), {name: (Path(local_dir) / name).read_bytes() for name in files})

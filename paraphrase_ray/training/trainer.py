@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from paraphrase_ray.config import RunConfig
 from paraphrase_ray.data import BatchStream, Pair, encode_pair, load_pairs
 from paraphrase_ray.errors import PromptFileError
-from paraphrase_ray.files import atomic_write
+from paraphrase_ray.files import atomic_write, publish_dir
 from paraphrase_ray.models import LoadedModel
-from paraphrase_ray.prompt.directory import PromptMeta
+from paraphrase_ray.prompt.directory import PromptMeta, check_out_dir
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt, trainable_parameters
 from paraphrase_ray.training.loss import prompt_loss, validation_loss
 
@@ -75,18 +75,22 @@ def lr_factor(step: int, cfg) -> float:
 
 
 def save_checkpoint(ckpt_dir: Path, prompt: SoftPrompt, opt, state: dict[str, Any], base_model: str) -> Path:
-    """Prompt (PEFT format) + AdamW moments as safetensors + counters as JSON: no pickles anywhere."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    prompt.save(ckpt_dir, base_model)
+    """Prompt (PEFT format) + AdamW moments as safetensors + counters as JSON: no pickles anywhere.
+
+    Published as a whole (``files.publish_dir``): a crash mid-save leaves the previous checkpoint, never a mix."""
     tensors = {}
     for k, v in opt.state.get(prompt.weight, {}).items():
         if torch.is_tensor(v):
             tensors[k] = v.detach().cpu().contiguous().reshape(v.shape if v.dim() else (1,))
     if "best_weight" in state:
         tensors["best_weight"] = state.pop("best_weight").detach().cpu().contiguous()
-    atomic_write(ckpt_dir / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
-    atomic_write(ckpt_dir / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=2)))
-    return ckpt_dir
+
+    def fill(staged: Path) -> None:
+        prompt.save(staged, base_model)
+        atomic_write(staged / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+        atomic_write(staged / STATE_JSON, lambda p: p.write_text(json.dumps(state, indent=2)))
+
+    return publish_dir(ckpt_dir, fill)
 
 
 def load_checkpoint(ckpt_dir: Path, prompt: SoftPrompt, opt) -> dict[str, Any]:
@@ -123,6 +127,8 @@ def train(
     from one. The base model is never modified: only the prompt has ``requires_grad``.
     """
     tcfg = cfg.train
+    if out_dir is not None:
+        check_out_dir(out_dir)  # before any work: never a directory of someone else's files
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device

@@ -415,3 +415,49 @@ def test_q4_generation_gives_the_exact_paths_tokens(smollm):
     exact = paraphrase(smollm, srcs, None, t, dataclasses.replace(gen, quantize="none"), batch_size=3)
     alone = [paraphrase(smollm, [s], None, t, gen)[0] for s in srcs]
     assert fast == exact == alone and all(c[0] for c in fast)
+
+
+def test_train_refuses_an_out_dir_of_other_files_before_any_work(tiny_model_dir, tmp_path, capsys):
+    """`train --out .` in a repository used to overwrite its README.md with the model card (issue 24)."""
+    from paraphrase_ray.prompt.directory import check_out_dir
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("# my project\n")
+    (repo / "setup.py").write_text("print('hi')\n")
+    before = {p.name: p.read_bytes() for p in repo.iterdir()}
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", "sample", "--out", str(repo), "--steps", "2",
+               "--n-tokens", "3", "--device", "cpu", "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: --out {repo} already holds files")
+    assert "README.md" in err and {p.name: p.read_bytes() for p in repo.iterdir()} == before  # nothing touched
+    # what stays allowed: a new or empty directory, a prompt directory (re-training, --resume), and one that a
+    # killed first run left holding only its checkpoint
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")
+    check_out_dir(tmp_path / "new")
+    SoftPrompt(torch.randn(3, 16)).save(tmp_path / "prompt", str(tiny_model_dir))
+    check_out_dir(tmp_path / "prompt")
+    SoftPrompt(torch.randn(3, 16)).save(tmp_path / "killed" / "checkpoint", str(tiny_model_dir))
+    check_out_dir(tmp_path / "killed")
+
+
+def test_paraphrase_output_is_never_written_over_unless_asked_and_never_over_its_input(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    prompt = tmp_path / "p"
+    SoftPrompt(torch.randn(3, 16) * 0.1).save(prompt, str(tiny_model_dir))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"source": "Snow fell all night."}) + "\n")
+    dst = tmp_path / "out.jsonl"
+    dst.write_text("results someone kept\n")
+    base = ["paraphrase", "--prompt", str(prompt), "--input", str(src), "--max-new-tokens", "4",
+            "--num-candidates", "1", "--device", "cpu"]
+    assert main([*base, "--output", str(dst)]) == 2
+    assert "already exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert dst.read_text() == "results someone kept\n"
+    for out in (src, tmp_path):  # the input itself, or a directory holding it: not even with --overwrite
+        assert main([*base, "--output", str(out), "--overwrite"]) == 2
+        assert "holds the input" in capsys.readouterr().err
+    assert src.read_text() == json.dumps({"source": "Snow fell all night."}) + "\n"
+    assert main([*base, "--output", str(dst), "--overwrite"]) == 0
+    assert json.loads(dst.read_text().splitlines()[0])["source"] == "Snow fell all night."

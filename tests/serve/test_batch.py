@@ -124,3 +124,38 @@ def test_ray_data_reads_and_writes_gs_through_the_emulator(ray_session, prompt_d
         out = [row for path in sorted(files) for row in pq.read_table(path, filesystem=fs).to_pylist()]
     assert [r["id"] for r in out] == [1, 2, 3]
     assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in ROWS[:3]])
+
+
+@pytest.mark.slow
+def test_ray_output_never_deletes_what_it_did_not_write(ray_session, prompt_dir, tmp_path, capsys):
+    """Ray Data's OVERWRITE emptied --output before the input was read: `--output .`, `--output runs/sweeps` or an
+    output holding the input were wiped (issue 24). Now a non-empty output needs --overwrite, and one that holds the
+    input is refused even with it; every file stays as it was."""
+    out = tmp_path / "results"
+    (out / "sub").mkdir(parents=True)
+    (out / "README.md").write_text("my notes\n")
+    (out / "sub" / "kept.parquet").write_bytes(b"PAR1 someone's data")
+    src = out / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = files()
+    base = ["paraphrase", "--prompt", str(prompt_dir), "--ray", "--num-candidates", "1", "--max-new-tokens", "4",
+            "--device", "cpu"]
+    other = tmp_path / "other.jsonl"
+    other.write_text(src.read_text())
+    assert main([*base, "--input", str(other), "--output", str(out)]) == 2
+    assert "already exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    for output in (out, tmp_path):  # holds the input, or a parent of it
+        assert main([*base, "--input", str(src), "--output", str(output), "--overwrite"]) == 2
+        assert "holds the input" in capsys.readouterr().err
+    assert files() == before
+    # into a new or empty directory nothing needs asking; --overwrite replaces a directory of old results
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert main([*base, "--input", str(other), "--output", str(fresh)]) == 0
+    assert sum(len(pq.read_table(f)) for f in fresh.glob("*.parquet")) == 2
+    assert main([*base, "--input", str(other), "--output", str(fresh), "--overwrite"]) == 0
+    assert sum(len(pq.read_table(f)) for f in fresh.glob("*.parquet")) == 2  # replaced, not appended

@@ -37,6 +37,7 @@ from torch import nn
 
 from paraphrase_ray.config import QUANTIZE_METHODS
 from paraphrase_ray.errors import ConfigError
+from paraphrase_ray.files import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "lowbit_linear.cpp"
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _KERNELS: dict[str, object] = {}
 _KERNEL_LOCK = threading.Lock()
+KERNEL_WAIT_ENV = "PARAPHRASE_RAY_KERNEL_WAIT_S"  # wait for another process's build (default 300 s), then fall back
 
 
 # ---------------------------------------------------------------------------------------------- kernel build
@@ -96,8 +98,8 @@ def _build():
     """Import the extension from ``<cache_dir>/ext/<name>/``, compiling it there first if it is not built yet.
 
     The name hashes the source, flags, torch and Python versions, so a built ``.so`` is never stale and later
-    processes import it directly (no compiler or ninja needed then). Concurrent first builds (Ray workers)
-    are serialised by torch's lock file in the build directory.
+    processes import it directly (no compiler or ninja needed then). Concurrent first builds (Ray workers) wait on
+    a lock that dies with its holder (``files.exclusive_lock``), at most ``$PARAPHRASE_RAY_KERNEL_WAIT_S`` s.
     """
     from paraphrase_ray.models import cache_dir
 
@@ -108,22 +110,28 @@ def _build():
     built = build_dir / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
     if not built.is_file():
         built = build_dir / f"{name}.so"  # what torch.utils.cpp_extension names it on Linux
-    if built.is_file() and not (build_dir / "lock").exists():
-        spec = importlib.util.spec_from_file_location(name, built)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    from torch.utils import cpp_extension
+    if not built.is_file() or (build_dir / "lock").exists():
+        from torch.utils import cpp_extension
 
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None or not cpp_extension.is_ninja_available():
-        raise RuntimeError(f"building the kernel needs a C++ compiler ({cxx}) and ninja on PATH")
-
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name, sources=[str(_SOURCE)], build_directory=str(build_dir), extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"], verbose=False,
-    )
+        if shutil.which(cxx := os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available():
+            raise RuntimeError(f"building the kernel needs a C++ compiler ({cxx}) and ninja on PATH")
+        with exclusive_lock(build_dir.with_name(f"{name}.lock"), float(os.environ.get(KERNEL_WAIT_ENV, 300))):
+            if (build_dir / "lock").exists():  # a killed build's (we hold the lock): torch would wait forever
+                log.warning("removing %s, left by a killed kernel build", build_dir / "lock")
+                (build_dir / "lock").unlink()
+                done = build_dir / ".ninja_log"  # lists an output once its command has finished
+                if not (built.is_file() and done.is_file() and f"\t{built.name}\t" in done.read_text()):
+                    shutil.rmtree(build_dir)  # the library was never completely linked: build afresh
+            if not built.is_file():  # else linked completely (by a killed build, or one we waited for)
+                build_dir.mkdir(parents=True, exist_ok=True)
+                return cpp_extension.load(
+                    name=name, sources=[str(_SOURCE)], build_directory=str(build_dir), extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False,
+                )
+    spec = importlib.util.spec_from_file_location(name, built)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ---------------------------------------------------------------------------------------- block recovery
