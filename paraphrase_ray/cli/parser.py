@@ -172,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="texts waiting per replica; beyond them a request gets 503 with Retry-After (default 256)")
     g.add_argument("--request-timeout-s", type=float, default=60.0, metavar="S",
                    help="a request not answered within S seconds gets 504 and its generation stops (default 60)")
-    g.add_argument("--max-request-work", type=int, default=16384, metavar="N",
+    g.add_argument("--max-request-work", type=int, default=8192, metavar="N",
                    help="work units one request may ask (input tokens + candidates x new tokens per text); "
-                   "beyond: 413 (default 16384)")
-    g.add_argument("--max-queued-work", type=int, default=65536, metavar="N",
-                   help="work units waiting per replica; beyond them a request gets 503 with Retry-After (default 65536)")
+                   "beyond: 413 (default 8192)")
+    g.add_argument("--max-queued-work", type=int, default=16384, metavar="N",
+                   help="work units waiting per replica; beyond them a request gets 503 with Retry-After (default 16384)")
     p.add_argument("--demo", action="store_true",
                    help="deploy on a fresh local Ray, ask every prompt (and zero-shot) two sample sentences at once "
                    "over HTTP, print the answers and the batching, shut down")

@@ -101,6 +101,9 @@ def decoding(served: System, req: ParaphraseRequest, cap: int) -> GenerationConf
         sample = k > beams or req.temperature is not None or req.top_p is not None or gen.do_sample
     if not sample and k > beams:
         raise HTTPException(422, f"num_candidates: {k} > num_beams {beams} needs do_sample=true or more beams")
+    if beams > 1 and k > beams:  # beam search (sampled or not) returns at most num_beams sequences
+        raise HTTPException(422, f"num_candidates: {k} > num_beams {beams}; beam search returns at most num_beams "
+                                 "candidates (raise num_beams, or sample with num_beams=1)")
     opts = {
         "num_return_sequences": k,
         "num_beams": beams,

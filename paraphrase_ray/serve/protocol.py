@@ -49,8 +49,8 @@ class ServeSettings:
     max_queued_rows: int = 256  # texts admitted and not yet answered, per replica; beyond: 503 + Retry-After
     # admission in work units (admission.py): a row costs its input tokens (prompt + source) plus candidates x
     # its max new tokens. One request over max_request_work: 413; the replica's queue over max_queued_work: 503
-    max_request_work: int = 16384
-    max_queued_work: int = 65536
+    max_request_work: int = 8192
+    max_queued_work: int = 16384
     # Host headers a server without an API key answers besides loopback (LOOPBACK_HOSTS); "*": any (not advised)
     allowed_hosts: tuple[str, ...] = ()
     request_timeout_s: float | None = 60.0  # a request still waiting after this gets 504 (None: no limit)

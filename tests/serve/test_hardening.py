@@ -405,7 +405,7 @@ def test_serve_flags_reach_the_settings(tiny_model_dir, tmp_path, monkeypatch):
     assert (s.allowed_hosts, s.max_request_work, s.max_queued_work) == (("a.example", "b.example"), 2000, 9000)
     assert main(["serve", "--prompt", str(p)]) == 0
     s = seen["settings"]
-    assert (s.allowed_hosts, s.max_request_work, s.max_queued_work) == ((), 16384, 65536)
+    assert (s.allowed_hosts, s.max_request_work, s.max_queued_work) == ((), 8192, 16384)
 
 
 # -- in-process: the admission budget and what stops a request's generation --------------------------------
@@ -477,6 +477,16 @@ def test_zero_shot_chat_rows_keep_the_source_limit(served, chat_model_dir):
         _items((s, chat, prompts, default), texts=["😀" * 1900], prompt=ZERO_SHOT)
     assert e.value.status_code == 413 and "source tokens" in e.value.detail
     assert _items((s, chat, prompts, default), texts=[TEXTS[0]], prompt=ZERO_SHOT)[0].row.ids
+
+
+def test_more_candidates_than_beams_is_a_422_not_a_failed_generation(served):
+    """Found by the schema fuzzer: 7 sampled candidates from 3 beams failed inside HF generate (a 500)."""
+    from fastapi import HTTPException
+
+    with pytest.raises(HTTPException) as e:
+        _items(served, text=TEXTS[0], num_candidates=7, num_beams=3, seed=755)
+    assert e.value.status_code == 422 and "num_beams" in e.value.detail
+    assert _items(served, text=TEXTS[0], num_candidates=3, num_beams=3, do_sample=True)
 
 
 def _count_model_calls(loaded) -> list[int]:
