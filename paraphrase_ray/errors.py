@@ -34,3 +34,8 @@ class HubError(ParaphraseRayError, ValueError):
 
 class ModelLoadError(ParaphraseRayError, RuntimeError):
     """A model (base LM or embedder) could not be loaded; the message says what was tried and how to fix it."""
+
+
+class GenerationStopped(ParaphraseRayError, RuntimeError):
+    """Generation stopped on purpose: every row of the pass belongs to a request that timed out or was abandoned
+    (Serve's ``admission.StopHook``); never a failure of the model."""

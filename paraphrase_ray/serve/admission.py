@@ -29,7 +29,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from paraphrase_ray.serve.policy import Cancelled, Item
+from paraphrase_ray.errors import GenerationStopped
+from paraphrase_ray.serve.policy import Item
 from paraphrase_ray.serve.protocol import ServeSettings
 
 PASS_OVERHEAD_ROWS = 8  # a pass of one row costs about this many rows' steps of a full batch (per-step overhead)
@@ -134,7 +135,7 @@ class Admission:
 
 class StopHook:
     """Stops a forward pass at its next model call: a pre-hook on the input embeddings, which every decode step
-    calls (our loop, prompt lookup, the low-bit Llama step, HF ``generate``), raises ``Cancelled`` while the
+    calls (our loop, prompt lookup, the low-bit Llama step, HF ``generate``), raises ``GenerationStopped`` while the
     generation thread's ``watch`` check is true. Rows of our loop also stop one by one (``decode``'s
     ``should_stop``); this covers the paths that take a batch whole."""
 
@@ -162,4 +163,4 @@ class StopHook:
     def _pre_hook(self, module: Any, args: Any) -> None:
         check = getattr(self._local, "check", None)
         if check is not None and check():
-            raise Cancelled("every row of this pass stopped")
+            raise GenerationStopped("every row of this pass stopped")

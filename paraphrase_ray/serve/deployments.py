@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from paraphrase_ray.config import from_dict
-from paraphrase_ray.errors import ConfigError
+from paraphrase_ray.errors import ConfigError, GenerationStopped
 from paraphrase_ray.prompt.bundle import System
 from paraphrase_ray.serve import health, policy
 from paraphrase_ray.serve.admission import Admission, StopHook, busy
@@ -247,7 +247,7 @@ class ParaphraseModel:
             out = policy.run_batch(
                 self.loaded, items, self.metrics.batch, self.settings.debug_stall_s, self._stop_hook.watch
             )
-            if any(isinstance(o, Exception) and not isinstance(o, policy.Cancelled) for o in out):
+            if any(isinstance(o, Exception) and not isinstance(o, GenerationStopped) for o in out):
                 self._failed_batches = 0 if self._probe_ok() else self._failed_batches + 1
             elif any(isinstance(o, list) for o in out):
                 self._failed_batches = 0

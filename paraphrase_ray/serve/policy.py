@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from paraphrase_ray.config import GenerationConfig
-from paraphrase_ray.errors import ConfigError
+from paraphrase_ray.errors import ConfigError, GenerationStopped
 from paraphrase_ray.prompt.bundle import System
 from paraphrase_ray.serve.protocol import (
     DEBUG_FAIL_MARK,
@@ -27,10 +27,6 @@ from paraphrase_ray.serve.protocol import (
     ParaphraseRequest,
     ServeSettings,
 )
-
-
-class Cancelled(Exception):
-    """A row's request timed out or its caller left: its generation stopped (never a failure of the model)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +184,7 @@ def run_batch(
     """Rows of any prompts, one forward pass per decoding options; a failing group never fails the others.
 
     ``on_batch(rows, mixed_prompts)`` is called per forward pass. A row whose request stopped is answered
-    ``Cancelled`` without generating; ``abort(check)`` (the replica's ``StopHook.watch``) makes a pass stop at
+    ``GenerationStopped`` without generating; ``abort(check)`` (the replica's ``StopHook.watch``) makes a pass stop at
     its next model call once ``check()`` is true, i.e. once every row in it has stopped. ``stall_s`` (tests
     only, see ``ServeSettings.debug_stall_s``): sleep that long first when a row's text holds ``DEBUG_STALL_MARK``;
     a row holding ``DEBUG_FAIL_MARK`` fails.
@@ -200,7 +196,7 @@ def run_batch(
     groups: dict[GenerationConfig, list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(it.gen, []).append(i)
-    out: list[list[str] | Exception] = [Cancelled() for _ in items]
+    out: list[list[str] | Exception] = [GenerationStopped() for _ in items]
 
     def generate(idx: list[int]) -> None:
         live = [i for i in idx if not items[i].stopped()]
@@ -222,13 +218,13 @@ def run_batch(
         on_batch(len(idx), len({items[i].prompt for i in idx}) > 1)
         try:
             generate(idx)
-        except Cancelled:
-            pass  # every row of the pass stopped: they stay Cancelled
+        except GenerationStopped:
+            pass  # every row of the pass stopped: they stay GenerationStopped
         except Exception:  # retry one row at a time so one bad row cannot fail its neighbours
             for i in idx:
                 try:
                     generate([i])
-                except Cancelled:
+                except GenerationStopped:
                     pass
                 except Exception as e:
                     out[i] = e

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import TEXTS, make_prompt
 
+from paraphrase_ray.errors import GenerationStopped
 from paraphrase_ray.serve.protocol import (
     DEBUG_FAIL_MARK,
     DEBUG_RAISE_MARK,
@@ -520,10 +521,10 @@ def test_stopped_rows_end_at_the_next_decode_step(served):
     policy.run_batch(loaded, [policy.Item(i.prompt, i.row, i.gen, i.text, i.seed, stop_after_two) for i in items],
                      lambda n, m: None)
     assert calls[0] < full, (calls[0], full)
-    flag["stop"] = True  # stopped before its pass: nothing generated, every row Cancelled
+    flag["stop"] = True  # stopped before its pass: nothing generated, every row GenerationStopped
     calls[0] = 0
     out = policy.run_batch(loaded, items, lambda n, m: None)
-    assert calls[0] == 0 and all(isinstance(o, policy.Cancelled) for o in out)
+    assert calls[0] == 0 and all(isinstance(o, GenerationStopped) for o in out)
 
 
 @pytest.mark.parametrize("req", [{"num_candidates": 1}, {"num_candidates": 2, "num_beams": 2}],
@@ -551,4 +552,4 @@ def test_stop_hook_ends_a_pass_that_takes_the_batch_whole(served, req):
     items = [policy.Item(i.prompt, i.row, i.gen, i.text, i.seed, stop_later) for i in items]
     calls[0] = 0
     out = policy.run_batch(loaded, items, lambda n, m: None, abort=hook.watch)
-    assert isinstance(out[0], policy.Cancelled) and calls[0] < full, (calls[0], full, out)
+    assert isinstance(out[0], GenerationStopped) and calls[0] < full, (calls[0], full, out)
