@@ -175,6 +175,17 @@ def test_q4_falls_back_per_layer(kernels):
         assert _rel(_logits_stepwise(qmodel, ids), ref) < 1e-4
 
 
+def test_generation_label_says_when_only_some_layers_take_the_kernel(kernels):
+    """Gemma-3-270m's Q4_K_M file: only its Q8_0 layers are exact kernel blocks; the label must not claim q4."""
+    from types import SimpleNamespace
+
+    full, part = tiny_llama(seed=2), tiny_llama(seed=3)
+    with torch.no_grad():
+        part.model.layers[0].self_attn.q_proj.weight.add_(1e-3)  # no longer a Q4_1 block: stays fp32
+    assert quant.generation_model(SimpleNamespace(model=full), "auto")[1] == "q4"
+    assert quant.generation_model(SimpleNamespace(model=part), "auto")[1] == "q4-partial"
+
+
 def test_auto_uses_int8_for_weights_that_were_never_blocks(tiny):
     """The conftest tiny OPT: random weights, and dims (16) that are not multiples of 32."""
     model = tiny.model

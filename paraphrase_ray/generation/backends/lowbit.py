@@ -377,10 +377,12 @@ _GEN_LOCK = threading.Lock()
 
 def generation_model(loaded, method: str = "auto") -> tuple[nn.Module, str]:
     """(module, path) that generation runs: the frozen model with low-bit Linear layers (``lowbit.py``), built once
-    per model and method and shared by every later call; ``path`` is "q4", "int8" or "fp32".
+    per model and method and shared by every later call; ``path`` is "q4", "q4-partial" (the kernel for some
+    layers, fp32 for the rest), "int8" or "fp32".
 
     ``auto`` never changes the text: the exact Q4_1/Q8_0 kernel for layers that are llama.cpp blocks (the
-    embedded model), fp32 for the rest. int8 is opt-in: fbgemm quantizes activations per tensor, so a row's
+    embedded SmolLM2: all of them), fp32 for the rest (Gemma-3-270m's Q4_K_M file: its Q4_K / Q5_0 / Q6_K layers
+    stay fp32; its Q8_0 tied head and v projections take the kernel, so ``q4-partial``). int8 is opt-in: fbgemm quantizes activations per tensor, so a row's
     output depends on the other rows of its batch (Serve mixes callers in one batch).
     """
     key = (id(loaded.model), method)
@@ -393,5 +395,7 @@ def generation_model(loaded, method: str = "auto") -> tuple[nn.Module, str]:
                     raise
                 log.info("generation stays fp32: %s", e)
                 module, path = loaded.model, "none"
+            if path == "q4" and "fp32" in getattr(module, "quant_summary", {}).values():
+                path = "q4-partial"
             _GEN_MODELS[key] = (module, "fp32" if path == "none" else path)
         return _GEN_MODELS[key]
