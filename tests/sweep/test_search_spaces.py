@@ -53,6 +53,17 @@ def test_quickstart_space_runs_on_cpu_offline():
     assert spec.max_concurrent_trials * spec.resources.cpu <= 2  # fits a 2-core machine
 
 
+def test_base_models_space_sweeps_the_offline_base_models():
+    from paraphrase_ray.models import OFFLINE_ALIASES
+
+    spec = load_spec(SPACES[0].parent / "base_models.yaml")
+    assert spec.models == ["smollm2-135m", "gemma3-270m"] and set(spec.models) <= set(OFFLINE_ALIASES)
+    assert not spec.run.template.chat  # Gemma-3-270m (base) has no chat template
+    small = smoke(spec)  # the 2-trial smoke sweep trains each base model once
+    assert [p["model"] for p in small.searcher.points_to_evaluate] == spec.models
+    assert spec.resources.gpu == 0 and spec.max_concurrent_trials * spec.resources.cpu <= 2
+
+
 BASE = {
     "run": {"train": {"steps": 20, "eval_every": 10}},
     "search": {"prompt.n_tokens": {"type": "int", "low": 4, "high": 16}, "train.lr": [0.01, 0.1]},
