@@ -419,8 +419,6 @@ def test_q4_generation_gives_the_exact_paths_tokens(smollm):
 
 def test_train_refuses_an_out_dir_of_other_files_before_any_work(tiny_model_dir, tmp_path, capsys):
     """`train --out .` in a repository used to overwrite its README.md with the model card (issue 24)."""
-    from paraphrase_ray.prompt.directory import check_out_dir
-
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "README.md").write_text("# my project\n")
@@ -433,6 +431,8 @@ def test_train_refuses_an_out_dir_of_other_files_before_any_work(tiny_model_dir,
     assert "README.md" in err and {p.name: p.read_bytes() for p in repo.iterdir()} == before  # nothing touched
     # what stays allowed: a new or empty directory, a prompt directory (re-training, --resume), and one that a
     # killed first run left holding only its checkpoint
+    from paraphrase_ray.prompt.directory import check_out_dir
+
     (tmp_path / "empty").mkdir()
     check_out_dir(tmp_path / "empty")
     check_out_dir(tmp_path / "new")

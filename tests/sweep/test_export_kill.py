@@ -76,10 +76,10 @@ def test_killing_the_best_export_to_a_bucket_never_serves_a_mix(tmp_path, monkey
     from gcs_emulator import GcsEmulator
 
     import paraphrase_ray.storage as storage
-    from paraphrase_ray.storage import MANIFEST_FILE, resolve_prompt_dir
+    from paraphrase_ray.storage import resolve_prompt_dir
 
     monkeypatch.setenv("PARAPHRASE_RAY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(storage, "FETCH_RETRY_S", 0.1)
+    monkeypatch.setattr(storage, "FETCH_RETRY_S", 0.1, raising=False)
     with GcsEmulator(bucket="sweeps", log=tmp_path / "emulator.log") as gcs:
         root = gcs.uri("runs")
         best = SweepStorage.parse(root, "s").display("best")
@@ -95,7 +95,7 @@ def test_killing_the_best_export_to_a_bucket_never_serves_a_mix(tmp_path, monkey
         assert which_export(tmp_path / "cache" / "prompts" / storage.prompt_cache_key(best)) == 1  # cache kept
         run_script(EXPORT, root, str(tmp_path), "2", "go", tmp_path=tmp_path)
         assert which_export(resolve_prompt_dir(best)) == 2
-        assert sorted(gcs.listing("runs/s/best")) == sorted([*PROMPT_FILES, MANIFEST_FILE])
+        assert sorted(gcs.listing("runs/s/best")) == sorted([*PROMPT_FILES, storage.MANIFEST_FILE])
 
 
 def test_damaged_sweep_files_are_named_not_a_crash(tmp_path, caplog):
