@@ -21,7 +21,14 @@ from paraphrase_ray.data import SAMPLE_PATH
 from paraphrase_ray.generation import lookup, prefix_cache
 from paraphrase_ray.generation.backends.cuda_graphs import graph_engine
 from paraphrase_ray.generation.backends.llama_step import StaticKV, llama_step
-from paraphrase_ray.generation.generate import build_batch, clean_text, engine_label, generate_rows, hf_generate, row_for
+from paraphrase_ray.generation.generate import (
+    build_batch,
+    clean_text,
+    engine_label,
+    generate_rows,
+    hf_generate,
+    row_for,
+)
 from paraphrase_ray.generation.rules import DecodeRules
 from paraphrase_ray.models import sliding_window
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
