@@ -99,8 +99,7 @@ def _build():
 
     The name hashes the source, flags, torch and Python versions, so a built ``.so`` is never stale and later
     processes import it directly (no compiler or ninja needed then). Concurrent first builds (Ray workers) wait on
-    a lock that dies with its holder (``files.exclusive_lock``), at most ``$PARAPHRASE_RAY_KERNEL_WAIT_S`` s.
-    """
+    a lock that dies with its holder (``files.exclusive_lock``), at most ``$PARAPHRASE_RAY_KERNEL_WAIT_S`` s."""
     from paraphrase_ray.models import cache_dir
 
     src = _SOURCE.read_bytes()
@@ -120,7 +119,7 @@ def _build():
                 log.warning("removing %s, left by a killed kernel build", build_dir / "lock")
                 (build_dir / "lock").unlink()
                 done = build_dir / ".ninja_log"  # lists an output once its command has finished
-                if not (built.is_file() and done.is_file() and f"\t{built.name}\t" in done.read_text()):
+                if not (done.is_file() and f"\t{built.name}\t" in done.read_text() and built.is_file()):
                     shutil.rmtree(build_dir)  # the library was never completely linked: build afresh
             if not built.is_file():  # else linked completely (by a killed build, or one we waited for)
                 build_dir.mkdir(parents=True, exist_ok=True)
