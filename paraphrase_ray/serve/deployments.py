@@ -272,8 +272,8 @@ class ParaphraseModel:
         from paraphrase_ray.evaluation.metrics import rerank
 
         def score():
-            if stopped():
-                raise asyncio.CancelledError  # the request timed out while waiting for this thread
+            if stopped():  # the request timed out (or left) while waiting for this thread
+                raise GenerationStopped("the request stopped before its rerank")
             if self._embedder is None:
                 self._embedder = load_embedder(self.settings.embedder, device=str(self.loaded.device))
             return rerank([r.text for r in results], [r.candidates for r in results], self._embedder)

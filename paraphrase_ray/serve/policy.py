@@ -50,7 +50,7 @@ class Item:
     @property
     def input_tokens(self) -> int:  # what its prefill reads: soft prompt + template + source
         prompt = self.row.prompt
-        return len(self.row.ids) + (int(prompt.weight.shape[0]) if prompt is not None else 0)
+        return len(self.row.ids) + (prompt.n_tokens if prompt is not None else 0)
 
     @property
     def work(self) -> int:

@@ -179,6 +179,13 @@ def _rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+def _proxy_pids() -> list[int]:
+    """Serve's HTTP proxy actors on this machine (process title ``ray::ProxyActor``)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "ray::ProxyActor" in " ".join(p.info["cmdline"] or [])]
+
+
 def send_chunked(port: int, path: str, total: int, chunk: int = 1 << 16) -> tuple[int, int, bytes]:
     """POST ``total`` bytes as a chunked body, stopping as soon as a response arrives: (status, bytes sent, head)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -213,24 +220,25 @@ def send_chunked(port: int, path: str, total: int, chunk: int = 1 << 16) -> tupl
 
 @pytest.mark.slow
 def test_chunked_200_mb_body_is_refused_at_the_cap_and_the_ingress_stays_flat(client, hard):
-    ingress = client.get("/stats").json()["ingress_pid"]
-    before = _rss_mb(ingress)
+    ingress, proxies = client.get("/stats").json()["ingress_pid"], _proxy_pids()
+    before, proxy_before = _rss_mb(ingress), sum(map(_rss_mb, proxies))
     port = int(hard.rsplit(":", 1)[1].split("/")[0])
     t0 = time.perf_counter()
     status, sent, head = send_chunked(port, f"{HARD_ROUTE}/paraphrase", 200 * 2**20)
     took = time.perf_counter() - t0
-    after = _rss_mb(ingress)
+    after, proxy_after = _rss_mb(ingress), sum(map(_rss_mb, proxies))
     BODIES.append(("chunked", status, head.split(b"\r\n\r\n", 1)[-1].decode("latin-1")))
     assert status == 413, head[:300]
     assert sent < 100 * 2**20, sent  # refused long before 200 MB were sent
     assert after - before < 48, (before, after)
+    assert proxy_after - proxy_before < 64, (proxies, proxy_before, proxy_after)  # the proxy never held it all
     # a declared Content-Length over the cap: refused before reading; under it, read and answered
     r = client.post("/paraphrase", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     keep("content-length", r)
     assert r.status_code == 413
     assert client.get("/healthz").status_code == 200
     print(f"chunked: 413 after {sent / 2**20:.1f} MiB sent of 200 MiB in {took:.2f} s; ingress RSS "
-          f"{before:.0f} -> {after:.0f} MiB")
+          f"{before:.0f} -> {after:.0f} MiB, proxy ({len(proxies)}) {proxy_before:.0f} -> {proxy_after:.0f} MiB")
 
 
 # -- 3. back-pressure with the defaults; /healthz answers from the replica's posts, never queued -------------
