@@ -198,10 +198,12 @@ def run_batch(
         groups.setdefault(it.gen, []).append(i)
     out: list[list[str] | Exception] = [GenerationStopped() for _ in items]
 
-    def generate(idx: list[int]) -> None:
+    def generate(idx: list[int], count: bool = False) -> None:
         live = [i for i in idx if not items[i].stopped()]
         if not live:
             return
+        if count:
+            on_batch(len(live), len({items[i].prompt for i in live}) > 1)
         if stall_s and any(DEBUG_FAIL_MARK in items[i].text for i in live):
             raise RuntimeError(f"{DEBUG_FAIL_MARK} asked for this failure")
         gen = dataclasses.replace(items[live[0]].gen, seed=pass_seed({items[i].seed for i in live}))
@@ -215,9 +217,8 @@ def run_batch(
                 abort(None)
 
     for idx in groups.values():
-        on_batch(len(idx), len({items[i].prompt for i in idx}) > 1)
         try:
-            generate(idx)
+            generate(idx, count=True)
         except GenerationStopped:
             pass  # every row of the pass stopped: they stay GenerationStopped
         except Exception:  # retry one row at a time so one bad row cannot fail its neighbours
