@@ -143,7 +143,10 @@ def cmd_score(args) -> int:
     first = readers[0]
     for name, rows in sorted(per.items()):
         items = [i for i in verdict if key[i]["system"] == name]
-        rate = lambda f: sum(bool(first[i][f]) for i in items if i in first) / max(1, len(items))  # noqa: E731
+
+        def rate(f: str, items: list[str] = items) -> float:
+            return sum(bool(first[i][f]) for i in items if i in first) / max(1, len(items))
+
         print(json.dumps({"system": name, "n": len(rows), "acceptable": round(sum(rows.values()) / len(rows), 3),
                           "meaning_kept": round(sum(first[i]["meaning"] != "changed" for i in items) / len(items), 3),
                           "fluent": round(rate("fluent"), 3), "reworded": round(rate("reworded"), 3),

@@ -109,7 +109,7 @@ def decode(
     max_new = [r.max_new_tokens for r in rows for _ in range(k)]
     source_ngrams = [r.source_ngrams for r in rows for _ in range(k)] if rules.source_ngram_n else None
     guards = [r.guard for r in rows for _ in range(k)] if rules.fact_guard else None
-    checks = [getattr(r, "should_stop", None) for r in rows for _ in range(k)]
+    checks = [r.should_stop for r in rows for _ in range(k)]
     checks = checks if any(checks) else None
     no_repeat_ngram, source_ngram_n, sampler = rules.no_repeat_ngram, rules.source_ngram_n, rules.sampler
     bsz, dev = len(max_new), x.device

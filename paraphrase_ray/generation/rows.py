@@ -7,6 +7,7 @@ row of a batch lives in ``rules.DecodeRules`` instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,9 @@ class Row:
     source_ngrams: dict[tuple[int, ...], list[int]] | None = None
     guard: FactGuard | None = None  # bans inventing names / numbers (``generation.fact_guard``)
     head: tuple[int, ...] | None = None  # ids every row of this template starts with (prefix_cache.py)
+    # () -> True once nobody waits for this row any more (Serve: its request timed out or the caller left);
+    # decode.decode stops the row at its next step
+    should_stop: Callable[[], bool] | None = None
 
     @classmethod
     def bare(cls, max_new_tokens: int) -> Row:
