@@ -181,7 +181,9 @@ def resolve_prompt_dir(location: str) -> Path:
     """A prompt directory as a local path: a path resolved as given, or a URI downloaded to the local cache.
 
     A URI is fetched afresh on every call (a prompt is a few kilobytes, and a later sweep may replace
-    ``best/``) into ``$PARAPHRASE_RAY_CACHE/prompts/<prompt_cache_key>``, swapped in whole.
+    ``best/``) into ``$PARAPHRASE_RAY_CACHE/prompts/<prompt_cache_key>``, swapped in whole. A copy that does not
+    match its manifest (``best/`` being replaced, or its writer killed) is fetched again a few times, then refused
+    (PromptFileError): never half of one prompt and half of another.
     """
     if not is_uri(location):
         return Path(location).expanduser().resolve()

@@ -142,8 +142,10 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise ConfigError(f"--out {p} is a file; give a directory for the prompt")
     if not p.is_dir() or is_prompt_dir(p):
         return
-    names = [n for n in (e.name for e in p.iterdir()) if not n.startswith(".checkpoint.tmp-")]  # a killed save's
-    if not names or (names == ["checkpoint"] and is_prompt_dir(p / "checkpoint")):
+    names = [e.name for e in p.iterdir() if not (e.name.startswith(".") and ".tmp-" in e.name)]  # temps: ignored
+    # what a train killed mid-save leaves (some of the prompt's files, its checkpoint/) is its own to write over
+    ours = set(names) <= {*PROMPT_FILES, "checkpoint"} and (WEIGHTS_FILE in names or is_prompt_dir(p / "checkpoint"))
+    if not names or ours:
         return
     raise ConfigError(
         f"--out {p} already holds files that are not a prompt ({', '.join(sorted(names)[:3])}"

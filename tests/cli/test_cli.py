@@ -430,7 +430,8 @@ def test_train_refuses_an_out_dir_of_other_files_before_any_work(tiny_model_dir,
     assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: --out {repo} already holds files")
     assert "README.md" in err and {p.name: p.read_bytes() for p in repo.iterdir()} == before  # nothing touched
     # what stays allowed: a new or empty directory, a prompt directory (re-training, --resume), and one that a
-    # killed first run left holding only its checkpoint
+    # killed first run left holding only its checkpoint, or its weights and a temp
+    from paraphrase_ray.errors import ConfigError
     from paraphrase_ray.prompt.directory import check_out_dir
 
     (tmp_path / "empty").mkdir()
@@ -440,6 +441,13 @@ def test_train_refuses_an_out_dir_of_other_files_before_any_work(tiny_model_dir,
     check_out_dir(tmp_path / "prompt")
     SoftPrompt(torch.randn(3, 16)).save(tmp_path / "killed" / "checkpoint", str(tiny_model_dir))
     check_out_dir(tmp_path / "killed")
+    (tmp_path / "killed" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "killed" / ".adapter_config.json.tmp-host-1-ab").write_text("{")
+    check_out_dir(tmp_path / "killed")
+    with pytest.raises(ConfigError, match="README.md"):  # a model card alone is no prompt: it may be anyone's
+        (tmp_path / "card").mkdir()
+        (tmp_path / "card" / "README.md").write_text("# notes\n")
+        check_out_dir(tmp_path / "card")
 
 
 def test_paraphrase_output_is_never_written_over_unless_asked_and_never_over_its_input(tiny_model_dir, tmp_path,
