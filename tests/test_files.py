@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,41 @@ def test_a_fetched_copy_is_used_only_when_it_matches_its_manifest(tmp_path):
     assert manifest_problem(tmp_path) is None and not (tmp_path / "README.md").exists()
     (tmp_path / "adapter_model.safetensors").write_bytes(b"weights of the next export")
     assert "does not match" in manifest_problem(tmp_path)
+
+
+def test_the_gguf_conversion_leaves_nothing_behind_when_it_fails_or_was_killed(tmp_path, monkeypatch):
+    """The offline alias's first load converts ~0.5 GB; a failed conversion leaves nothing, and the temp of one
+    that was killed (no cleanup ran) is removed by the next conversion, which publishes its copy whole."""
+    import transformers
+
+    from paraphrase_ray import models
+
+    monkeypatch.setenv("PARAPHRASE_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_gguf_location", lambda alias: (tmp_path, "model.gguf"))
+    target = tmp_path / "cache" / "models" / "smollm2-135m"
+
+    class Fake:
+        config = object()
+
+        def save_pretrained(self, d):
+            (Path(d) / "config.json").write_text("{}")
+            (Path(d) / "model.safetensors").write_bytes(b"w" * 1000)
+
+    def fails(*a, **k):
+        raise OSError("out of memory while dequantizing")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fails)
+    with pytest.raises(OSError, match="dequantizing"):
+        models._offline_model_dir("smollm2-135m")
+    assert list(target.parent.iterdir()) == []
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    killed = temp_sibling(target)
+    killed = killed.with_name(killed.name.replace(f"-{os.getpid()}-", f"-{dead}-")) / target.name
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half of 0.5 GB")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Fake())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Fake())
+    assert models._offline_model_dir("smollm2-135m") == target
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2-135m"]  # the killed conversion's temp is gone
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
