@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_paraphrase(args: argparse.Namespace) -> int:
     from paraphrase_ray.api import decoding_for
-    from paraphrase_ray.cli.jobs import JobOptions, job_summary, paraphrase_job
+    from paraphrase_ray.cli.jobs import JobOptions, flags, job_summary, paraphrase_job
     from paraphrase_ray.data import read_source_file
     from paraphrase_ray.files import write_records
     from paraphrase_ray.prompt.directory import PromptMeta
@@ -71,6 +71,8 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         raise ConfigError("--text is empty")
     if args.ray and args.input is None:
         raise ConfigError("--ray paraphrases files: give --input and --output")
+    if args.ray and args.only_accepted:
+        raise ConfigError("--only-accepted runs in-process; drop --ray (or filter the written rows on 'acceptable')")
     if args.output:  # before any work: never over what this did not write, never over its own input
         check_output(args.output, [args.input] if args.input else [], args.overwrite)
         if not args.ray and Path(args.output).is_dir():
@@ -92,17 +94,25 @@ def cmd_paraphrase(args: argparse.Namespace) -> int:
         num_candidates=k, model=args.model, device=args.device, batch_size=args.batch_size, embedder=args.embedder,
         max_new_tokens=args.max_new_tokens, quantize=quantize, progress=args.input is not None and sys.stderr.isatty(),
     )
-    # best candidate first when K > 1: usable, then faithful, then by objective (metrics.rank_candidates)
-    cands, stats = paraphrase_job(args.prompt, [r["source"] for r in rows], options)
+    # best candidate first when K > 1: usable, faithful, acceptable, then by objective (metrics.rank_candidates)
+    cands, stats, scores = paraphrase_job(args.prompt, [r["source"] for r in rows], options)
     if args.stats:
         from paraphrase_ray.files import write_json
 
         write_json(args.stats, stats)
     if args.text is not None:
-        for c in cands[0] if shown else cands[0][:1]:
+        ok = [c for c, s in zip(cands[0], scores[0]) if s.acceptable or not args.only_accepted]
+        for c in ok if shown else ok[:1]:
             print(c)
+        if not ok:  # --only-accepted and the detector rejects every candidate: say why, print no paraphrase
+            print(f"rejected by the detector: {json.dumps(flags(scores[0][0]))}", file=sys.stderr)
         return 0
-    records = [{**row, "prediction": c[0], **({"candidates": c} if shown and k > 1 else {})} for row, c in zip(rows, cands)]
+    records = []
+    for row, c, s in zip(rows, cands, scores):
+        if args.only_accepted and not s[0].acceptable:
+            continue
+        records.append({**row, "prediction": c[0], **flags(s[0]), **({"candidates": c} if shown and k > 1 else {})})
+    stats["written"] = len(records)
     print(job_summary(stats, write_records(args.output, records)), file=sys.stderr)
     return 0
 

@@ -55,7 +55,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
     import ray
     from ray import tune
 
-    from paraphrase_ray.cli.jobs import job_summary, paraphrase_job
+    from paraphrase_ray.cli.jobs import flags, job_summary, paraphrase_job
     from paraphrase_ray.files import write_records
     from paraphrase_ray.serve import runner as serve_runner
     from paraphrase_ray.serve.protocol import ServeSettings
@@ -103,9 +103,9 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
         inp.write_text("".join(json.dumps({"source": s}) + "\n" for s in SENTENCES))
         out = sweep_dir / "demo_output.jsonl"
         print(f"$ paraphrase-ray paraphrase --prompt {best} --input {inp} --output {out}", flush=True)
-        cands, stats = paraphrase_job(str(best), SENTENCES)  # the command's defaults: K candidates, reranked
-        write_records(out, [{"source": s, "prediction": c[0]} for s, c in zip(SENTENCES, cands)])
-        print(job_summary(stats, out), file=sys.stderr)
+        cands, stats, scores = paraphrase_job(str(best), SENTENCES)  # the command's defaults: K candidates, reranked
+        write_records(out, [{"source": s, "prediction": c[0], **flags(sc[0])} for s, c, sc in zip(SENTENCES, cands, scores)])
+        print(job_summary({**stats, "written": len(SENTENCES)}, out), file=sys.stderr)
         for src, c in zip(SENTENCES, cands):
             print(f"  {src}\n    -> {c[0]}")
 

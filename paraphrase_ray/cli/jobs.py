@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paraphrase_ray.config import DEFAULT_CANDIDATES
+
+if TYPE_CHECKING:
+    from paraphrase_ray.evaluation.metrics import RowScore
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,13 @@ class JobOptions:
 
 def paraphrase_job(
     prompt: str, sources: Sequence[str], options: JobOptions | None = None
-) -> tuple[list[list[str]], dict[str, Any]]:
-    """``paraphrase-ray paraphrase`` in-process: candidates per source (best first) and the run's stats
-    ``{"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates"}``; ``generate_s`` excludes loading."""
+) -> tuple[list[list[str]], dict[str, Any], list[list[RowScore]]]:
+    """``paraphrase-ray paraphrase`` in-process: candidates per source (best first), the run's stats
+    ``{"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates", "accepted"}`` (``generate_s``
+    excludes loading) and every candidate's scores with the reader's-verdict flags (``api.paraphrase_scored``)."""
     import time
 
-    from paraphrase_ray.api import decoding_for, paraphrase_texts
+    from paraphrase_ray.api import decoding_for, paraphrase_scored
     from paraphrase_ray.generation.generate import engine_label
     from paraphrase_ray.prompt.bundle import load_prompt
 
@@ -44,17 +48,29 @@ def paraphrase_job(
     gen = decoding_for(bundle.info, opt.num_candidates, max_new_tokens=opt.max_new_tokens, quantize=opt.quantize)
     path = engine_label(loaded, gen, len(sources))  # builds the low-bit copy (once) before the clock starts: loading
     t1 = time.perf_counter()
-    cands = paraphrase_texts(loaded, bundle, list(sources), gen, opt.batch_size, opt.embedder, progress=opt.progress)
+    cands, scores = paraphrase_scored(loaded, bundle, list(sources), gen, opt.batch_size, opt.embedder, opt.progress)
     t2 = time.perf_counter()
     # new tokens: every returned candidate, re-tokenized (stop tokens not counted)
     n_new = sum(len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for cs in cands for c in cs)
     stats = {"rows": len(sources), "new_tokens": n_new, "generate_s": round(t2 - t1, 3),
-             "load_s": round(t1 - t0, 3), "path": path, "num_candidates": opt.num_candidates}
-    return cands, stats
+             "load_s": round(t1 - t0, 3), "path": path, "num_candidates": opt.num_candidates,
+             "accepted": sum(s[0].acceptable for s in scores)}
+    return cands, stats, scores
+
+
+def flags(score: RowScore) -> dict[str, Any]:
+    """What the detector and the fact check found wrong with one output (empty lists: nothing)."""
+    return {"acceptable": score.acceptable, "added": list(score.added_words), "dropped": list(score.dropped_words),
+            "garbled": list(score.garbled), "invented_facts": list(score.invented), "dropped_facts": list(score.dropped),
+            "copy": score.copy}
 
 
 def job_summary(stats: dict[str, Any], out: str | Path) -> str:
     """The one line a file job prints, e.g. "wrote 200 paraphrases to x.jsonl in 41 s (190 new tokens/s, ...)"."""
     gen_s = stats["generate_s"]
-    return (f"wrote {stats['rows']} paraphrases to {out} in {gen_s:.0f} s ({stats['new_tokens'] / max(gen_s, 1e-9):.0f} "
-            f"new tokens/s, {stats['path']}; loading took {stats['load_s']:.0f} s)")
+    line = (f"wrote {stats['written']} paraphrases to {out} in {gen_s:.0f} s "
+            f"({stats['new_tokens'] / max(gen_s, 1e-9):.0f} new tokens/s, {stats['path']}; loading took "
+            f"{stats['load_s']:.0f} s)")
+    if "accepted" in stats:  # the detector's verdict on each row's best candidate (evaluation/verdict.py)
+        line += f"; {stats['accepted']}/{stats['rows']} ({stats['accepted'] / max(1, stats['rows']):.0%}) accepted"
+    return line

@@ -75,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "the --input")
     g = p.add_argument_group("decoding")
     g.add_argument("--num-candidates", type=int, default=None,
-                   help=f"sample K candidates (temperature 0.8) and keep the best: usable, faithful, then by objective "
+                   help=f"sample K candidates (temperature 0.8) and keep the best: usable, faithful, acceptable, then by objective "
                    f"(default {DEFAULT_CANDIDATES}; 1 = greedy, ~12x faster, fewer faithful rows). Given explicitly, "
                    "--text prints all K, best first, and --output adds them as 'candidates'")
+    g.add_argument("--only-accepted", action="store_true",
+                   help="keep only paraphrases the reader's-verdict detector accepts (meaning kept: nothing that "
+                   "matters added or dropped, no broken word, names and numbers kept, reworded); the summary line "
+                   "gives the accepted share. Every output row carries the detector's flags either way")
     g.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers model that ranks candidates")
     g.add_argument("--max-new-tokens", type=int, help="cap on generated tokens (default: the prompt's, 64)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")

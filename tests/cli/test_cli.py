@@ -29,6 +29,18 @@ def test_train_then_paraphrase_file_then_peft(tiny_model_dir, tmp_path, capsys):
     assert main(["paraphrase", "--prompt", str(out), "--input", str(src), "--output", str(dst), "--max-new-tokens", "8"]) == 0
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r["id"] for r in rows] == [7, 8] and all(isinstance(r["prediction"], str) for r in rows)
+    # every row carries the detector's flags; a random model's output is never accepted, and the flags say why
+    assert all(r["acceptable"] is False and (r["added"] or r["dropped"] or r["garbled"] or r["copy"]
+                                             or r["invented_facts"] or r["dropped_facts"]) for r in rows), rows
+    assert "0/2 (0%) accepted" in capsys.readouterr().err
+    kept = tmp_path / "kept.jsonl"
+    assert main(["paraphrase", "--prompt", str(out), "--input", str(src), "--output", str(kept), "--max-new-tokens", "8",
+                 "--only-accepted"]) == 0
+    assert kept.read_text() == "" and "wrote 0 paraphrases" in capsys.readouterr().err
+    assert main(["paraphrase", "--prompt", str(out), "--text", "It rained all day.", "--max-new-tokens", "6",
+                 "--only-accepted"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and "rejected by the detector" in printed.err
 
     assert main(["paraphrase", "--prompt", str(out), "--text", "It rained.", "--num-candidates", "3",
                  "--max-new-tokens", "6"]) == 0
