@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sheet import acceptable, dev_rows, read_labels  # noqa: E402
+from sheet import acceptable, dev_rows, read_key, read_labels  # noqa: E402
 
 
 def pr(pred: list[bool], truth: list[bool]) -> dict:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from paraphrase_ray.evaluation.embedder import load_embedder
     from paraphrase_ray.evaluation.metrics import score_rows
 
-    key = json.loads(Path(args.key).read_text())
+    key = read_key(args.key)
     readers = [read_labels(x) for x in args.labels]
     src = {r["id"]: r["source"] for r in dev_rows()}
     items = [i for i in key if all(i in r for r in readers)]

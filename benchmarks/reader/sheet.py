@@ -118,8 +118,19 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * p)
 
 
+def read_key(path: str) -> dict[str, dict]:
+    """item -> {"row", "system", "output"}; a stored key (labels/*_key.json) names MRPC outputs by row only, and the
+    output is the row's MRPC target, read from ../shared here."""
+    data = json.loads(Path(path).read_text())
+    items = data.get("items", data)
+    if any("output" not in v for v in items.values()):
+        targets = {r["id"]: r.get("target") for r in dev_rows()}
+        items = {i: {**v, "output": v.get("output", targets.get(v["row"]))} for i, v in items.items()}
+    return items
+
+
 def cmd_score(args) -> int:
-    key = json.loads(Path(args.key).read_text())
+    key = read_key(args.key)
     readers = [read_labels(p) for p in args.labels]
     verdict = {}  # item -> acceptable (first reader, or the consensus "both accept" with two)
     for item in key:

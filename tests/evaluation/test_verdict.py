@@ -64,7 +64,7 @@ def test_negation_is_always_content():
 
 def test_scores_carry_the_verdict_and_rerank_puts_acceptable_first(embedder):
     src = "The museum will reopen in March after a two-year renovation, the mayor said."
-    good = "After a renovation lasting two years, the museum will reopen in March, the mayor said."
+    good = "The mayor said the museum would reopen in March, after a renovation of two years."
     drops = "The museum will reopen after a renovation."  # drops March, the mayor, two-year
     rows = score_rows([src, src], None, [drops, good], embedder)
     assert not rows[0].acceptable and rows[1].acceptable, rows
