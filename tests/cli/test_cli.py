@@ -396,7 +396,7 @@ def test_paraphrase_stats_file_and_summary_line(tiny_model_dir, tmp_path, capsys
         assert main(["paraphrase", "--prompt", str(prompt), "--input", str(src), "--output", str(dst),
                      "--max-new-tokens", "6", "--precision", precision, "--stats", str(stats)]) == 0
         st = json.loads(stats.read_text())
-        assert set(st) == {"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates"}
+        assert set(st) == {"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates", "accepted"}
         # the tiny OPT has no llama.cpp blocks (fp32) and is no Llama (no lean step); K = 8 sampled in our loop
         assert st["rows"] == 2 and st["path"] == "fp32+prefix-cache" and st["generate_s"] >= 0 and st["load_s"] >= 0
         err = capsys.readouterr().err
