@@ -99,9 +99,13 @@ def tiny_gemma_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_gemma(tiny_gemma_dir):
     """A freshly loaded (uncached) tiny Gemma 3 in fp32 on CPU."""
+    return _fresh(tiny_gemma_dir)
+
+
+def _fresh(model_dir: Path):
     from paraphrase_ray.models import load_model
 
-    return load_model(str(tiny_gemma_dir), precision="fp32", device="cpu", cache=False)
+    return load_model(str(model_dir), precision="fp32", device="cpu", cache=False)
 
 
 @pytest.fixture(scope="session")
@@ -112,9 +116,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny(tiny_model_dir):
     """A freshly loaded (uncached) tiny OPT in fp32 on CPU."""
-    from paraphrase_ray.models import load_model
-
-    return load_model(str(tiny_model_dir), precision="fp32", device="cpu", cache=False)
+    return _fresh(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

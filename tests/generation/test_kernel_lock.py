@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from paraphrase_ray.generation.backends import lowbit as quant
 
@@ -44,7 +43,7 @@ def built_kernel() -> Path:
 def q4_prompt(tmp_path_factory) -> Path:
     """A prompt directory on a tiny Llama whose Linear weights are Q4_1 blocks and its embedding Q8_0."""
     from conftest import build_tiny_tokenizer
-    from test_lowbit import round_q4_1, round_q8_0
+    from test_lowbit import round_to_blocks
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from paraphrase_ray.config import PromptConfig, RunConfig
@@ -60,12 +59,7 @@ def q4_prompt(tmp_path_factory) -> Path:
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for mod in model.model.layers.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.copy_(round_q4_1(mod.weight))
-        emb = model.get_input_embeddings().weight
-        emb.copy_(round_q8_0(emb))
+    round_to_blocks(model)
     model.save_pretrained(root / "model")
     prompt = SoftPrompt.init(model, tok, PromptConfig(n_tokens=4, init="vocab", seed=1))
     prompt.save(root / "prompt", str(root / "model"), model, PromptMeta.record(RunConfig(model=str(root / "model"))))

@@ -47,14 +47,19 @@ def tiny_llama(seed: int = 0, exact: bool = True) -> nn.Module:
     )
     model = LlamaForCausalLM(cfg)
     if exact:
-        with torch.no_grad():
-            for mod in model.model.layers.modules():
-                if isinstance(mod, nn.Linear):
-                    mod.weight.copy_(round_q4_1(mod.weight))
-            emb = model.get_input_embeddings().weight
-            emb.copy_(round_q8_0(emb))
+        round_to_blocks(model)
     freeze(model)
     return model
+
+
+@torch.no_grad()
+def round_to_blocks(model: nn.Module) -> None:
+    """Make a Llama's weights exact llama.cpp blocks, as the embedded GGUF's are: Q4_1 layers, a Q8_0 embedding."""
+    for mod in model.model.layers.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight.copy_(round_q4_1(mod.weight))
+    emb = model.get_input_embeddings().weight
+    emb.copy_(round_q8_0(emb))
 
 
 @pytest.fixture(scope="module")
