@@ -105,7 +105,7 @@ def run(storage: str = "runs/sweeps", name: str = "quickstart") -> int:
         print(f"$ paraphrase-ray paraphrase --prompt {best} --input {inp} --output {out}", flush=True)
         cands, stats, scores = paraphrase_job(str(best), SENTENCES)  # the command's defaults: K candidates, reranked
         write_records(out, [{"source": s, "prediction": c[0], **flags(sc[0])} for s, c, sc in zip(SENTENCES, cands, scores)])
-        print(job_summary({**stats, "written": len(SENTENCES)}, out), file=sys.stderr)
+        print(job_summary(stats, out), file=sys.stderr)
         for src, c in zip(SENTENCES, cands):
             print(f"  {src}\n    -> {c[0]}")
 

@@ -68,7 +68,7 @@ def flags(score: RowScore) -> dict[str, Any]:
 def job_summary(stats: dict[str, Any], out: str | Path) -> str:
     """The one line a file job prints, e.g. "wrote 200 paraphrases to x.jsonl in 41 s (190 new tokens/s, ...)"."""
     gen_s = stats["generate_s"]
-    line = (f"wrote {stats['written']} paraphrases to {out} in {gen_s:.0f} s "
+    line = (f"wrote {stats.get('written', stats['rows'])} paraphrases to {out} in {gen_s:.0f} s "
             f"({stats['new_tokens'] / max(gen_s, 1e-9):.0f} new tokens/s, {stats['path']}; loading took "
             f"{stats['load_s']:.0f} s)")
     if "accepted" in stats:  # the detector's verdict on each row's best candidate (evaluation/verdict.py)
