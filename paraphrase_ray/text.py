@@ -224,3 +224,45 @@ def sentence_bleu(hypothesis: str, reference: str) -> float:
         return 0.0
     # Clamp: sacrebleu returns 100.00000000000004 for identical strings.
     return min(100.0, max(0.0, float(_bleu().sentence_score(hypothesis, [reference]).score)))
+
+
+# ------------------------------------------------------------------------------ content words (wordfreq-weighted)
+# What the reader's-verdict detector (evaluation/verdict.py) compares and the word guard (generation/word_guard.py)
+# restricts: lower-cased letter/digit runs; function words are English's most frequent ones.
+FUNCTION_ZIPF = 6.2  # "said" (6.0) and "told" (5.5) stay content words: dropping the attribution matters
+NEGATIONS = frozenset({"not", "no", "never", "nor", "none", "nothing", "without", "cannot", "t"})  # "don't" -> t
+WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
+
+
+@functools.lru_cache(maxsize=200_000)
+def zipf(word: str) -> float:
+    from wordfreq import zipf_frequency  # its word lists load on first use (~0.5 s)
+
+    return zipf_frequency(word, "en")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, possessives dropped ("Bush's" -> "bush"), number words as digits ("two" -> "2": numbers
+    are the fact check's, ``text.check``, which also lets "two" and "2" match)."""
+    out = []
+    for w in WORD.findall(text):
+        w = w.lower().replace("’", "'")
+        w = w[:-2] if w.endswith("'s") else w
+        out.append(NUMBER_WORDS.get(w, w))
+    return out
+
+
+def is_content(word: str) -> bool:
+    return word in NEGATIONS or (not word.isdigit() and zipf(word) < FUNCTION_ZIPF)
+
+
+def weight(word: str) -> float:
+    return max(1.0, 8.0 - zipf(word))
+
+
+def stem(word: str) -> str:
+    """A crude English stem, enough to match inflections: "premiums" = "premium", "appealed" = "appeal"."""
+    for suffix in ("ingly", "edly", "ies", "ing", "ied", "ed", "es", "ly", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word

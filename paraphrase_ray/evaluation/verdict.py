@@ -28,25 +28,20 @@ garbled word, recall >= ``MIN_RECALL``, precision >= ``MIN_PRECISION``, and rewo
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from paraphrase_ray.evaluation.embedder import EmbeddingCache, encode_unique
-from paraphrase_ray.text import NUMBER_WORDS
+from paraphrase_ray.text import WORD, is_content, stem, weight, words, zipf
 
-FUNCTION_ZIPF = 6.2  # "said" (6.0) and "told" (5.5) stay content words: dropping the attribution matters
-NEGATIONS = frozenset({"not", "no", "never", "nor", "none", "nothing", "without", "cannot", "t"})  # "don't" -> t
 SYNONYM_COS = 0.68  # MiniLM on single words: bought~purchased 0.91, company~firm 0.70, aunt~cousin 0.66, higher~lower 0.79 (!)
 # Strict on purpose: on 200 blind-read items (docs/BENCHMARKS.md, "Quality") looser settings accepted 15-55 rows
 # the readers rejected; at 0.95 it accepts 5 (2.5%, the readers' own rate), still not the readers' rows.
 MIN_RECALL = 0.95
 MIN_PRECISION = 0.95
 MAX_SELF_BLEU = 60.0
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
 _ANTONYMS = frozenset(  # pairs the embedder puts close together but a reader reads as opposite
     frozenset(p) for p in (("higher", "lower"), ("high", "low"), ("rise", "fall"), ("rose", "fell"),
                            ("increase", "decrease"), ("up", "down"), ("more", "less"), ("before", "after"),
@@ -64,40 +59,6 @@ class Verdict:
     garbled: tuple[str, ...]  # output words that are not English words and not in the source
     recall: float  # weighted share of the source's content kept, [0, 1]
     precision: float  # weighted share of the output's content that has a counterpart, [0, 1]
-
-
-@functools.lru_cache(maxsize=200_000)
-def zipf(word: str) -> float:
-    from wordfreq import zipf_frequency  # its word lists load on first use (~0.5 s)
-
-    return zipf_frequency(word, "en")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words, possessives dropped ("Bush's" -> "bush"), number words as digits ("two" -> "2": numbers
-    are the fact check's, ``text.check``, which also lets "two" and "2" match)."""
-    out = []
-    for w in _WORD.findall(text):
-        w = w.lower().replace("’", "'")
-        w = w[:-2] if w.endswith("'s") else w
-        out.append(NUMBER_WORDS.get(w, w))
-    return out
-
-
-def is_content(word: str) -> bool:
-    return word in NEGATIONS or (not word.isdigit() and zipf(word) < FUNCTION_ZIPF)
-
-
-def weight(word: str) -> float:
-    return max(1.0, 8.0 - zipf(word))
-
-
-def stem(word: str) -> str:
-    """A crude English stem, enough to match inflections: "premiums" = "premium", "appealed" = "appeal"."""
-    for suffix in ("ingly", "edly", "ies", "ing", "ied", "ed", "es", "ly", "s"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)]
-    return word
 
 
 def _counterparts(mine: Sequence[str], theirs: Sequence[str], emb: dict[str, np.ndarray]) -> list[bool]:
@@ -134,7 +95,7 @@ def verdicts(
         backed = _counterparts(ow, sw, emb)
         source_words = set(words(s))
         garbled = tuple(
-            w for w in _WORD.findall(o)
+            w for w in WORD.findall(o)
             if w.isalpha() and w.islower() and len(w) > 2 and w not in source_words and zipf(w.lower()) == 0.0
         )
         rows.append(Verdict(

@@ -52,6 +52,7 @@ from paraphrase_ray.generation.rules import (
     source_ngrams,
     word_continuation_ids,
 )
+from paraphrase_ray.generation.word_guard import WordGuard
 from paraphrase_ray.models import LoadedModel, cache_kwarg, sliding_window
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
@@ -80,6 +81,8 @@ def row_for(
     if gen.source_no_repeat_ngram_size:
         ngrams = source_ngrams(src_only, gen.source_no_repeat_ngram_size, word_continuation_ids(tok))
     guard = FactGuard(tok, source) if gen.fact_guard else None
+    if gen.word_guard:  # bans content the source lacks, half-written words and stopping short (word_guard.py)
+        guard = WordGuard(tok, source, gen.word_coverage, fact=guard)
     head = _template_head(tok, template, max_source_tokens, chat)
     return Row(prompt, ids, penalised, max(1, limit), ngrams, guard, head)
 

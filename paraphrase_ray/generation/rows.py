@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from paraphrase_ray.generation.fact_guard import FactGuard
+    from paraphrase_ray.generation.word_guard import WordGuard
     from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 
 
@@ -26,7 +27,7 @@ class Row:
     max_new_tokens: int
     # source (n-1)-gram -> the tokens that follow it in the source: what ``source_no_repeat_ngram_size`` bans
     source_ngrams: dict[tuple[int, ...], list[int]] | None = None
-    guard: FactGuard | None = None  # bans inventing names / numbers (``generation.fact_guard``)
+    guard: FactGuard | WordGuard | None = None  # bans inventing names / numbers (``fact_guard``), words too (``word_guard``)
     head: tuple[int, ...] | None = None  # ids every row of this template starts with (prefix_cache.py)
     # () -> True once nobody waits for this row any more (Serve: its request timed out or the caller left);
     # decode.decode stops the row at its next step

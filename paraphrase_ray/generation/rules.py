@@ -172,14 +172,20 @@ def ngram_bans(seq: list[int], n: int) -> list[int]:
 def ban_row(scores: torch.Tensor, seq: list[int], no_repeat_ngram: int = 0,
             ngrams: dict[tuple[int, ...], list[int]] | None = None, ngram_n: int = 0, guard: Any = None) -> None:
     """Every ban of one row after its generated tokens ``seq``, in place on its scores (vocab,): no-repeat
-    n-grams, source n-grams, and the ``FactGuard`` (HF's processors set -inf, so their order does not matter)."""
+    n-grams, source n-grams, and the guard (``FactGuard`` / ``WordGuard``), which wins where the others would ban every token."""
     banned = ngram_bans(seq, no_repeat_ngram) if no_repeat_ngram else []
     if ngram_n and ngrams:
         banned += source_bans(seq, ngrams, ngram_n)
-    if banned:
-        scores[banned] = -float("inf")
     if guard is not None:
         scores[guard.bans_tensor(seq, scores.device, scores.shape[0])] = -float("inf")
+        if banned:  # the guard may leave only tokens an n-gram rule bans ("the F" + "BI" twice): the guard wins
+            before = scores[banned].clone()
+            scores[banned] = -float("inf")
+            if bool(torch.isinf(scores).all()):
+                scores[banned] = before
+        return
+    if banned:
+        scores[banned] = -float("inf")
 
 
 def source_mask(rows: Sequence[Row], vocab: int, device: torch.device) -> torch.Tensor:
@@ -226,7 +232,7 @@ class DecodeRules:
     penalty: float = 1.0  # HF's repetition-penalty rule over each row's source ids (1.0: off)
     no_repeat_ngram: int = 0  # n > 0: no n-gram of the row's own generated tokens twice
     source_ngram_n: int = 0  # n > 0: no n consecutive source tokens copied (the rows' ``source_ngrams``)
-    fact_guard: bool = False  # the rows' ``FactGuard`` bans inventing a name or number
+    fact_guard: bool = False  # the rows' guard (``FactGuard`` / ``WordGuard``) bans inventing a name or number
     stop_ids: tuple[int, ...] = ()  # a row stops at (and keeps) one of these, as HF stops at eos
     newline_ids: tuple[int, ...] = ()  # ...or at one of these after some text (``StopAtLineEnd``)
     pad_id: int = 0  # fills a row's tokens after it stopped
@@ -249,7 +255,7 @@ class DecodeRules:
             penalty=gen.source_repetition_penalty,
             no_repeat_ngram=gen.no_repeat_ngram_size,
             source_ngram_n=gen.source_no_repeat_ngram_size,
-            fact_guard=gen.fact_guard,
+            fact_guard=gen.fact_guard or gen.word_guard,
             stop_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else (),
             newline_ids=newline_token_ids(tokenizer) if gen.stop_at_newline else (),
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

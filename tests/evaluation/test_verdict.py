@@ -8,7 +8,8 @@ import pytest
 
 from paraphrase_ray.evaluation.embedder import load_embedder
 from paraphrase_ray.evaluation.metrics import rank_candidates, score_rows
-from paraphrase_ray.evaluation.verdict import is_content, stem, verdicts, words
+from paraphrase_ray.evaluation.verdict import verdicts
+from paraphrase_ray.text import is_content, stem, words
 
 
 @pytest.fixture(scope="module")
