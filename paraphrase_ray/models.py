@@ -17,6 +17,7 @@ Tune trials, or a Serve replica, loads its base model once.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -58,6 +59,9 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
+    # True when nothing will generate from this model (the ``train`` command): training may then swap its fp32
+    # Linear layers for bf16 ones in place instead of keeping both (``training/precision.py``)
+    train_only: bool = False
 
     @property
     def embed_dim(self) -> int:
@@ -282,3 +286,38 @@ def sliding_window(model: nn.Module) -> int | None:
     if types is not None and not any("sliding" in str(t) for t in types):
         return None
     return int(window)
+
+
+def replaced_copy(model: nn.Module, new: dict[int, nn.Module]) -> nn.Module:
+    """Shallow copy of the module tree with modules ``new[id(old)]`` swapped in; everything else is shared (the
+    generation copy on low-bit kernels, the training copy with bf16 weights).
+
+    Only modules on a path to a replaced one are copied (their parameter / buffer dicts are new dicts holding
+    the same tensors); untouched subtrees are the original modules themselves.
+    """
+    memo: dict[int, nn.Module] = {}
+    held: dict[int, bool] = {}
+
+    def holds(mod: nn.Module) -> bool:
+        if id(mod) not in held:
+            held[id(mod)] = id(mod) in new or any(holds(c) for c in mod.children())
+        return held[id(mod)]
+
+    def visit(mod: nn.Module) -> nn.Module:
+        if id(mod) in new:
+            return new[id(mod)]
+        if id(mod) in memo:
+            return memo[id(mod)]
+        if not holds(mod):
+            return mod
+        twin = copy.copy(mod)
+        for key, val in mod.__dict__.items():  # parameter / buffer / hook dicts: new dicts, same entries
+            if isinstance(val, dict) and key.startswith("_") and key != "_modules":
+                twin.__dict__[key] = copy.copy(val)
+        twin._modules = {}
+        memo[id(mod)] = twin
+        for name, child in mod._modules.items():
+            twin._modules[name] = visit(child) if child is not None else None
+        return twin
+
+    return visit(model)

@@ -40,11 +40,14 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from paraphrase_ray.models import load_model
     from paraphrase_ray.prompt.directory import check_out_dir
+    from paraphrase_ray.training.precision import load_precision
     from paraphrase_ray.training.trainer import train
 
     cfg = build_run_config(args)
     check_out_dir(args.out)  # before loading the model: never a directory of other files (README.md)
-    loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)
+    tc = cfg.train
+    loaded = load_model(cfg.model, load_precision(tc.precision, tc.device), tc.device, cache=False)
+    loaded.train_only = True  # nothing generates from it here: a bf16 run swaps its Linear weights in place
     out = Path(args.out)
     resume = out / "checkpoint" if args.resume else None
     result = train(loaded, cfg, out_dir=out, resume_from=resume)

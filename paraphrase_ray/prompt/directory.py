@@ -4,7 +4,8 @@ the readers and writers of its JSON files. The weights themselves are ``SoftProm
 
     adapter_config.json         PEFT PROMPT_TUNING config; base_model_name_or_path is a hub id (models.HUB_IDS)
     adapter_model.safetensors   one tensor "prompt_embeddings", (n_tokens, d_embed), fp32
-    paraphrase_ray.json         base model, template, generation defaults, training config, metrics
+    paraphrase_ray.json         base model, template, generation defaults, training config, metrics, the
+                                training precision and why (train_precision, train_precision_probe)
     README.md                   a Hub model card (library_name: peft), rewritten with every metadata write
 
 A directory saved by PEFT itself (no ``paraphrase_ray.json``) reads as well: its base model comes from
@@ -43,7 +44,10 @@ class PromptMeta:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_source_tokens: int = 64
-    precision: str = "auto"  # the frozen weights' dtype at training time
+    # the frozen weights' dtype to generate with: fp32 when trained with precision fp32, else auto (bf16 on
+    # CUDA, the exact fp32 / low-bit weights on CPU): a bf16 training run trained on a bf16 copy of the weights
+    precision: str = "auto"
+    train_precision: str | None = None  # what training ran in, and why: "bf16 (probe: 3.6x fp32)"
     init: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -56,7 +60,8 @@ class PromptMeta:
             template=from_dict(TemplateConfig, meta.get("template") or {}),
             generation=from_dict(GenerationConfig, meta.get("generation") or {}),
             max_source_tokens=int(meta.get("max_source_tokens", 64)),
-            precision=(meta.get("train_config") or {}).get("precision", "auto"),
+            precision="fp32" if (meta.get("train_config") or {}).get("precision") == "fp32" else "auto",
+            train_precision=meta.get("train_precision"),
             init=meta.get("init") or prompt_cfg.get("init"),
             metrics=dict(meta.get("metrics") or {}),
             raw=dict(meta),

@@ -82,6 +82,7 @@ def leaderboard(
             steps=last.get("step"),
             wall_s=_round(last.get("time_total_s")),
             setup_s=last.get("setup_s"),
+            precision=last.get("precision"),  # the frozen weights' training precision and why
             worker_pid=last.get("worker_pid"),
             worker_trial=last.get("worker_trial"),
             error=rec.error,
@@ -112,6 +113,7 @@ def columns(spec: SweepSpec) -> list[str]:
         "steps",
         "wall_s",
         "setup_s",
+        "precision",
         "worker_pid",
         "worker_trial",
         "error",

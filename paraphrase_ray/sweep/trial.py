@@ -110,6 +110,7 @@ def run_trial(
     from paraphrase_ray.data import Pair
     from paraphrase_ray.models import is_loaded, load_model
     from paraphrase_ray.prompt.directory import PromptMeta, read_meta, update_meta
+    from paraphrase_ray.training.precision import load_precision
     from paraphrase_ray.training.trainer import train  # looked up per call: tests replace train.train
 
     report = report or tune.report
@@ -118,8 +119,11 @@ def run_trial(
     start, t0 = time.time(), time.perf_counter()
     ordinal = next(_TRIAL_ORDINALS)
     cfg = trial_config(ctx, config)
-    fresh = not is_loaded(cfg.model, cfg.train.precision, cfg.train.device)
-    loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)  # memoised per process
+    # the exact fp32 weights on CPU, which the evaluations generate from; training takes its own bf16 copy of
+    # them when the probe says bf16 pays (training/precision.py), built once per process like the model
+    precision = load_precision(cfg.train.precision, cfg.train.device)
+    fresh = not is_loaded(cfg.model, precision, cfg.train.device)
+    loaded = load_model(cfg.model, precision, cfg.train.device)  # memoised per process
     client = client or EvaluatorClient(**ctx.evaluator)
     info = {
         "node_id": _node_id(),
@@ -147,7 +151,8 @@ def run_trial(
             t = time.perf_counter()
             scores = score_prompt(loaded, prompt, cfg, ctx, client, timings := {})
             metrics = {**event, **scores, **info, **timings, "eval_s": round(time.perf_counter() - t, 3)}
-            update_meta(ckpt_dir, **meta, step=event["step"], metrics={k: scores[k] for k in SUMMARY_KEYS})
+            update_meta(ckpt_dir, **meta, step=event["step"], train_precision=event.get("precision"),
+                        metrics={k: scores[k] for k in SUMMARY_KEYS})
             last.clear()
             last.update(metrics)
             report(
@@ -204,9 +209,10 @@ def _zero_shot(model: str, ctx: TrialContext) -> list[dict[str, Any]]:
     ``zero-shot`` (the trials' template minus the learned vectors) and, for chat models, ``zero-shot-chat``
     (the chat template around an instruction)."""
     from paraphrase_ray.models import load_model
+    from paraphrase_ray.training.precision import load_precision
 
     cfg = trial_config(ctx, {"model": model})
-    loaded = load_model(cfg.model, cfg.train.precision, cfg.train.device)
+    loaded = load_model(cfg.model, load_precision(cfg.train.precision, cfg.train.device), cfg.train.device)
     client = EvaluatorClient(**ctx.evaluator)
     out = []
     for chat in (False, True) if loaded.is_chat else (False,):

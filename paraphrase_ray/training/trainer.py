@@ -1,10 +1,12 @@
 """Train one soft prompt on a frozen causal LM for a step budget: AdamW on the prompt alone (an fp32 master copy;
-frozen weights in bf16 where the hardware does bf16 fast), schedules, clipping, validation and the best prompt,
-resumable checkpoints, a NaN stop, and a per-eval callback (Tune trials report from it). The loss: ``loss.py``.
+frozen weights in bf16 where a probe measures bf16 faster: ``precision.py``), schedules, clipping, validation and
+the best prompt, resumable checkpoints, a NaN stop, and a per-eval callback (Tune trials report from it). The
+loss: ``loss.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +30,7 @@ from paraphrase_ray.models import LoadedModel
 from paraphrase_ray.prompt.directory import PromptMeta, check_out_dir
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt, trainable_parameters
 from paraphrase_ray.training.loss import prompt_loss, validation_loss
+from paraphrase_ray.training.precision import Precision, decide, training_module
 
 log = logging.getLogger("paraphrase_ray")
 
@@ -48,6 +51,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    precision: Precision | None = None  # what the frozen weights trained in, and why
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -57,6 +61,7 @@ class TrainResult:
             "final_train_loss": self.final_train_loss,
             "tokens_per_s": round(self.tokens_per_s, 1),
             "wall_s": round(self.wall_s, 2),
+            "precision": self.precision.label if self.precision else None,
         }
 
 
@@ -124,7 +129,8 @@ def train(
     """Train one prompt. Saves the best prompt to ``out_dir`` (if given) unless the loss went NaN.
 
     ``checkpoint_dir`` (default ``out_dir/checkpoint``) receives resumable checkpoints; ``resume_from`` restarts
-    from one. The base model is never modified: only the prompt has ``requires_grad``.
+    from one. Only the prompt has ``requires_grad``; the base model's weights are never changed (a bf16 decision
+    trains on a bf16 copy of its Linear layers, or swaps them in place when ``loaded.train_only``).
     """
     tcfg = cfg.train
     if out_dir is not None:
@@ -140,8 +146,16 @@ def train(
     def enc(pairs):
         return [encode_pair(tok, p, cfg.template, cfg.data.max_source_tokens, cfg.data.max_target_tokens) for p in pairs]
 
-    stream = BatchStream(enc(train_pairs), tcfg.batch_size, tok.pad_token_id, tcfg.seed)
+    train_enc = enc(train_pairs)
+    stream = BatchStream(train_enc, tcfg.batch_size, tok.pad_token_id, tcfg.seed)
     val_enc = enc(val_pairs)
+    # the frozen weights' precision, measured at this run's GEMM shape (rows x positions), and the weights
+    # that trains on: the bf16 training copy or the model itself (``precision.py``); generation keeps loaded.model
+    positions = sum(len(ids) for ids, _ in train_enc[:512]) / max(1, min(len(train_enc), 512))
+    precision = decide(loaded, tcfg.precision, round(tcfg.batch_size * positions))
+    model = training_module(loaded, precision)
+    tl = dataclasses.replace(loaded, model=model)  # validation runs on the same weights as the steps
+    _log(f"training precision: {precision.label}", tcfg)
 
     prompt = SoftPrompt.init(model, tok, cfg.prompt).to(device)
     n_trainable = trainable_parameters(prompt, model)
@@ -187,7 +201,8 @@ def train(
         bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
 
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
-            event = evaluate_step(loaded, prompt, val_enc, state, tcfg, step, last_loss, opt.param_groups[0]["lr"])
+            event = evaluate_step(tl, prompt, val_enc, state, tcfg, step, last_loss, opt.param_groups[0]["lr"])
+            event["precision"] = precision.label
             if bar.disable:  # no live bar (log file, CI, Ray worker): one line per evaluation instead
                 _log(_eval_line(event, tcfg, (time.perf_counter() - t0) / max(1, step - start_step)), tcfg)
             bar.set_postfix(loss=f"{last_loss:.3f}", val=f"{event.get('val_loss', float('nan')):.3f}")
@@ -206,13 +221,21 @@ def train(
             prompt.weight.copy_(state["best_weight"])
     result = TrainResult(
         status=status, steps=step, prompt=prompt, best_val_loss=state["best_val_loss"], final_train_loss=last_loss,
-        tokens_per_s=tokens / wall if wall > 0 else 0.0, wall_s=wall, history=state["history"],
+        tokens_per_s=tokens / wall if wall > 0 else 0.0, wall_s=wall, history=state["history"], precision=precision,
     )
     if out_dir is not None and status != "nan":
-        meta = {**PromptMeta.record(cfg), "metrics": result.metrics()}
+        meta = {**PromptMeta.record(cfg), "metrics": result.metrics(), **precision_meta(precision)}
         prompt.save(out_dir, loaded.name, model, meta)
         _log(f"saved prompt to {out_dir}", tcfg)
     return result
+
+
+def precision_meta(precision: Precision) -> dict[str, Any]:
+    """What ``paraphrase_ray.json`` records of the training precision (``train``, trial checkpoints)."""
+    out: dict[str, Any] = {"train_precision": precision.label}
+    if precision.probe is not None:
+        out["train_precision_probe"] = precision.probe.record()
+    return out
 
 
 def evaluate_step(

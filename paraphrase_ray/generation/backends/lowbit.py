@@ -20,7 +20,6 @@ the same process stays exact fp32. Do not ``.to()`` or train the copy: its share
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -38,6 +37,7 @@ from torch import nn
 from paraphrase_ray.config import QUANTIZE_METHODS
 from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.files import exclusive_lock
+from paraphrase_ray.models import replaced_copy
 
 log = logging.getLogger(__name__)
 
@@ -282,40 +282,6 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def _replaced_copy(model: nn.Module, new: dict[int, nn.Module]) -> nn.Module:
-    """Shallow copy of the module tree with modules ``new[id(old)]`` swapped in; everything else is shared.
-
-    Only modules on a path to a replaced one are copied (their parameter / buffer dicts are new dicts holding
-    the same tensors); untouched subtrees are the original modules themselves.
-    """
-    memo: dict[int, nn.Module] = {}
-    held: dict[int, bool] = {}
-
-    def holds(mod: nn.Module) -> bool:
-        if id(mod) not in held:
-            held[id(mod)] = id(mod) in new or any(holds(c) for c in mod.children())
-        return held[id(mod)]
-
-    def visit(mod: nn.Module) -> nn.Module:
-        if id(mod) in new:
-            return new[id(mod)]
-        if id(mod) in memo:
-            return memo[id(mod)]
-        if not holds(mod):
-            return mod
-        twin = copy.copy(mod)
-        for key, val in mod.__dict__.items():  # parameter / buffer / hook dicts: new dicts, same entries
-            if isinstance(val, dict) and key.startswith("_") and key != "_modules":
-                twin.__dict__[key] = copy.copy(val)
-        twin._modules = {}
-        memo[id(mod)] = twin
-        for name, child in mod._modules.items():
-            twin._modules[name] = visit(child) if child is not None else None
-        return twin
-
-    return visit(model)
-
-
 def _is_cpu_fp32(model: nn.Module) -> bool:
     p = next(model.parameters(), None)
     return p is not None and p.device.type == "cpu" and p.dtype == torch.float32
@@ -364,7 +330,7 @@ def quantize_for_generation(model: nn.Module, method: str = "auto", max_rows: in
 def _finish(model: nn.Module, new: dict[int, nn.Module], summary: dict[str, str], path: str):
     if not new:
         return model, "none"  # nothing to replace: the model itself, untouched
-    out = _replaced_copy(model, new)
+    out = replaced_copy(model, new)
     object.__setattr__(out, "quant_summary", summary)
     return out, path
 
