@@ -15,7 +15,8 @@ guard (``fact_guard.py``) stops only invented names and numbers. This guard exte
 - **Nothing dropped.** A sentence end (".", "!", "?"), the line end and the end of text are banned until the output
   holds a counterpart (same word or stem) of at least ``coverage`` of the source's content words, weighted as the
   detector weights them (``text.weight``: rarer words count more). Once the output has as many sentences as the
-  source, it ends (a second sentence is where a small model rambles).
+  source, it ends (a second sentence is where a small model rambles); past ``LENGTH_RATIO`` x the source's words it
+  finishes its word and ends the sentence (guarded, the tuned prompt went on with comma clauses).
 - **Nothing strange.** Symbols other than ``,.;:-`` and apostrophes only when the source has them ("#", "[", "*"); no capital
   inside a word ("lEgItImAtE"); clitics ("s", "t", "ll") only after an apostrophe.
 
@@ -50,6 +51,7 @@ and or but nor so yet also both either neither whether if because while although
 is are was were be been being am has have had having do does did done
 """.split())
 CLITICS = frozenset({"s", "t", "d", "ll", "re", "ve", "m"})  # only right after an apostrophe ("it's", "don't")
+LENGTH_RATIO = 1.2  # words: an output this much longer than its source rambles (the tuned prompt did, guarded)
 PLAIN_PUNCT = frozenset(",.;:-'’")  # punctuation any output may write; any other symbol only if the source has it
 _ABBREV = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "sen", "rep", "gov", "gen", "lt", "col",
                      "inc", "co", "corp", "no", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
@@ -126,6 +128,7 @@ class _Scan:
         self.inner_upper = np.array([bool(f) and any(c.isupper() for c in r[1:len(f)])
                                      for f, r in zip(self.first, [t.lstrip() for t in v.text])])
         self.ends = np.array([bool(re.search(r"[.!?]", t)) for t in v.text])  # may end a sentence
+        self.period = np.array([bool(re.fullmatch(r"[.!?]+[\"”’')]*", t)) for t in v.text])  # only ends one
 
 
 _SCANS: dict[int, tuple[Any, _Scan]] = {}
@@ -158,6 +161,7 @@ class WordGuard:
         self._inner_bad |= np.array([not sym <= chars for sym in s.symbols])  # "#", "*", "[" the source lacks
         self._inner_bad |= s.inner_upper
         self.sentences = max(1, sentence_ends(source))
+        self.max_words = int(LENGTH_RATIO * len(_LETTERS.findall(source))) + 2
         self._masks: dict[tuple, np.ndarray] = {}
         self._tensors: dict[tuple, Any] = {}
 
@@ -172,6 +176,8 @@ class WordGuard:
             m = None  # "it's": the clitic is a whole word
         if sentence_ends(text) >= self.sentences:
             return ("", "done")
+        if len(_LETTERS.findall(text)) >= self.max_words:
+            return (m.group(2) if m else "", "long")
         if text.endswith(("'", "’")):
             return ("", "clitic")
         return (m.group(2) if m else "", "free" if self.covered(text) else "open")
@@ -217,6 +223,17 @@ class WordGuard:
         if phase == "done":  # as many sentences as the source: only the end of the output
             return ~s.stop
         partial = cased.lower()
+        if phase == "long":  # longer than the source allows: finish the word, then end the sentence
+            ok = s.stop | s.period
+            if partial and partial not in self.words:
+                ok = np.zeros_like(ok)
+            for w in self.words if partial else ():  # a started word may go on to a whole allowed word
+                rest = w[len(partial):] if w.startswith(partial) else ""
+                for k in range(1, len(rest) + 1):
+                    ok[s.index.get((rest[:k], True, False), [])] = True
+                if rest:
+                    ok[s.index.get((rest, True, True), [])] = True
+            return ~(ok & ~self._inner_bad)
         words = self.words | CLITICS if phase == "clitic" else self.words
         ok = s.breaks & np.array([not f for f in s.first])  # non-letter tokens with no word in them
         # a token that breaks the current word and starts a new one (" said", ", and") or writes no word

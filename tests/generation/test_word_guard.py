@@ -96,3 +96,11 @@ def test_decoding_with_the_guard_writes_only_allowed_words(tiny, beams):
     for s, (o,) in zip(src, outs):
         ok = allowed_words(s)
         assert all(w.lower() in ok for w in re.findall(r"[^\W\d_]+", o)), (s, o)
+
+
+def test_an_output_much_longer_than_its_source_must_end(tok):
+    guard = WordGuard(tok, "The ruling raised premiums for drivers.", coverage=0.0)
+    long = "The ruling raised premiums for drivers and the ruling raised"  # 10 words > 1.2 x 6 + 2
+    allowed = set(range(len(guard.scan.text))) - set(guard.bans(ids_of(tok, long)))
+    assert allowed and all(guard.scan.stop[i] or guard.scan.period[i] for i in allowed)
+    assert writable(tok, guard, "The ruling raised premiums for drivers and the ruling")  # 9 words: not yet
