@@ -279,8 +279,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = ("max_queued_rows", "request_timeout_s", "max_request_work", "max_queued_work")
     limits = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     hosts = tuple(getattr(args, "allowed_hosts", None) or ())
-    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key, allowed_hosts=hosts, **limits)
-    names = [n for n, _ in parse_prompt_specs(settings.prompts)]
+    store = getattr(args, "prompt_store", None)
+    store = store if store is None or "://" in store else str(Path(store).expanduser().resolve())
+    settings = ServeSettings(prompts=tuple(args.prompt), device=args.device, api_key=key, allowed_hosts=hosts,
+                             prompt_store=store, model=getattr(args, "model", None),
+                             prompt_cache_size=getattr(args, "prompt_cache_size", 256), **limits)
+    names = [n for n, _ in parse_prompt_specs(settings.prompts)] or [ZERO_SHOT]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(
             f"warning: binding {args.host} without an API key; anyone who can reach it may use it "
@@ -296,7 +300,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         url = server.deploy(settings, args.host, port, args.device)
         print(
             f"serving prompts {', '.join(names)} (default {names[0]}; also {ZERO_SHOT!r}) at {url}  "
-            f"docs: {url}/docs  auth: {'on' if key else 'off'}  (Ctrl-C stops)",
+            f"docs: {url}/docs  auth: {'on' if key else 'off'}  (Ctrl-C stops)"
+            + (f"\nprompt store: {store} (any prompt directory under it, by relative path)" if store else "")
+            + f"\nOpenAI API: {url}/v1 (GET /v1/models lists every prompt)",
             flush=True,
         )
         while True:

@@ -161,8 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve prompts over HTTP with Ray Serve",
         description="Serve one base model with many soft prompts behind an HTTP endpoint (Ctrl-C stops).",
     )
-    p.add_argument("--prompt", action="append", required=True, metavar="[NAME=]DIR",
+    p.add_argument("--prompt", action="append", default=[], metavar="[NAME=]DIR",
                    help="prompt directory, optionally named; repeat for several (the first is the default)")
+    p.add_argument("--prompt-store", metavar="DIR|gs://BUCKET/PREFIX",
+                   help="serve every prompt directory under it by its relative path (model 'sweeps/x/best'), "
+                   "loaded on first use; prompts written there later are served without a restart")
+    p.add_argument("--prompt-cache-size", type=int, default=256, metavar="N",
+                   help="store prompts each replica keeps loaded (LRU; default 256)")
+    p.add_argument("--model", help="base model (default: the one the first --prompt records; needed with "
+                   "--prompt-store alone)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000; with --demo a free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PARAPHRASE_RAY_API_KEY)")

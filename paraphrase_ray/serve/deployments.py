@@ -9,7 +9,9 @@ queue; the batch is grouped only by decoding options, never by prompt.
     paraphrase-ray serve --prompt best=runs/best      # the same app from the shell (serve/runner.py)
 
 Endpoints (``routes.py``, behind ``guard.py``): ``POST /paraphrase``, ``GET /prompts``, ``GET /stats``,
-``GET /healthz``, ``GET /docs``. Operations: requests are admitted in work units (``admission.py``: 413 over
+``GET /healthz``, ``GET /docs``, and the OpenAI ones (``openai.py``: ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``) on the same batch. Prompts come from ``args.prompts`` and the prompt store
+(``store.py``: any prompt directory under it, loaded on first use). Operations: requests are admitted in work units (``admission.py``: 413 over
 ``max_request_work``, 503 + Retry-After over ``max_queued_work`` or ``max_queued_rows``); a request is answered
 within ``request_timeout_s`` or gets 504 and its generation stops; ``check_health`` fails on a stuck batch or a
 model that fails its probe batch after batch (Serve then replaces the replica), and each replica posts that
@@ -23,21 +25,23 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.exceptions import RayServeException
 
-from paraphrase_ray.config import from_dict
+from paraphrase_ray.config import GenerationConfig, TemplateConfig, from_dict
 from paraphrase_ray.errors import ConfigError, GenerationStopped
 from paraphrase_ray.prompt.bundle import System
 from paraphrase_ray.serve import health, policy
-from paraphrase_ray.serve.admission import Admission, StopHook, busy
+from paraphrase_ray.serve.admission import Admission, StopHook
 from paraphrase_ray.serve.guard import internal_error
-from paraphrase_ray.serve.metrics import ReplicaMetrics, ResponseMetrics
+from paraphrase_ray.serve.ingress import ParaphraseAPI
+from paraphrase_ray.serve.metrics import ReplicaMetrics
 from paraphrase_ray.serve.protocol import (
     DEBUG_RAISE_MARK,
     ENV_API_KEY,
@@ -54,17 +58,13 @@ from paraphrase_ray.storage import is_uri
 APP_NAME = "paraphrase"
 DEPLOYMENT_NAME = "ParaphraseModel"  # the model replicas
 INGRESS_NAME = "ParaphraseAPI"  # the HTTP ingress: survives a model replica's crash and answers 503 for it
-RESTART_RETRY_S = 2  # Retry-After when a model replica died under a request
 FAILED_BATCHES_UNHEALTHY = 3  # this many failed batches in a row, each confirmed by the probe: the model is unusable
 # Serve's own options for the deployment; serve/config.yaml and build_app's options override them.
 # max_queued_requests: requests waiting at a caller (the ingress) for a model replica beyond max_ongoing_requests;
 # past it the ingress answers 503 at once (Serve's BackPressureError) instead of letting them wait into a 504.
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
-    "max_ongoing_requests": 64,
-    "max_queued_requests": 64,
-    "ray_actor_options": {"num_cpus": 1},
-    "health_check_period_s": 10,
-    "health_check_timeout_s": 30,
+    "max_ongoing_requests": 64, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1},
+    "health_check_period_s": 10, "health_check_timeout_s": 30,
 }
 INGRESS_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 512, "max_queued_requests": 1024, "ray_actor_options": {"num_cpus": 0}
@@ -89,6 +89,7 @@ class ParaphraseModel:
         from paraphrase_ray.models import load_model
         from paraphrase_ray.prompt.bundle import load_bundle
         from paraphrase_ray.prompt.directory import PromptMeta
+        from paraphrase_ray.serve.store import PromptStore
 
         self.settings = s = from_dict(ServeSettings, settings)
         self.api_key = s.api_key or os.environ.get(ENV_API_KEY) or None
@@ -96,7 +97,7 @@ class ParaphraseModel:
         if cpus >= 1:  # use the CPUs Ray gave this replica, no more (neighbours share the machine)
             torch.set_num_threads(int(cpus))
         specs = parse_prompt_specs(s.prompts, s.default)
-        first = PromptMeta.read(specs[0][1])
+        first = PromptMeta.read(specs[0][1]) if specs else PromptMeta()
         model = s.model or first.base_model
         if not model:
             raise ConfigError(f"{specs[0][1]} does not record its base model; set args.model")
@@ -108,11 +109,15 @@ class ParaphraseModel:
                 raise ConfigError(f"prompt {name!r} was trained on {bundle.base_model!r}, not {model!r}")
             bundle.prompt.to(self.loaded.device)
             self.prompts[name] = System.from_bundle(bundle, name)
-        self.default = specs[0][0]
-        base = self.prompts[self.default]
+        self.default = specs[0][0] if specs else ZERO_SHOT
+        base = self.prompts[specs[0][0]] if specs else System(ZERO_SHOT, None, TemplateConfig(), GenerationConfig())
         self.prompts[ZERO_SHOT] = dataclasses.replace(
             base, name=ZERO_SHOT, prompt=None, chat=self.loaded.is_chat, kind=ZERO_SHOT, path=None, meta=PromptMeta()
         )
+        # the prompt store (store.py): prompts under it load on first use, in their own thread, into a bounded LRU
+        self.store = None if s.prompt_store is None else PromptStore(
+            s.prompt_store, model, self.loaded.embed_dim, s.prompt_cache_size)
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="prompt-store")
         self._generate.set_max_batch_size(s.max_batch_size)
         self._batch_wait = s.batch_wait_timeout_s
         self._generate.set_batch_wait_timeout_s(self._batch_wait)
@@ -165,8 +170,12 @@ class ParaphraseModel:
         table = self.loaded.model.get_input_embeddings()  # the module: Gemma scales its table rows
         return explain_prompt(served.prompt, table, self.loaded.tokenizer, top_k, metric)
 
-    def list_prompts(self) -> dict[str, Any]:
-        return policy.prompt_listing(self.prompts, self.default, self.loaded, self.settings)
+    async def list_prompts(self) -> dict[str, Any]:
+        out = policy.prompt_listing(self.prompts, self.default, self.loaded, self.settings)
+        if self.store is not None:  # read in the store's thread: a bucket's listing is a network call
+            listing = await asyncio.get_running_loop().run_in_executor(self._store_pool, self.store.listing)
+            out["store"] = {"location": self.store.location, "prompts": listing}
+        return out
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -175,23 +184,61 @@ class ParaphraseModel:
             "replica": serve.get_replica_context().replica_id.unique_id,
             "batch_wait_s": round(self._batch_wait, 3),
             "device": str(self.loaded.device),
+            "prompt_store": self.store.summary() if self.store is not None else None,
         }
 
     async def paraphrase(self, body: dict[str, Any]) -> ParaphraseResponse:
-        """Validate, admit under the budgets, answer (generation and rerank) within ``request_timeout_s``.
+        """``POST /paraphrase``: every text's result, in input order."""
+        head, done = await self._collect(body)
+        results = [res for _, res, _ in done]
+        return ParaphraseResponse(prompt=head["prompt"], model=self.loaded.name, results=results)
+
+    async def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI routes' answer: ``paraphrase`` with token counts per text (``openai.response`` shapes it)."""
+        head, done = await self._collect(body)
+        return {**head, "results": [self._counted(*d) for d in done]}
+
+    async def answer_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Streamed (``handle.options(stream=True)``): the head once admitted, then each text as it is done."""
+        async for event in self._events(body, stream=True):
+            yield event if isinstance(event, dict) else self._counted(*event)
+
+    async def _collect(self, body: dict[str, Any]) -> tuple[dict[str, Any], list]:
+        events = self._events(body, stream=False)
+        head = await events.__anext__()
+        return head, sorted([e async for e in events], key=lambda e: e[0])
+
+    async def _events(self, body: dict[str, Any], stream: bool) -> AsyncIterator[Any]:
+        """Validate, admit under the budgets, then answer within ``request_timeout_s``: first ``{"replica",
+        "prompt", "texts"}`` once admitted, then ``(index, ParaphraseResult, Item)`` per text as its rows finish
+        (``stream``: reranked one by one; else all at once, in one scoring call).
 
         A request that times out, or whose caller leaves, is cancelled: its rows that have not started are
         skipped and the ones generating stop at the next decode step."""
         s, m, req = self.settings, self.metrics, ParaphraseRequest.model_validate(body)
         cancel = threading.Event()
-        served, texts, items = policy.request_items(s, self.loaded, self.prompts, self.default, req, cancel.is_set)
+        prompts = await self._prompts_for(req.prompt or self.default)
+        served, texts, items = policy.request_items(s, self.loaded, prompts, self.default, req, cancel.is_set)
         if s.debug_stall_s and any(DEBUG_RAISE_MARK in t for t in texts):
             raise RuntimeError(f"{DEBUG_RAISE_MARK}: a plain exception on the model replica (tests only)")
         ticket = self.admission.admit(items)
         m.admitted(len(items))
+        deadline = time.monotonic() + s.request_timeout_s if s.request_timeout_s else None
+        tasks = [asyncio.ensure_future(self._one(i, it, t)) for i, (it, t) in enumerate(zip(items, texts, strict=True))]
         try:
-            answer = self._answer(served, texts, items, req.rerank, cancel.is_set)
-            return await asyncio.wait_for(answer, s.request_timeout_s)
+            yield {"replica": serve.get_replica_context().replica_id.unique_id, "prompt": served.name,
+                   "texts": len(texts)}
+            left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+            if stream:
+                for fut in asyncio.as_completed(tasks, timeout=left):
+                    i, res, it = await fut
+                    if req.rerank:
+                        await self._rerank([res], cancel.is_set)
+                    yield i, res, it
+            else:
+                done = await asyncio.wait_for(self._all(tasks, req.rerank, cancel.is_set), left)
+                for d in done:
+                    yield d
         except asyncio.TimeoutError:
             raise HTTPException(
                 504,
@@ -201,22 +248,44 @@ class ParaphraseModel:
             ) from None
         finally:
             cancel.set()  # answered, timed out or abandoned: nothing more to generate for it
+            for t in tasks:
+                t.cancel()
             self.admission.release(ticket)
             m.queue(-len(items))
 
-    async def _answer(self, served: System, texts: list[str], items: list[policy.Item], rerank: bool, stopped):
-        outs = await asyncio.gather(*(self._generate(it) for it in items))
-        for o in outs:
-            if isinstance(o, Exception):
-                _, detail = internal_error("generation", o)
-                raise HTTPException(500, f"generation failed: {detail}")
-        results = [
-            ParaphraseResult(text=t, paraphrase=c[0] if c else "", candidates=c)
-            for t, c in zip(texts, outs, strict=True)
-        ]
+    async def _prompts_for(self, name: str) -> dict[str, System]:
+        """The prompts ``request_items`` looks ``name`` up in: the fixed ones, or the one the store holds at
+        ``name`` (loaded in the store's thread on first use, or when its files changed)."""
+        if name in self.prompts or self.store is None:
+            return self.prompts
+        loop = asyncio.get_running_loop()
+        return {name: await loop.run_in_executor(self._store_pool, self._from_store, name)}
+
+    def _from_store(self, name: str) -> System:
+        served = self.store.get(name, self.loaded.device)
+        self._stop_hook.install_on(self.loaded, [served.generation.quantize])  # its model copy stops too
+        return served
+
+    async def _one(self, i: int, item: policy.Item, text: str) -> tuple[int, ParaphraseResult, policy.Item]:
+        out = await self._generate(item)
+        if isinstance(out, Exception):
+            _, detail = internal_error("generation", out)
+            raise HTTPException(500, f"generation failed: {detail}")
+        return i, ParaphraseResult(text=text, paraphrase=out[0] if out else "", candidates=out), item
+
+    async def _all(self, tasks: list, rerank: bool, stopped) -> list:
+        done = await asyncio.gather(*tasks)
         if rerank:
-            await self._rerank(results, stopped)
-        return ParaphraseResponse(prompt=served.name, model=self.loaded.name, results=results)
+            await self._rerank([res for _, res, _ in done], stopped)
+        return done
+
+    def _counted(self, i: int, res: ParaphraseResult, item: policy.Item) -> dict[str, Any]:
+        """One text's result with its token counts: what the model read, what each returned text holds."""
+        tok = self.loaded.tokenizer
+        return {"index": i, "text": res.text, "candidates": res.candidates,
+                "scores": [x.model_dump(by_alias=True) for x in res.scores] if res.scores else None,
+                "prompt_tokens": item.input_tokens, "max_new_tokens": item.row.max_new_tokens,
+                "completion_tokens": [len(tok(c, add_special_tokens=False)["input_ids"]) for c in res.candidates]}
 
     # -- the shared batch --------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=policy.batch_cost)
@@ -284,64 +353,6 @@ class ParaphraseModel:
             r.scores = [policy.candidate_score(x) for x in row]
 
 
-class ParaphraseAPI:
-    """The HTTP ingress (``routes.make_api``): auth, schema, status counters; the work is ``ParaphraseModel``'s.
-
-    A separate deployment, so that when a model replica dies under a request (SIGKILL, OOM, a failed health
-    check) the caller gets a 503 with ``Retry-After`` instead of the proxy's bare 500.
-    """
-
-    def __init__(self, model, settings: dict[str, Any]):
-        self.model = model  # DeploymentHandle of ParaphraseModel
-        self.settings = s = from_dict(ServeSettings, settings)
-        self.api_key = s.api_key or os.environ.get(ENV_API_KEY) or None
-        self.metrics = ResponseMetrics()
-        # the model answers 504 itself at request_timeout_s; this bounds a model replica that stopped answering
-        self._timeout = s.request_timeout_s + 10 if s.request_timeout_s else None
-        self._health = health.Reader(serve.get_replica_context().app_name)
-
-    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """``ParaphraseModel.<method>(*args)`` on a model replica, with its errors as HTTP errors; any other
-        error of the model replica is logged here with an id, and the caller gets only the id."""
-        try:
-            return await asyncio.wait_for(getattr(self.model, method).remote(*args), timeout or self._timeout)
-        except HTTPException as e:  # raised on the model replica: re-raise it plainly here
-            cause = getattr(e, "cause", e)
-            raise HTTPException(cause.status_code, cause.detail, headers=cause.headers) from None
-        except BackPressureError as e:
-            raise busy(
-                "server busy: the model replicas' queues are full; retry after the Retry-After seconds",
-                e.retry_after_s or RESTART_RETRY_S,
-            ) from None
-        except RayActorError:
-            raise busy(
-                "the model replica stopped while serving this request and is being replaced; it changed nothing, "
-                "so send the same request again after the Retry-After seconds",
-                RESTART_RETRY_S,
-            ) from None
-        except asyncio.TimeoutError:
-            raise HTTPException(504, f"the model replica did not answer within {timeout or self._timeout:g} s") from None
-        except RayTaskError as e:  # its text names pids, node addresses, files and source lines
-            _, detail = internal_error(f"the model replica's {method}", e)
-            raise HTTPException(500, detail) from None
-
-    async def health_problem(self) -> str | None:
-        """From the board the model replicas post to (``health.py``): never queued behind generation."""
-        return await self._health.problem()
-
-    async def paraphrase(self, req: ParaphraseRequest) -> ParaphraseResponse:
-        return await self.call("paraphrase", req.model_dump(exclude_unset=True))
-
-    async def list_prompts(self) -> dict[str, Any]:
-        return await self.call("list_prompts")
-
-    async def explain(self, name: str, top_k: int, metric: str) -> dict[str, Any]:
-        return await self.call("explain", name, top_k, metric)
-
-    async def stats(self) -> dict[str, Any]:
-        return {**await self.call("stats"), **self.metrics.summary()}
-
-
 # -- building ------------------------------------------------------------------------------------------------------
 def build_app(settings: ServeSettings, **deployment_options: Any) -> serve.Application:
     """The bound application: ``ParaphraseAPI`` (HTTP) in front of ``ParaphraseModel`` (the model).
@@ -383,4 +394,6 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     settings = from_dict(ServeSettings, args, where="args.")
     uris = dict(np_ for np_ in map(split_prompt_spec, settings.prompts) if is_uri(np_[1]))  # each replica fetches
     resolved = tuple(f"{n}={uris.get(n, p)}" for n, p in parse_prompt_specs(settings.prompts, settings.default))
-    return build_app(dataclasses.replace(settings, prompts=resolved, default=None))
+    store = settings.prompt_store  # a local store resolves against the working directory too
+    store = store if store is None or is_uri(store) else str(Path(store).expanduser().resolve())
+    return build_app(dataclasses.replace(settings, prompts=resolved, default=None, prompt_store=store))

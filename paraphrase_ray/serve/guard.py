@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from paraphrase_ray.serve.openai import error_body, openai_status
 from paraphrase_ray.serve.protocol import LOOPBACK_HOSTS
 
 log = logging.getLogger("ray.serve")
@@ -42,9 +43,16 @@ def key_ok(given: str | None, key: str | None) -> bool:
 
 def route_label(path: str) -> str:
     """A bounded set of metric labels: the route template, or 'other' (unknown paths, probes)."""
-    if path in ("/paraphrase", "/prompts", "/stats"):
+    if path in ("/paraphrase", "/prompts", "/stats", "/v1/models", "/v1/completions", "/v1/chat/completions"):
         return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
     return "/prompts/{name}/explain" if _EXPLAIN.match(path) else "other"
+
+
+def error_payload(path: str, status: int, detail: str) -> dict[str, Any]:
+    """``{"detail": ...}``, or on the OpenAI routes (``/v1/...``) the OpenAI error object their clients read."""
+    return error_body(openai_status(status), detail) if path.startswith("/v1/") else {"detail": detail}
 
 
 def host_name(host: str) -> str:
@@ -124,13 +132,13 @@ class Guard:
             eid, detail = internal_error(path, e)
             if status[0]:
                 raise  # the response had started: nothing better to send
-            await _send_json(send, 500, {"detail": detail, "error_id": eid})
+            await _send_json(send, 500, {**error_payload(path, 500, detail), "error_id": eid})
             return 500
         return status[0]
 
     async def _finish(self, rep: Any, path: str, send: Callable, status: int, detail: str,
                       headers: dict[str, str] | None = None) -> None:
-        await _send_json(send, status, {"detail": detail}, headers)
+        await _send_json(send, status, error_payload(path, status, detail), headers)
         if path not in OPEN_PATHS:
             rep.metrics.response(route_label(path), status)
 

@@ -20,6 +20,11 @@ ENV_API_KEY = "PARAPHRASE_RAY_API_KEY"
 MAX_CANDIDATES = 8
 MAX_SEED = 2**63 - 1  # torch generators take a 64-bit seed; keep to the signed range every backend accepts
 PROMPT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # what parse_prompt_specs accepts (and "zero-shot")
+# a served prompt's name, or a prompt directory's path relative to the prompt store (store.py): 1-16 such names
+# joined by "/" (no segment starts with "." -- no "..", no hidden directories)
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+MODEL_NAME_PATTERN = rf"^{_SEGMENT}(/{_SEGMENT}){{0,15}}$"
+MODEL_NAME_MAX = 255
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # what a server without an API key answers (any port)
 # TEST ONLY, active only when ServeSettings.debug_stall_s > 0: a text holding a mark stalls its batch, fails its
 # row's generation, or makes the model replica raise a plain exception (what a bug would do)
@@ -59,12 +64,21 @@ class ServeSettings:
     # so tests can stall a replica on purpose; > 0 also enables DEBUG_FAIL_MARK and DEBUG_RAISE_MARK. 0 (the
     # default) disables them all; never set it in production.
     debug_stall_s: float = 0.0
+    # the prompt store (store.py): a directory or gs://BUCKET/prefix; every prompt directory under it is servable by
+    # its relative path, loaded on first use into an LRU of prompt_cache_size prompts per replica
+    prompt_store: str | None = None
+    prompt_cache_size: int = 256
 
     def __post_init__(self) -> None:
-        if not self.prompts:
+        if not self.prompts and not (self.prompt_store and self.model):
             raise ConfigError(
-                "serve needs at least one prompt directory (--prompt [NAME=]DIR, or args.prompts)"
+                "serve needs at least one prompt directory (--prompt [NAME=]DIR, or args.prompts), or a prompt "
+                "store with its base model (--prompt-store DIR --model NAME)"
             )
+        if self.prompt_cache_size < 1:
+            raise ConfigError(f"serve prompt_cache_size must be >= 1, got {self.prompt_cache_size}")
+        if self.prompt_store is not None and not is_uri(self.prompt_store) and not Path(self.prompt_store).is_dir():
+            raise ConfigError(f"prompt store {self.prompt_store!r} is not a directory (give a directory or gs://BUCKET/prefix)")
         for key in ("max_texts", "max_chars", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"serve {key} must be >= 1, got {getattr(self, key)}")
@@ -139,9 +153,10 @@ class ParaphraseRequest(BaseModel):
     texts: list[str] | None = Field(None, description="several texts; answered in input order")
     prompt: str | None = Field(
         None,
-        max_length=64,
-        pattern=PROMPT_NAME_PATTERN,
-        description=f"prompt name (default: the server's default; {ZERO_SHOT!r}: none); see GET /prompts",
+        max_length=MODEL_NAME_MAX,
+        pattern=MODEL_NAME_PATTERN,
+        description=f"prompt name, or a path under the prompt store (default: the server's default; {ZERO_SHOT!r}: "
+        "none); see GET /prompts",
     )
     num_candidates: int = Field(1, ge=1, le=MAX_CANDIDATES, description="candidates per text")
     do_sample: bool | None = Field(None, description="sample (default: only when num_candidates > num_beams)")

@@ -15,10 +15,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from paraphrase_ray.serve import openai
 from paraphrase_ray.serve.guard import UNAUTHORIZED, Guard, key_ok
 from paraphrase_ray.serve.protocol import (
     PROMPT_NAME_PATTERN,
@@ -54,6 +57,20 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": "; ".join(msgs), "errors": errors}, status_code=413 if size_only else 422)
 
 
+def _openai_validation_response(exc: RequestValidationError) -> JSONResponse:
+    """The OpenAI routes' schema errors: 400 with the OpenAI error object naming the parameter."""
+    err = exc.errors()[0]
+    loc = [x for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(str(x) for x in loc) or None
+    return JSONResponse(openai.error_body(400, f"{param or 'body'}: {err.get('msg', 'invalid')}", param), status_code=400)
+
+
+def _openai_error(exc: StarletteHTTPException) -> JSONResponse:
+    param, message = openai.param_and_message(str(exc.detail))
+    status = openai.openai_status(exc.status_code)
+    return JSONResponse(openai.error_body(status, message, param), status_code=status, headers=exc.headers)
+
+
 def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
     """The FastAPI app for one Serve application; ``replica()`` returns the replica serving the request."""
     body_model = request_model(settings)
@@ -76,7 +93,15 @@ def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return _openai_validation_response(exc)
         return _validation_response(exc)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):  # OpenAI's clients read {"error": {...}}
+            return _openai_error(exc)
+        return await http_exception_handler(request, exc)
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -126,4 +151,45 @@ def make_api(settings: ServeSettings, replica: Callable[[], Any]) -> FastAPI:
         """Paraphrases in input order; every row joins the shared cross-prompt batch."""
         return await replica().paraphrase(req)
 
+    _add_openai_routes(api, replica, keyed, body_model)
     return api
+
+
+OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the completion; with stream=true, server-sent events ending with 'data: [DONE]'",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    400: {"description": "an invalid or unsupported parameter, named in error.param / error.message"},
+    401: {"description": "missing or wrong API key"},
+    404: {"description": "unknown model (GET /v1/models lists them)"},
+    413: {"description": "more texts, characters or work than the server's limits (GET /prompts)"},
+    503: {"description": "queue full or replica restarting: retry after Retry-After"},
+}
+
+
+def _add_openai_routes(api: FastAPI, replica: Callable[[], Any], keyed: list, body_model: type) -> None:
+    """``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``openai.py``): the same key, limits,
+    admission, batch and metrics as ``/paraphrase``, whose body ``openai.to_paraphrase`` makes of each request."""
+
+    @api.get("/v1/models", dependencies=keyed, tags=["openai"])
+    async def list_models() -> dict[str, Any]:
+        """Every servable prompt as a model (plus ``zero-shot``), with its base model and recorded metrics."""
+        return openai.model_list(await replica().list_prompts())
+
+    @api.get("/v1/models/{model:path}", dependencies=keyed, tags=["openai"])
+    async def get_model(model: str) -> dict[str, Any]:
+        """One model of ``/v1/models``; a store prompt not yet listed is found by its path too."""
+        found = [m for m in openai.model_list(await replica().list_prompts())["data"] if m["id"] == model]
+        if not found:
+            raise HTTPException(404, f"unknown model {model!r}; GET /v1/models lists them")
+        return found[0]
+
+    @api.post("/v1/completions", dependencies=keyed, tags=["openai"], response_model=None, responses=OPENAI_RESPONSES)
+    async def completions(req: openai.CompletionRequest) -> Any:
+        """One paraphrase (``n`` choices) per string of ``prompt``; ``stream`` sends each text once it is done."""
+        return await replica().complete("text", req, openai.to_paraphrase(req, body_model))
+
+    @api.post("/v1/chat/completions", dependencies=keyed, tags=["openai"], response_model=None,
+              responses=OPENAI_RESPONSES)
+    async def chat_completions(req: openai.ChatCompletionRequest) -> Any:
+        """The last user message paraphrased (``n`` choices); ``stream`` sends the role at once, then the text."""
+        return await replica().complete("chat", req, openai.to_paraphrase(req, body_model))
