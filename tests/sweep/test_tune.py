@@ -270,6 +270,35 @@ def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_
     assert ckpt is None and final["train_status"] == "completed" and final["objective"] == pytest.approx(0.3)
 
 
+def test_trial_reports_and_records_its_training_precision(tiny_model_dir, one_thread, monkeypatch):
+    """precision auto in a trial: the probe's decision (forced to bf16 here) is in every report, the leaderboard
+    row and the checkpoint's paraphrase_ray.json; the trial's evaluations generate from the fp32 weights."""
+    import dataclasses
+
+    import torch
+
+    from paraphrase_ray.models import load_model
+    from paraphrase_ray.prompt.bundle import load_bundle
+    from paraphrase_ray.sweep.driver import run_trial
+    from paraphrase_ray.training.precision import MIN_SPEEDUP_ENV
+
+    monkeypatch.setenv(MIN_SPEEDUP_ENV, "0")  # any measured speedup clears it: the real probe, bf16 decided
+    ctx = _context(tiny_model_dir)
+    train_cfg = dataclasses.replace(ctx.run.train, precision="auto")
+    ctx = dataclasses.replace(ctx, run=dataclasses.replace(ctx.run, train=train_cfg))
+    reports = []
+    run_trial({"prompt.n_tokens": 3, "train.device": "cpu"}, ctx,
+              report=lambda m, checkpoint=None: reports.append((m, checkpoint and load_bundle(checkpoint.path))),
+              get_checkpoint=lambda: None, client=FakeClient())
+    labels = {m["precision"] for m, _ in reports}
+    assert len(labels) == 1 and labels.pop().startswith("bf16 (probe: ")
+    assert reports[0][1].meta["train_precision"] == reports[0][0]["precision"]
+    assert load_model(str(tiny_model_dir), "auto", "cpu").dtype == torch.float32  # what the trial generated from
+    spec = spec_from_dict(tiny_space(tiny_model_dir))
+    row = leaderboard([TrialRecord("t1", "TERMINATED", {}, [m for m, _ in reports])], spec, [])[0]
+    assert row["precision"] == reports[-1][0]["precision"]
+
+
 def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_path):
     """Tune restarts an interrupted trial (``--resume``, or a retry) with ``get_checkpoint()`` set: training
     continues from the checkpoint's step, with the prompt an uninterrupted trial would have had there."""
