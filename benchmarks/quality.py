@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", default=d.model, help="base model (default: the embedded smollm2-135m)")
     p.add_argument("--steps", type=int, default=120, help="training steps (the budget: <= 15 min on 2 cores)")
+    p.add_argument("--train-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="frozen weights' training precision (auto: a GEMM probe decides; generation is fp32 either way)")
     p.add_argument("--batch-size", type=int, default=d.train.batch_size, help="pairs per step")
     p.add_argument("--lr", type=float, default=d.train.lr, help="AdamW learning rate")
     p.add_argument("--n-tokens", type=int, default=d.prompt.n_tokens, help="soft prompt length")
@@ -246,6 +248,7 @@ def main(argv=None) -> int:
             eval_every=max(1, args.steps // max(1, args.evals)),
             early_stop_patience=None,
             seed=args.seed,
+            precision=args.train_precision,
         ),
         generation=dataclasses.replace(GenerationConfig(), **gen_overrides),
     )
@@ -315,6 +318,7 @@ def main(argv=None) -> int:
             "train_pairs": len(train_pairs),
             "eval_rows": len(eval_pairs),
             "train_steps_run": result.steps if result else None,
+            "train_precision": result.precision.label if result and result.precision else None,
             "best_val_loss": round(result.best_val_loss, 4) if result and result.best_val_loss else None,
             "train_s": round(train_s, 1),
             "train_cpu_s": round(train_cpu_s, 1),  # all threads; wall is noisy on a shared machine
