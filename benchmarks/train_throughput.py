@@ -7,10 +7,17 @@ alternating path by path so a busy machine slows all of them alike; medians over
 
 - ``peft``: PEFT prompt tuning with its defaults (``get_peft_model`` + ``PromptTuningConfig``; loss from
   ``labels``, i.e. full-vocabulary logits at every position). fp32 on CPU, bf16 autocast on CUDA.
-- ``ours``: ``train.prompt_loss`` as ``train()`` runs it, with ``precision=auto`` (bf16 frozen weights where
-  the hardware does bf16 fast -- CUDA, or a CPU with AVX512-BF16/AMX -- else fp32; the prompt is fp32).
-- breakdown, same dtype as ``ours``: ``ours_full_logits`` (``prompt_loss(fast=False)``: the straightforward
-  forward) and ``ours_target_only`` (logits only at target positions, but the prompt run for every row).
+- ``ours``: ``train.prompt_loss`` as ``train()`` runs it, with ``precision=auto``: on CPU the GEMM probe
+  (``training/precision.py``) decides at this run's shape, and ``ours`` runs on what it decided (bf16 Linear
+  weights with fp32 activations, or fp32); on CUDA bf16 weights. The prompt and AdamW are fp32 everywhere.
+- ``ours_fp32`` (CPU): the same step on the fp32 weights (what ``auto`` gives where bf16 does not pay).
+- breakdown (CPU, ``--no-breakdown`` drops it): ``ours_bf16`` (bf16 Linear weights whatever the probe says),
+  ``ours_bf16_full`` (the model loaded in bf16: every activation, norm and attention in bf16, as
+  ``load_model(precision="bf16")`` gives), and in fp32 ``ours_full_logits`` (``prompt_loss(fast=False)``: the
+  straightforward forward) and ``ours_target_only`` (logits only at target positions, the prompt run per row).
+
+CPU lines also carry the probe's decision (``precision``: label, probe timings), the CPU's bf16/AMX flags and the
+load average before and after (``load_avg``): on a shared machine the wall-clock ratios measure the neighbours too.
 
 Each line has tokens/s by wall clock and by process CPU time (on a shared machine wall time also measures
 the neighbours), ``ratio`` (ours / peft, wall; ``ratio_cpu`` by CPU time), the loss of every timed step (the
@@ -19,6 +26,7 @@ peak memory of the path's own trial and its MFU (``mfu``: the matmul FLOPs the p
 ``mfu_6n``: the common 6 x params x tokens convention, as in docs/BENCHMARKS.md).
 
     python benchmarks/train_throughput.py --device cpu --repeats 5 --threads 1
+    python benchmarks/train_throughput.py --device cpu --repeats 1 --batch 2 --model <tiny dir>  # smoke run
     python benchmarks/train_throughput.py --device cpu --data /path/mrpc/train.jsonl   # real, padded rows
     python benchmarks/train_throughput.py --device cuda          # OPT-125m, 350m, 1.3b shapes, random init
 """
@@ -40,9 +48,12 @@ import torch.nn.functional as F
 
 from paraphrase_ray.config import PromptConfig
 from paraphrase_ray.data import IGNORE, Batch
-from paraphrase_ray.models import cpu_has_bf16, load_model, resolve_dtype
+from paraphrase_ray.models import cpu_has_bf16, load_model
 from paraphrase_ray.prompt.soft_prompt import SoftPrompt
 from paraphrase_ray.training.loss import prompt_loss
+from paraphrase_ray.training.precision import Precision, decide, training_module
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
 
 N_PROMPT, N_SOURCE, N_TARGET, LR = 20, 32, 32, 0.03
 # Real OPT shapes (the hub configs), built with random weights: nothing is downloaded.
@@ -64,6 +75,8 @@ def machine() -> dict:
     with contextlib.suppress(OSError):
         names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
         info["cpu"] = names[0] if names else platform.processor()
+        flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
+        info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     import peft
@@ -183,6 +196,9 @@ def report(res: dict, extra: dict, flops: dict | None = None, peak: float | None
                 "tokens_per_cpu_s": round(tps_cpu, 1), "step_s_all": [round(x, 3) for x in r["wall"]],
                 "ratio": round(tps / statistics.median(base["tps"]), 3),
                 "ratio_cpu": round(tps_cpu / statistics.median(base["tps_cpu"]), 3),
+                **({"ratio_vs_ours_fp32": round(tps / statistics.median(res["ours_fp32"]["tps"]), 3),
+                    "ratio_cpu_vs_ours_fp32": round(tps_cpu / statistics.median(res["ours_fp32"]["tps_cpu"]), 3)}
+                   if "ours_fp32" in res else {}),
                 "losses": [round(x, 5) for x in r["losses"]],
                 "max_loss_diff_vs_peft": round(max(abs(a - b) for a, b in zip(r["losses"], base["losses"])), 5)}
         if flops and peak:
@@ -210,21 +226,30 @@ def batches(args, tokenizer, vocab: int, bsz: int, device):
 
 
 def run_cpu(args) -> None:
-    dtype = resolve_dtype("auto", torch.device("cpu"))
-    loaded = load_model(args.model, "auto", "cpu")  # our defaults
-    ours_model = loaded.model
+    load_before = os.getloadavg()
+    loaded = load_model(args.model, "fp32", "cpu")  # the exact fp32 weights, as train / tune load them on CPU
     peft_model = load_model(args.model, "fp32", "cpu", cache=False).model  # PEFT's defaults: fp32
-    init = SoftPrompt.init(ours_model, None, PromptConfig(n_tokens=N_PROMPT, init="random_std")).weight
+    data = batches(args, loaded.tokenizer, loaded.model.config.vocab_size, args.batch, "cpu")
+    first = next(data)
+    # the probe at this run's GEMM rows (the batch's real positions), as train() runs it
+    precision = decide(loaded, "auto", int(first.attention_mask.sum()))
+    init = SoftPrompt.init(loaded.model, None, PromptConfig(n_tokens=N_PROMPT, init="random_std")).weight
+    models = {"ours": training_module(loaded, precision), "ours_fp32": loaded.model}
+    if args.breakdown:
+        models["ours_bf16"] = training_module(loaded, Precision("bf16", "asked"))
+        models["ours_bf16_full"] = load_model(args.model, "bf16", "cpu", cache=False).model
     paths = {"peft": peft_step(peft_model, init, None)[0]}
-    for name, fn in [("ours", prompt_loss), ("ours_full_logits", lambda m, p, b: prompt_loss(m, p, b, fast=False)),
-                     ("ours_target_only", target_only_loss)]:
-        if name == "ours" or args.breakdown:
-            paths[name] = ours_step(ours_model, SoftPrompt(init), fn)
-    data = batches(args, loaded.tokenizer, ours_model.config.vocab_size, args.batch, "cpu")
+    for name, model in models.items():
+        paths[name] = ours_step(model, SoftPrompt(init), prompt_loss)
+    if args.breakdown:
+        paths["ours_full_logits"] = ours_step(loaded.model, SoftPrompt(init), lambda m, p, b: prompt_loss(m, p, b, fast=False))
+        paths["ours_target_only"] = ours_step(loaded.model, SoftPrompt(init), target_only_loss)
     res = time_paths(paths, data, args.repeats, args.steps, cuda=False)
     rows = args.data or f"fixed: {N_SOURCE} source + {N_TARGET} target tokens"
     report(res, {"device": "cpu", "model": args.model, "batch": args.batch, "rows": rows, "prompt_tokens": N_PROMPT,
-                 "ours_dtype": str(dtype), "peft_dtype": "torch.float32", "machine": machine()})
+                 "precision": precision.record(), "peft_dtype": "torch.float32", "machine": machine(),
+                 "load_avg": {"before": [round(x, 2) for x in load_before],
+                              "after": [round(x, 2) for x in os.getloadavg()]}})
 
 
 def run_cuda(args) -> None:
