@@ -98,9 +98,12 @@ def param_and_message(detail: str) -> tuple[str | None, str]:
     """Our detail ``"texts[1]: empty ..."`` -> (``"prompt"``, ``"prompt[1]: empty ..."``): OpenAI's names."""
     head, sep, rest = detail.partition(":")
     field = head.split("[")[0].strip()
-    if not sep or field not in PARAMS or " " in head.strip():
+    if not sep or " " in head.strip():
         return None, detail
-    return PARAMS[field], PARAMS[field] + head.strip()[len(field):] + sep + rest
+    if field in PARAMS:
+        return PARAMS[field], PARAMS[field] + head.strip()[len(field):] + sep + rest
+    known = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields) | set(NEUTRAL)
+    return (field, detail) if field in known else (None, detail)
 
 
 def openai_status(status: int) -> int:
@@ -153,12 +156,13 @@ def to_paraphrase(req: _Options, body_model: type[BaseModel]) -> dict[str, Any]:
     try:
         return body_model.model_validate(body).model_dump(exclude_unset=True)
     except ValidationError as e:
+        # our field names (texts[1], max_new_tokens): the routes' error handler names OpenAI's (param_and_message)
         err = e.errors()[0]
         loc = [x for x in err.get("loc", ()) if x != "body"]
-        field = str(loc[0]) if loc else "body"
-        where = PARAMS.get(field, field) + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
-        status = 413 if err.get("type") in ("too_long", "string_too_long") else 400
-        raise HTTPException(status, f"{where}: {err.get('msg', 'invalid')}") from None
+        where = (str(loc[0]) if loc else "body") + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+        kind = err.get("type", "")
+        msg = "empty or whitespace-only text" if kind in ("string_pattern_mismatch", "string_too_short") else err.get("msg")
+        raise HTTPException(413 if kind in ("too_long", "string_too_long") else 400, f"{where}: {msg}") from None
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

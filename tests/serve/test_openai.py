@@ -53,10 +53,11 @@ def test_unsupported_and_invalid_parameters_are_400s_naming_them(body_model):
     _raises(400, "temperature", openai.to_paraphrase,
             openai.CompletionRequest(model="a", prompt="hi", temperature=0.01), body_model)
     # the server's limits (request_model) hold, named by OpenAI's parameter names
-    _raises(400, "max_tokens:", openai.to_paraphrase,
+    # the server's limits (request_model) hold; the HTTP error handler names them as OpenAI does (param_and_message)
+    _raises(400, "max_new_tokens:", openai.to_paraphrase,
             openai.CompletionRequest(model="a", prompt="hi", max_tokens=17), body_model)
-    _raises(413, "prompt:", openai.to_paraphrase, openai.CompletionRequest(model="a", prompt=["hi"] * 4), body_model)
-    _raises(400, "prompt[1]:", openai.to_paraphrase, openai.CompletionRequest(model="a", prompt=["ok", " "]),
+    _raises(413, "texts:", openai.to_paraphrase, openai.CompletionRequest(model="a", prompt=["hi"] * 4), body_model)
+    _raises(400, "texts[1]: empty", openai.to_paraphrase, openai.CompletionRequest(model="a", prompt=["ok", " "]),
             body_model)
     no_user = openai.ChatCompletionRequest(model="a", messages=[{"role": "system", "content": "x"}])
     _raises(400, "no user message", openai.to_paraphrase, no_user, body_model)
@@ -71,6 +72,8 @@ def test_error_shape_and_responses():
         "prompt", "prompt[1]: empty or whitespace-only text")
     assert openai.param_and_message("num_candidates: 9 > num_beams") == ("n", "n: 9 > num_beams")
     assert openai.param_and_message("server busy: queue full") == (None, "server busy: queue full")
+    assert openai.param_and_message("logprobs: not supported") == ("logprobs", "logprobs: not supported")
+    assert openai.param_and_message("colour, tools: not supported")[0] is None
     answer = {"replica": "r1", "prompt": "a", "texts": 2, "results": [
         {"index": 1, "text": "t1", "candidates": ["x", "y"], "scores": None, "prompt_tokens": 7,
          "completion_tokens": [4, 2], "max_new_tokens": 4},
