@@ -48,7 +48,7 @@ log = logging.getLogger("paraphrase_ray")
 MIN_SPEEDUP = 1.5  # bf16 GEMM / fp32 GEMM speed at the training shape for ``auto`` to train in bf16
 MIN_SPEEDUP_ENV = "PARAPHRASE_RAY_BF16_MIN_SPEEDUP"
 MIN_PROBE_FLOP = 1e8  # a GEMM smaller than this cannot gain anything worth a bf16 copy (tiny test models)
-MAX_PROBE_ROWS = 1024  # the probe's rows are capped: above this the GEMM rate no longer changes
+MAX_PROBE_ROWS = 512  # the probe's rows are capped (the GEMM rate hardly changes above) and rounded to 64s
 PREPROBE_ROWS = 8
 
 _LOCK = threading.Lock()
@@ -127,7 +127,7 @@ def probe(rows: int, d_model: int, d_ff: int, reps: int = 3) -> Probe:
     """fp32 vs bf16 at ``(rows x d_model) @ (d_model x d_ff)``, cached per process, shape and thread count.
 
     Inputs come from a private generator: the global RNG (seeded by ``train``) is untouched."""
-    rows = max(1, min(rows, MAX_PROBE_ROWS))
+    rows = max(64, min(64 * round(rows / 64), MAX_PROBE_ROWS))  # nearby shapes (trials) share one probe
     key = (rows, d_model, d_ff, torch.get_num_threads())
     with _LOCK:
         if key in _PROBES:
