@@ -242,3 +242,46 @@ def test_hf_source_that_cannot_load_says_what_was_tried(tmp_path, monkeypatch):
     assert msg.startswith(f"could not load Hugging Face dataset '{tmp_path}/nope/cfg'; tried {tmp_path}/nope (config cfg): ")
     assert f"; {tmp_path}/nope/cfg: " in msg
     assert msg.endswith(". Fix: check the name, or set HF_DATASETS_OFFLINE=0 with network access, or use a local file.")
+
+
+def test_drop_unfaithful_targets_drops_exactly_the_pairs_whose_target_breaks_a_fact(tmp_path):
+    rows = [
+        {"source": "The bank raised rates by 2 percent.", "target": "Rates went up 2 percent at the bank."},
+        {"source": "It snowed all night.", "target": "Snow fell all night in Denver."},  # invents a name
+        {"source": "Sales rose 12 percent.", "target": "Sales rose sharply."},  # drops a number
+        {"source": "He sold the car.", "target": "He sold the car for 500 dollars."},  # invents a number
+        {"source": "Snow fell on Monday.", "target": "On Monday it snowed."},
+    ]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    kept, _, report = load_pairs(DataConfig(sources=(str(p),), val_fraction=0.0, drop_unfaithful_targets=True))
+    assert sorted(p.source for p in kept) == sorted([rows[0]["source"], rows[4]["source"]])
+    assert set(kept) == {Pair(rows[0]["source"], rows[0]["target"]), Pair(rows[4]["source"], rows[4]["target"])}
+    assert report.dropped == {"unfaithful target (invents a name or number, or drops a number)": 3}
+    assert report.kept == 2
+    every, _, off = load_pairs(DataConfig(sources=(str(p),), val_fraction=0.0))  # off by default: all five kept
+    assert len(every) == 5 and off.dropped == {} and off.kept == 5
+    # validation rows are never filtered
+    _, val, _ = load_pairs(DataConfig(sources=(str(p),), val_size=3, drop_unfaithful_targets=True))
+    assert len(val) == 3
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", rows[1:4])
+    with pytest.raises(DataError, match="drop_unfaithful_targets drops every training pair"):
+        load_pairs(DataConfig(sources=(str(only_bad),), val_fraction=0.0, drop_unfaithful_targets=True))
+
+
+PAWS_ROWS = [  # hf:paws/labeled_final's columns: id, sentence1, sentence2, label (1: paraphrase)
+    {"id": 1, "sentence1": "In Paris, in October 1560, he secretly met the English ambassador.",
+     "sentence2": "In October 1560, he secretly met with the English ambassador in Paris.", "label": 1},
+    {"id": 2, "sentence1": "The NBA season of 1975 was the 30th season.",
+     "sentence2": "The 1975 season of the NBA was the 30th season.", "label": 0},
+]
+
+
+def test_paws_labeled_final_columns_map_to_source_and_target():
+    from paraphrase_ray.data import DataReport, clean
+
+    report = DataReport()
+    pairs = clean(PAWS_ROWS, DataConfig(sources=("hf:paws/labeled_final",)), report, "hf:paws/labeled_final")
+    assert pairs == [Pair(PAWS_ROWS[0]["sentence1"], PAWS_ROWS[0]["sentence2"])]
+    assert report.read == 2 and report.kept == 1 and report.dropped == {"label != 1": 1}
+    with pytest.raises(DataError, match=r"columns \['id', 'label', 'text'\] but no 'source'/'target'"):
+        clean([{"id": 1, "text": "x", "label": 1}], DataConfig(), DataReport(), "hf:x")

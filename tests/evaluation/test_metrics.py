@@ -11,6 +11,8 @@ from paraphrase_ray.evaluation.metrics import (
     SUMMARY_KEYS,
     RowScore,
     bert_ibleu,
+    rank_candidates,
+    rerank,
     score,
     score_rows,
     summarize,
@@ -195,14 +197,6 @@ def test_embedding_cache_reuses_and_evicts(embedder):
         EmbeddingCache(0)
 
 
-def test_reranking_use_sorts_paraphrase_first(embedder):
-    src = SOURCES[2]
-    candidates = [src, "", UNRELATED[2], REFERENCES[2]]
-    rows = score_rows([src] * 4, None, candidates, embedder)
-    best = max(range(4), key=lambda i: rows[i].objective)
-    assert candidates[best] == REFERENCES[2]
-
-
 def test_ibleu_and_success_rule(embedder):
     row = score_rows([SOURCES[3]], [REFERENCES[3]], [REFERENCES[3]], embedder)[0]
     assert row.ibleu == pytest.approx(0.8 * row.ref_bleu - 0.2 * row.self_bleu)
@@ -273,3 +267,57 @@ def test_validate_triples_errors(sources, references, predictions, match):
 def test_validate_triples_accepts_valid_inputs():
     validate_triples(["a"], None, [""])  # an empty prediction is a result to measure, not bad input
     validate_triples(("a", "b"), ["x", None], ("c", "d"))
+
+
+# -- the rerank order and the unfaithful halving, pinned on hand-built rows --------------------------------------
+def _row(objective, copy=False, empty=False, faithful=True, acceptable=True):
+    return RowScore(0.9, None, 20.0, None, None, copy, empty, objective, True, faithful, acceptable=acceptable)
+
+
+def test_rank_candidates_tiers_usable_faithful_acceptable_then_objective_best_first():
+    rows = [
+        _row(0.50),  # 0: usable, faithful, acceptable
+        _row(0.95, faithful=False),  # 1: the best objective, but a wrong fact
+        _row(0.00, copy=True),  # 2: a copy (faithful, acceptable to no one)
+        _row(0.90),  # 3: usable, faithful, acceptable, better than 0
+        _row(0.99, acceptable=False),  # 4: faithful, rejected by the detector
+        _row(0.60, faithful=False, acceptable=False),  # 5: unfaithful and rejected
+        _row(0.00, empty=True),  # 6: empty
+        _row(0.70, faithful=False),  # 7: unfaithful, acceptable, below 1
+    ]
+    # without the faithful tier 1 and 7 would lead; with the objective's sign flipped 0 would beat 3
+    assert rank_candidates(rows) == [3, 0, 4, 1, 7, 5, 2, 6]
+    assert rank_candidates([_row(0.2), _row(0.8), _row(0.5)]) == [1, 2, 0]
+    assert rank_candidates([_row(0.9, faithful=False), _row(0.1)]) == [1, 0]
+
+
+def test_rerank_orders_real_candidates_and_keeps_their_scores(embedder):
+    src = SOURCES[0]  # "... on Tuesday ... by 12 percent."
+    invented = "On Monday, a budget raising public library funding by 12 percent won approval from the city council."
+    candidates = [src, invented, "", UNRELATED[0], REFERENCES[0]]
+    ranked, scores = rerank([src, SOURCES[2]], [candidates, [UNRELATED[2], REFERENCES[2]]], embedder)
+    # usable before copy/empty (the faithful copy first), faithful before the invented
+    # day, then the better objective; the unrelated sentence drops "12": it is unfaithful too
+    assert ranked[0] == [REFERENCES[0], invented, UNRELATED[0], src, ""]
+    assert ranked[1] == [REFERENCES[2], UNRELATED[2]]
+    by_text = dict(zip(candidates, score_rows([src] * 5, None, candidates, embedder), strict=True))
+    assert scores[0] == [by_text[c] for c in ranked[0]]
+    assert [s.faithful for s in scores[0]] == [True, False, False, True, False]  # "" drops "12" too
+    assert scores[0][1].invented == ("Monday",) and scores[0][2].dropped == ("12",)
+
+
+def test_the_objective_is_halved_for_invented_and_for_dropped_facts(embedder):
+    src = "The council approved a budget of 12 million dollars on Tuesday."
+    preds = [
+        "On Tuesday the council passed a budget worth 12 million dollars.",  # faithful
+        "On Tuesday the council passed a budget worth 15 million dollars.",  # invents 15, drops 12
+        "On Tuesday the council passed a budget worth millions of dollars.",  # drops 12 only
+        "On Tuesday, Mayor Smith said the council passed a budget worth 12 million dollars.",  # invents names
+    ]
+    rows = score_rows([src] * 4, None, preds, embedder)
+    assert [(r.faithful, r.invented, r.dropped) for r in rows] == [
+        (True, (), ()), (False, ("15",), ("12",)), (False, (), ("12",)), (False, ("Mayor", "Smith"), ())]
+    for r in rows:
+        full = bert_ibleu(r.adequacy, r.self_bleu)
+        assert full > 0.3, r
+        assert r.objective == pytest.approx(full if r.faithful else 0.5 * full, rel=1e-12), r
