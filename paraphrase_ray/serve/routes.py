@@ -46,7 +46,8 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         else:
             size_only = False
             if loc == "prompt" and kind in ("string_too_long", "string_pattern_mismatch"):
-                msgs.append("prompt: a name is 1-64 letters, digits, '_', '.' or '-' (GET /prompts lists them)")
+                msgs.append("prompt: a name is 1-64 letters, digits, '_', '.' or '-', or such names joined by '/' "
+                            "for a store path (GET /prompts lists them)")
             elif kind in ("string_too_short", "string_pattern_mismatch"):
                 msgs.append(f"{loc}: empty or whitespace-only text")
             elif kind == "too_short" and loc == "texts":

@@ -29,6 +29,8 @@ from paraphrase_ray.serve.protocol import (
     DEBUG_STALL_MARK,
     ENV_API_KEY,
     MAX_SEED,
+    MODEL_NAME_MAX,
+    MODEL_NAME_PATTERN,
     ZERO_SHOT,
     ServeSettings,
 )
@@ -121,7 +123,7 @@ def test_oversized_seed_is_422_in_the_schema_and_the_replica_lives(client):
     prompt = next(x for x in schema["prompt"]["anyOf"] if x.get("type") == "string")
     assert (seed["minimum"], seed["maximum"]) == (0, float(MAX_SEED)) and MAX_SEED == 2**63 - 1
     assert str(MAX_SEED) in schema["seed"]["description"]  # FastAPI writes "maximum" as a float
-    assert prompt["maxLength"] == 64 and prompt["pattern"].startswith("^")
+    assert prompt["maxLength"] == MODEL_NAME_MAX and prompt["pattern"] == MODEL_NAME_PATTERN  # a name or store path
     pid = _pid(client)
     for s in (2**64, 2**64 - 1, 2**63, 10**30):
         for _ in range(2):
@@ -563,3 +565,74 @@ def test_stop_hook_ends_a_pass_that_takes_the_batch_whole(served, req):
     calls[0] = 0
     out = policy.run_batch(loaded, items, lambda n, m: None, abort=hook.watch)
     assert isinstance(out[0], GenerationStopped) and calls[0] < full, (calls[0], full, out)
+
+
+def test_source_token_and_context_limits_are_413_at_the_exact_boundary(served):
+    """Each prompt's source-token limit and the model's context, checked before the queue (no Ray): a text of
+    exactly the limit passes, one token more is a 413 naming both numbers; the context the same way."""
+    import dataclasses
+
+    from fastapi import HTTPException
+
+    s, loaded, prompts, default = served
+    text = "word " * 20
+    n_src = len(loaded.tokenizer(prompts["a"].template.prefix + text, add_special_tokens=True)["input_ids"])
+    assert 20 <= n_src < 64
+    at = {**prompts, "a": dataclasses.replace(prompts["a"], max_source_tokens=n_src)}
+    assert len(_items((s, loaded, at, default), texts=["hi", text])) == 2
+    below = {**prompts, "a": dataclasses.replace(prompts["a"], max_source_tokens=n_src - 1)}
+    with pytest.raises(HTTPException) as e:
+        _items((s, loaded, below, default), texts=["hi", text])
+    assert (e.value.status_code, e.value.detail) == (
+        413, f"texts[1]: {n_src} tokens exceed prompt 'a''s limit of {n_src - 1} source tokens")
+    with pytest.raises(HTTPException) as e:  # zero-shot has the same limit
+        _items((s, loaded, {**below, ZERO_SHOT: dataclasses.replace(below["a"], prompt=None)}, default),
+               text=text, prompt=ZERO_SHOT)
+    assert e.value.status_code == 413 and "source tokens" in e.value.detail
+
+    # the context (256 positions): 4 prompt + the row's input + its new tokens
+    wide = dataclasses.replace(s, max_new_tokens=400)
+    ctx = loaded.max_positions
+    row = _items((wide, loaded, prompts, default), text=text, max_new_tokens=1)[0].row
+    fits = ctx - 4 - len(row.ids)
+    assert _items((wide, loaded, prompts, default), text=text, max_new_tokens=fits)[0].row.max_new_tokens == fits
+    with pytest.raises(HTTPException) as e:
+        _items((wide, loaded, prompts, default), text=text, max_new_tokens=fits + 1)
+    assert (e.value.status_code, e.value.detail) == (
+        413, f"text: 4 prompt + {len(row.ids)} input + {fits + 1} new tokens exceed the model's context of {ctx}")
+
+
+def test_health_fails_after_three_failed_batches_in_a_row_and_recovers(served):
+    """README: check_health fails once the model failed 3 batches in a row (each confirmed by the probe row);
+    a batch that generates resets the count. The replica's health logic in-process on a real model that breaks
+    (its embedding table swapped for one of the wrong width: every forward raises), then is repaired."""
+    import torch
+
+    from paraphrase_ray.serve import policy
+    from paraphrase_ray.serve.admission import StopHook
+    from paraphrase_ray.serve.deployments import ParaphraseModel
+    from paraphrase_ray.serve.metrics import ReplicaMetrics
+
+    s, loaded, prompts, default = served
+    replica = object.__new__(ParaphraseModel)  # the replica without Serve: its health state and batch runner
+    replica.settings, replica.loaded, replica.metrics = s, loaded, ReplicaMetrics()
+    replica._stop_hook, replica._batch_started, replica._failed_batches = StopHook(), None, 0
+    replica._probe = (prompts["a"], policy.probe_row(loaded, prompts["a"]))
+    items = _items(served, text=TEXTS[0], max_new_tokens=3)
+    emb = loaded.model.get_input_embeddings()
+    good = emb.weight
+    assert all(isinstance(o, list) for o in replica._run_batch(items)) and replica.health_problem() is None
+    emb.weight = torch.nn.Parameter(torch.zeros(good.shape[0], good.shape[1] + 1))
+    try:
+        for n in (1, 2):
+            assert all(isinstance(o, Exception) for o in replica._run_batch(items))
+            assert replica._failed_batches == n and replica.health_problem() is None
+            replica.check_health()
+        replica._run_batch(items)
+        assert replica.health_problem() == "the model failed 3 batches in a row (see the replica's log)"
+        with pytest.raises(RuntimeError, match="failed 3 batches in a row"):
+            replica.check_health()
+    finally:
+        emb.weight = good
+    assert all(isinstance(o, list) for o in replica._run_batch(items))
+    assert replica._failed_batches == 0 and replica.health_problem() is None

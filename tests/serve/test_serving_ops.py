@@ -138,7 +138,8 @@ def test_fault_auth_is_a_security_scheme_and_docs_stay_open(url, client):
     }
     secured = {(m.upper(), p) for p, ops in spec["paths"].items() for m, op in ops.items() if op.get("security")}
     assert secured == {("POST", "/paraphrase"), ("GET", "/prompts"), ("GET", "/stats"),
-                       ("GET", "/prompts/{name}/explain")}
+                       ("GET", "/prompts/{name}/explain"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+                       ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")}
     assert not spec["paths"]["/healthz"]["get"].get("security")
     with httpx.Client(base_url=url, timeout=60) as bare:
         for path in ("/healthz", "/", "/docs", "/openapi.json"):
