@@ -102,12 +102,14 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Dtype of the *frozen* weights. ``auto``: bf16 on CUDA (where supported), fp32 on every CPU.
+    """Dtype of the *loaded* frozen weights (what generation runs on). ``auto``: bf16 on CUDA (where supported),
+    fp32 on every CPU.
 
     Why fp32 even on CPUs with AVX512-BF16: decoding is a batch-1 GEMV, and torch's CPU bf16 GEMV is ~17x
     slower than fp32 there (measured on a 2-core AVX512-BF16 EPYC: 7.2 ms vs 0.42 ms for 1x576 @ 576x1536),
-    while the exact Q4_1 generation kernel (generation/backends/lowbit.py) needs fp32 weights. bf16 only pays for training's large
-    matmuls (2.2x at 256 rows on that CPU): ask for it with ``precision: bf16`` when a run only trains.
+    while the exact Q4_1 generation kernel (generation/backends/lowbit.py) needs fp32 weights. Training on CPU
+    decides its own precision from these fp32 weights (``training/precision.py``: a GEMM probe, and a bf16 copy
+    of the Linear weights where bf16 pays); the ``train`` and ``tune`` commands load fp32 on CPU for that.
     """
     if precision == "fp32":
         return torch.float32
