@@ -6,15 +6,15 @@ input-gradient (``g @ W``) layouts, fp32 against bf16, best of 3 after a warm-up
 least ``MIN_SPEEDUP`` (1.5x) faster. Why 1.5x: matmuls are ~3/4 of an fp32 step; a 1.5x GEMM gain is at most
 a ~1.3x step gain, less the casts bf16 adds, and a probe on a busy machine varies by ~20%, so a smaller
 threshold would flip between runs for no gain. CPUs without bf16 matrix units (AVX2) run bf16 at ~1/400 of
-fp32 and CPUs whose AVX512-BF16 is slow (measured: 0.5x fp32) stay fp32; AMX / fast AVX512-BF16 CPUs (3-4x)
+fp32 and CPUs whose AVX512-BF16 is slow (measured: 0.6x fp32) stay fp32; AMX / fast AVX512-BF16 CPUs (3-4x)
 take bf16. A bf16 probe on 8 rows runs first, so a CPU where bf16 crawls costs milliseconds, not seconds.
 ``$PARAPHRASE_RAY_BF16_MIN_SPEEDUP`` overrides the threshold (0: bf16 whatever the probe says; a large
 number: fp32); the probe still runs and is recorded. Shapes too small to pay (below ``MIN_PROBE_FLOP``: tiny
 test models) stay fp32 unless that variable is set.
 
-What bf16 means here (``TrainingWeights``): every frozen ``nn.Linear`` (decoder projections, the output head)
+What bf16 means here (``Bf16Linear``): every frozen ``nn.Linear`` (decoder projections, the output head)
 holds its weight once in bf16 and computes ``linear(x.bf16(), W_bf16).float()``; activations, norms,
-attention (sdpa), the residual stream, the prompt, AdamW and the loss stay fp32. On that CPU family bf16
+attention (sdpa), the residual stream, the prompt, AdamW and the loss stay fp32. On the CPU profiled bf16
 attention and norms were measured slower than fp32 (attention backward 4.5x, the non-matmul part of the step
 1.7x fp32 with every activation in bf16, 1.34x with bf16 matmuls only; docs/BENCHMARKS.md), and fp32
 activations keep the loss close to the fp32 run's.
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paraphrase_ray.errors import ConfigError
 from paraphrase_ray.models import LoadedModel, replaced_copy, resolve_device
 
 log = logging.getLogger("paraphrase_ray")
@@ -156,8 +157,13 @@ def load_precision(precision: str, device: str) -> str:
 
 def min_speedup() -> tuple[float, bool]:
     """(threshold, whether ``$PARAPHRASE_RAY_BF16_MIN_SPEEDUP`` set it)."""
-    raw = os.environ.get(MIN_SPEEDUP_ENV)
-    return (float(raw), True) if raw not in (None, "") else (MIN_SPEEDUP, False)
+    raw = os.environ.get(MIN_SPEEDUP_ENV, "").strip()
+    if not raw:
+        return MIN_SPEEDUP, False
+    try:
+        return float(raw), True
+    except ValueError:
+        raise ConfigError(f"${MIN_SPEEDUP_ENV} must be a number (the bf16/fp32 speed ratio), got {raw!r}") from None
 
 
 def decide(
