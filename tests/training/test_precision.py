@@ -57,6 +57,14 @@ def test_the_default_threshold_picks_by_the_measured_ratio(tiny, monkeypatch):
     assert d.why == f"probe: {d.probe.speedup:.2f}x fp32"
 
 
+def test_a_threshold_that_is_not_a_number_is_a_config_error(tiny, monkeypatch):
+    from paraphrase_ray.errors import ConfigError
+
+    monkeypatch.setenv(prec.MIN_SPEEDUP_ENV, "fast")
+    with pytest.raises(ConfigError, match=prec.MIN_SPEEDUP_ENV):
+        prec.decide(tiny, "auto", 64)
+
+
 def dataclass_with_dims(loaded: LoadedModel, d: int, ff: int) -> LoadedModel:
     """``loaded`` as the probe sees a model of width ``d`` and MLP width ``ff`` (only the shape is read)."""
     import dataclasses
