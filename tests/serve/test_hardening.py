@@ -590,14 +590,16 @@ def test_source_token_and_context_limits_are_413_at_the_exact_boundary(served):
                text=text, prompt=ZERO_SHOT)
     assert e.value.status_code == 413 and "source tokens" in e.value.detail
 
-    # the context (256 positions): 4 prompt + the row's input + its new tokens
+    # the context (256 positions): 4 prompt + the row's input + its new tokens (the ratio cap lifted)
     wide = dataclasses.replace(s, max_new_tokens=400)
+    gen = dataclasses.replace(prompts["a"].generation, max_new_tokens_ratio=100.0)
+    long = (wide, loaded, {**prompts, "a": dataclasses.replace(prompts["a"], generation=gen)}, default)
     ctx = loaded.max_positions
-    row = _items((wide, loaded, prompts, default), text=text, max_new_tokens=1)[0].row
+    row = _items(long, text=text, max_new_tokens=1)[0].row
     fits = ctx - 4 - len(row.ids)
-    assert _items((wide, loaded, prompts, default), text=text, max_new_tokens=fits)[0].row.max_new_tokens == fits
+    assert _items(long, text=text, max_new_tokens=fits)[0].row.max_new_tokens == fits
     with pytest.raises(HTTPException) as e:
-        _items((wide, loaded, prompts, default), text=text, max_new_tokens=fits + 1)
+        _items(long, text=text, max_new_tokens=fits + 1)
     assert (e.value.status_code, e.value.detail) == (
         413, f"text: 4 prompt + {len(row.ids)} input + {fits + 1} new tokens exceed the model's context of {ctx}")
 
@@ -606,6 +608,8 @@ def test_health_fails_after_three_failed_batches_in_a_row_and_recovers(served):
     """README: check_health fails once the model failed 3 batches in a row (each confirmed by the probe row);
     a batch that generates resets the count. The replica's health logic in-process on a real model that breaks
     (its embedding table swapped for one of the wrong width: every forward raises), then is repaired."""
+    import dataclasses
+
     import torch
 
     from paraphrase_ray.serve import policy
@@ -635,4 +639,10 @@ def test_health_fails_after_three_failed_batches_in_a_row_and_recovers(served):
     finally:
         emb.weight = good
     assert all(isinstance(o, list) for o in replica._run_batch(items))
+    assert replica._failed_batches == 0 and replica.health_problem() is None
+    # a row that fails for what its request asked (the probe still generates) never counts against the model
+    replica.settings = dataclasses.replace(s, debug_stall_s=0.01)  # > 0 enables DEBUG_FAIL_MARK
+    bad = _items(served, text=f"{DEBUG_FAIL_MARK} x", max_new_tokens=3)
+    for _ in range(4):
+        assert isinstance(replica._run_batch(bad)[0], RuntimeError)
     assert replica._failed_batches == 0 and replica.health_problem() is None
