@@ -119,3 +119,39 @@ def test_every_project_error_derives_from_one_base():
         and any(isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception")) for b in node.bases)
     ]
     assert stray == []
+
+
+def _third_party(path: Path, top: str) -> list[int]:
+    """Lines of ``path`` that import the third-party package ``top`` (any depth: lazy imports count)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            lines += [node.lineno for a in node.names if a.name.split(".")[0] == top]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            lines += [node.lineno] if node.module.split(".")[0] == top else []
+    return lines
+
+
+# ARCHITECTURE: "Ray enters in evaluation/evaluator.py (the shared scoring actor) and the sweep/ and serve/ stages";
+# the CLI on top of them drives both (the demo runs a sweep and Serve on one Ray of its own).
+RAY_ALLOWED = ("paraphrase_ray.evaluation.evaluator", "paraphrase_ray.sweep", "paraphrase_ray.serve",
+               "paraphrase_ray.cli")
+
+
+def test_ray_is_imported_only_where_architecture_says():
+    stray = [f"{p.relative_to(PKG.parent)}:{line}" for mod, p in MODULES.items()
+             if not mod.startswith(RAY_ALLOWED) for line in _third_party(p, "ray")]
+    assert stray == []
+    # and the library below them never reaches those modules: everything under core .. api runs without Ray
+    rayless = [m for m in MODULES if not m.startswith(RAY_ALLOWED)]
+    reach = [f"{m} imports {t}" for m in rayless for t, _ in _imports(MODULES[m]) if t.startswith(RAY_ALLOWED)
+             and not (m == "paraphrase_ray" and t == "paraphrase_ray.api")]
+    assert reach == []
+
+
+def test_no_module_outside_the_cli_imports_it():
+    found = [f"{p.relative_to(PKG.parent)}:{line} imports {t}" for mod, p in MODULES.items()
+             if not mod.startswith("paraphrase_ray.cli")
+             for t, line in _imports(p) if t.startswith("paraphrase_ray.cli")]
+    assert found == []
+    assert _layer("paraphrase_ray.cli.main") == len(LAYERS) - 1  # and the layer rule puts it on top
