@@ -40,7 +40,9 @@ def _add_common_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed for init, data order and split")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=DEVICES, help=f"where to train (default {tc.device})")
-    g.add_argument("--precision", choices=PRECISIONS, help=f"frozen-weight dtype (default {tc.precision}: bf16 where fast)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help=f"frozen weights' training dtype (default {tc.precision}: bf16 where a GEMM probe measures it "
+                        ">= 1.5x fp32, else fp32; generation stays on the exact fp32 weights)")
     p.add_argument("--config", help="YAML file with model/prompt/template/data/train/generation sections; flags override it")
 
 
