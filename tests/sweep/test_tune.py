@@ -199,28 +199,21 @@ def test_leaderboard_table_csv_and_plot(tmp_path, tiny_model_dir):
 
 
 # ---------------------------------------------------------------------------------- one trial in-process
-class FakeClient:
-    def __init__(self):
-        self.calls = 0
+class Scorer:
+    """The real scoring (``metrics.score`` on the offline embedder) in-process, with what it was asked; ``client``
+    wraps the real Evaluator actor's client instead (same calls, over Ray)."""
+
+    def __init__(self, client=None):
+        self.client, self.calls = client, []
 
     def score(self, sources, references, predictions):
-        from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS
+        from paraphrase_ray.evaluation.embedder import load_embedder
+        from paraphrase_ray.evaluation.metrics import score
 
-        self.calls += 1
-        assert len(sources) == len(predictions) == len(references)
-        return {
-            **dict.fromkeys(SUMMARY_KEYS, 0.0),  # every key the real Evaluator returns (trials record them all)
-            "n": len(sources),
-            "adequacy": 0.5,
-            "ref_similarity": 0.4,
-            "self_bleu": 20.0,
-            "ref_bleu": 5.0,
-            "ibleu": 0.0,
-            "copy_rate": 0.0,
-            "empty_rate": 0.0,
-            "objective": 0.1 * self.calls,
-            "success_rate": 0.0,
-        }
+        self.calls.append((list(sources), list(references), list(predictions)))
+        if self.client is not None:
+            return self.client.score(sources, references, predictions)
+        return score(sources, references, predictions, load_embedder())
 
 
 @pytest.fixture()
@@ -241,7 +234,12 @@ def _context(tiny_model_dir):
     return build_context(spec, "unit", "evaluator-unit")
 
 
-def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_thread):
+def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_thread, ray_session):
+    """One trial in-process, scored by the real Evaluator actor: a report per eval with the actor's scores of
+    that eval's paraphrases and a checkpoint that loads, then the final report carrying the last eval's scores."""
+    from paraphrase_ray.evaluation.embedder import load_embedder
+    from paraphrase_ray.evaluation.evaluator import EvaluatorClient, shutdown_evaluator
+    from paraphrase_ray.evaluation.metrics import SUMMARY_KEYS, score
     from paraphrase_ray.prompt.bundle import load_bundle
     from paraphrase_ray.sweep.driver import run_trial
 
@@ -253,21 +251,30 @@ def test_trial_reports_each_eval_with_a_servable_checkpoint(tiny_model_dir, one_
         bundle = load_bundle(checkpoint.path, expected_dim=16) if checkpoint else None
         reports.append((metrics, bundle))
 
-    client = FakeClient()
-    run_trial(
-        {"prompt.n_tokens": 3, "prompt.init": "vocab", "train.lr": 0.1, "train.device": "cpu"},
-        ctx,
-        report=report,
-        get_checkpoint=lambda: None,
-        client=client,
-    )
-    assert [m["step"] for m, _ in reports] == [10, 20, 30, 30] and client.calls == 3
-    for metrics, bundle in reports[:3]:
-        assert {"train_loss", "val_loss", "objective", "adequacy", "self_bleu", "eval_s"} <= set(metrics)
+    client = Scorer(EvaluatorClient(**ctx.evaluator))
+    try:
+        run_trial(
+            {"prompt.n_tokens": 3, "prompt.init": "vocab", "train.lr": 0.1, "train.device": "cpu"},
+            ctx,
+            report=report,
+            get_checkpoint=lambda: None,
+            client=client,
+        )
+        assert client.client.info()["requests"] == 3  # the actor scored each eval once
+    finally:
+        shutdown_evaluator(ctx.evaluator["name"], ctx.evaluator["namespace"])
+    assert [m["step"] for m, _ in reports] == [10, 20, 30, 30] and len(client.calls) == 3
+    embedder = load_embedder()
+    for (metrics, bundle), (sources, refs, preds) in zip(reports[:3], client.calls, strict=True):
+        assert sources == ctx.eval_sources and refs == ctx.eval_refs and len(preds) == 4
+        expected = score(sources, refs, preds, embedder)  # the same numbers, computed here
+        assert {k: metrics[k] for k in SUMMARY_KEYS} == pytest.approx(expected, abs=1e-5, nan_ok=True)
+        assert {"train_loss", "val_loss", "eval_s"} <= set(metrics)
         assert bundle.prompt.n_tokens == 3 and bundle.meta["sweep"] == "unit"
         assert bundle.meta["metrics"]["objective"] == metrics["objective"] and "template" in bundle.meta
     final, ckpt = reports[-1]
-    assert ckpt is None and final["train_status"] == "completed" and final["objective"] == pytest.approx(0.3)
+    assert ckpt is None and final["train_status"] == "completed"
+    assert {k: final[k] for k in SUMMARY_KEYS} == {k: reports[2][0][k] for k in SUMMARY_KEYS}
 
 
 def test_trial_reports_and_records_its_training_precision(tiny_model_dir, one_thread, monkeypatch):
@@ -289,7 +296,7 @@ def test_trial_reports_and_records_its_training_precision(tiny_model_dir, one_th
     reports = []
     run_trial({"prompt.n_tokens": 3, "train.device": "cpu"}, ctx,
               report=lambda m, checkpoint=None: reports.append((m, checkpoint and load_bundle(checkpoint.path))),
-              get_checkpoint=lambda: None, client=FakeClient())
+              get_checkpoint=lambda: None, client=Scorer())
     labels = {m["precision"] for m, _ in reports}
     assert len(labels) == 1 and labels.pop().startswith("bf16 (probe: ")
     assert reports[0][1].meta["train_precision"] == reports[0][0]["precision"]
@@ -324,7 +331,7 @@ def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_
         return report
 
     full: list = []
-    run_trial(params, ctx, report=recorder(full, keep_step=10), get_checkpoint=lambda: None, client=FakeClient())
+    run_trial(params, ctx, report=recorder(full, keep_step=10), get_checkpoint=lambda: None, client=Scorer())
     assert [s for s, _, _ in full] == [10, 20, 30, 30] and (kept / "trainer_state.json").is_file()
     assert json.loads((kept / "trainer_state.json").read_text())["step"] == 10
 
@@ -334,7 +341,7 @@ def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_
         ctx,
         report=recorder(resumed),
         get_checkpoint=lambda: tune.Checkpoint.from_directory(str(kept)),
-        client=FakeClient(),
+        client=Scorer(),
     )
     assert [s for s, _, _ in resumed] == [20, 30, 30]  # continued after step 10, not from 0
     assert {m["resumed_from_step"] for _, _, m in resumed} == {10}
@@ -345,23 +352,21 @@ def test_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, one_thread, tmp_
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)  # same weights as never interrupted
 
 
-def test_nan_trial_reports_the_worst_objective(tiny_model_dir, monkeypatch):
-    import paraphrase_ray.training.trainer as train_mod
+def test_nan_trial_reports_the_worst_objective(tiny_model_dir):
+    """A prompt initialised at 1e39 overflows at the first step: a real NaN. The trial reports the worst objective
+    once, with nothing scored and no checkpoint (nothing to retry from)."""
     from paraphrase_ray.sweep.driver import run_trial
 
-    def diverged(loaded, cfg, **kw):
-        return train_mod.TrainResult("nan", 3, None, None, math.nan, 0.0, 0.1)
-
-    monkeypatch.setattr(train_mod, "train", diverged)
-    reports = []
+    reports, client = [], Scorer()
     run_trial(
-        {"prompt.n_tokens": 3, "train.lr": 9.0},
+        {"prompt.n_tokens": 3, "prompt.init": "random", "prompt.random_range": 1e39, "train.device": "cpu"},
         _context(tiny_model_dir),
-        report=lambda m, checkpoint=None: reports.append(m),
+        report=lambda m, checkpoint=None: reports.append((m, checkpoint)),
         get_checkpoint=lambda: None,
-        client=FakeClient(),
+        client=client,
     )
-    assert len(reports) == 1 and reports[0]["train_status"] == "nan" and reports[0]["objective"] == 0.0
+    assert [(m["train_status"], m["objective"], c) for m, c in reports] == [("nan", 0.0, None)]
+    assert math.isnan(reports[0][0]["train_loss"]) and client.calls == []
 
 
 def test_optuna_gets_the_spec_ranges():
@@ -575,9 +580,9 @@ def test_trial_resumed_at_its_last_checkpoint_still_reports_its_scores(tiny_mode
             shutil.copytree(checkpoint.path, kept)
         first.append(metrics)
 
-    run_trial(params, ctx, report=report, get_checkpoint=lambda: None, client=FakeClient())
+    run_trial(params, ctx, report=report, get_checkpoint=lambda: None, client=Scorer())
     resumed: list = []
     run_trial(params, ctx, report=lambda m, checkpoint=None: resumed.append(m),
-              get_checkpoint=lambda: tune.Checkpoint.from_directory(str(kept)), client=FakeClient())
+              get_checkpoint=lambda: tune.Checkpoint.from_directory(str(kept)), client=Scorer())
     assert len(resumed) == 1 and resumed[0]["resumed_from_step"] == 30 and resumed[0]["step"] == 30
     assert resumed[0]["objective"] == pytest.approx(first[-1]["objective"])
