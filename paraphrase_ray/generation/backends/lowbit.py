@@ -29,6 +29,7 @@ import shutil
 import sys
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -336,7 +337,9 @@ def _finish(model: nn.Module, new: dict[int, nn.Module], summary: dict[str, str]
 
 
 # ------------------------------------------------------------------------------- what generation runs
-_GEN_MODELS: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+# (id(model), method) -> (weakref to the model, module, path): the weakref tells a model whose id was reused
+# after the first was freed (a fresh load, a test's model) from the one the entry was built for
+_GEN_MODELS: dict[tuple[int, str], tuple[weakref.ref, nn.Module, str]] = {}
 _GEN_LOCK = threading.Lock()
 
 
@@ -352,7 +355,7 @@ def generation_model(loaded, method: str = "auto") -> tuple[nn.Module, str]:
     """
     key = (id(loaded.model), method)
     with _GEN_LOCK:
-        if key not in _GEN_MODELS:
+        if key not in _GEN_MODELS or _GEN_MODELS[key][0]() is not loaded.model:
             try:
                 module, path = quantize_for_generation(loaded.model, "q4" if method == "auto" else method)
             except (RuntimeError, ValueError) as e:
@@ -362,5 +365,5 @@ def generation_model(loaded, method: str = "auto") -> tuple[nn.Module, str]:
                 module, path = loaded.model, "none"
             if path == "q4" and "fp32" in getattr(module, "quant_summary", {}).values():
                 path = "q4-partial"
-            _GEN_MODELS[key] = (module, "fp32" if path == "none" else path)
-        return _GEN_MODELS[key]
+            _GEN_MODELS[key] = (weakref.ref(loaded.model), module, "fp32" if path == "none" else path)
+        return _GEN_MODELS[key][1:]
