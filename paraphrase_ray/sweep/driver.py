@@ -293,7 +293,8 @@ def trial_records(grid) -> list[TrialRecord]:
     """Tune's results as plain records, through the public ``Result`` API.
 
     Status: ``ERROR`` when the result carries an error, ``TERMINATED`` when Tune marked its last report
-    ``done`` (finished, or stopped by ASHA), else ``RUNNING`` (reported, then interrupted) or ``PENDING``.
+    ``done`` (stopped by ASHA) or its final report is in (``train_status``), else ``RUNNING`` (reported, then
+    interrupted) or ``PENDING``.
     """
     records = []
     for result in grid:
@@ -306,7 +307,10 @@ def trial_records(grid) -> list[TrialRecord]:
             error = (lines[-1] if lines else type(result.error).__name__)[:300]
             status = "ERROR"
         else:
-            status = "TERMINATED" if last.get("done") else "RUNNING" if reports else "PENDING"
+            # a trial's own final report (train_status) ends it too: Tune restores a trial that ended on its first
+            # report (a diverged one) with done=False though it saved it TERMINATED
+            finished = last.get("done") or "train_status" in last
+            status = "TERMINATED" if finished else "RUNNING" if reports else "PENDING"
         config = {k: v for k, v in (result.config or saved_config(result)).items() if not k.startswith("_")}
         records.append(TrialRecord(_result_trial_id(result), status, config, reports, error))
     return records
