@@ -43,6 +43,7 @@ def test_missing_gemma_extra_says_how_to_install(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.optional_extra  # the one skip CI allows besides GPU tests: an opt-in download (~250 MB)
 def test_gemma_alias_is_the_real_base_model():
     """The one test on the real Gemma-3-270m weights (the optional `gemma` extra; CI does not install it)."""
     import importlib.util

@@ -34,7 +34,8 @@ def test_page_and_explain_endpoint(app_url):
 
 
 @pytest.mark.skipif(not shutil.which("chromium") or not shutil.which("chromedriver"),
-                    reason="make test installs Debian's chromium + chromium-driver")
+                    reason="chromium and chromedriver are not on PATH: plain pytest does not install them, `make test` "
+                           "does (its `browser` step: Debian's chromium + chromium-driver); under CI=true this fails")
 def test_browser_compares_prompts_with_zero_shot(app_url):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
