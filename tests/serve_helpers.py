@@ -40,3 +40,16 @@ def make_playground_prompts(root: Path, model_dir: Path, loaded) -> dict[str, Pa
     SoftPrompt.init(loaded.model, loaded.tokenizer, PromptConfig(n_tokens=4, seed=2)).save(
         root / "other", str(model_dir), loaded.model, meta)
     return {"known": root / "known", "other": root / "other"}
+
+
+def assert_best_first(sources, candidates, embedder=None) -> None:
+    """Each source's candidates are in the documented order, stated here on its own (not through ``rerank``):
+    usable (no copy, not empty) first, then faithful, then acceptable to the detector, then the higher objective."""
+    from paraphrase_ray.evaluation.embedder import load_embedder
+    from paraphrase_ray.evaluation.metrics import score_rows
+
+    embedder = embedder or load_embedder()
+    for src, cands in zip(sources, candidates, strict=True):
+        rows = score_rows([src] * len(cands), None, list(cands), embedder)
+        keys = [(r.copy or r.empty, not r.faithful, not r.acceptable, -r.objective) for r in rows]
+        assert keys == sorted(keys), list(zip(cands, keys, strict=True))

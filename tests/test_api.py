@@ -46,19 +46,20 @@ def test_greedy_paraphrases_equal_the_library_path(paraphraser, prompt_dir):
 
 
 def test_candidates_are_sampled_then_ranked_like_the_cli(paraphraser):
-    from paraphrase_ray.evaluation.embedder import load_embedder
-    from paraphrase_ray.evaluation.metrics import rerank
+    from serve_helpers import assert_best_first
+
     from paraphrase_ray.generation.generate import paraphrase
 
     ranked = paraphraser.paraphrase(TEXTS[:2], num_candidates=3, return_candidates=True, max_new_tokens=8)
-    assert [len(c) for c in ranked] == [3, 3]
     best = paraphraser.paraphrase(TEXTS[:2], num_candidates=3, max_new_tokens=8)
     assert best == [c[0] for c in ranked]
     info = paraphraser.meta
     gen = info.decoding(max_new_tokens=8).with_candidates(3)
-    assert gen.do_sample and gen.num_return_sequences == 3
+    assert gen.do_sample and gen.num_return_sequences == 3 and gen.temperature == 0.8 and gen.top_p == 0.95
     raw = paraphrase(paraphraser.loaded, TEXTS[:2], paraphraser.bundle.prompt, info.template, gen)
-    assert ranked == rerank(TEXTS[:2], raw, load_embedder())[0]
+    # the very candidates the seeded sampler draws, reordered best first by the documented rule
+    assert [sorted(c) for c in ranked] == [sorted(c) for c in raw] and len(set(raw[0])) > 1
+    assert_best_first(TEXTS[:2], ranked)
 
 
 def test_only_accepted_keeps_exactly_what_the_detector_accepts(paraphraser):

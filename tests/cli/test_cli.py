@@ -28,7 +28,12 @@ def test_train_then_paraphrase_file_then_peft(tiny_model_dir, tmp_path, capsys):
     dst = tmp_path / "out.jsonl"
     assert main(["paraphrase", "--prompt", str(out), "--input", str(src), "--output", str(dst), "--max-new-tokens", "8"]) == 0
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["id"] for r in rows] == [7, 8] and all(isinstance(r["prediction"], str) for r in rows)
+    from paraphrase_ray import Paraphraser
+
+    api = Paraphraser.from_pretrained(out, device="cpu")  # the CLI's generation and rerank, in code
+    api_cands = api.paraphrase(["The bank raised rates.", "Snow fell all night."], return_candidates=True,
+                               max_new_tokens=8)
+    assert [(r["id"], r["prediction"]) for r in rows] == [(7, api_cands[0][0]), (8, api_cands[1][0])]
     # every row carries the detector's flags; a random model's output is never accepted, and the flags say why
     assert all(r["acceptable"] is False and (r["added"] or r["dropped"] or r["garbled"] or r["copy"]
                                              or r["invented_facts"] or r["dropped_facts"]) for r in rows), rows
@@ -44,7 +49,9 @@ def test_train_then_paraphrase_file_then_peft(tiny_model_dir, tmp_path, capsys):
 
     assert main(["paraphrase", "--prompt", str(out), "--text", "It rained.", "--num-candidates", "3",
                  "--max-new-tokens", "6"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    # all three candidates, best first, one per line: the API's for the same text
+    want = api.paraphrase(["It rained."], num_candidates=3, return_candidates=True, max_new_tokens=6)[0]
+    assert capsys.readouterr().out.splitlines() == want
 
     # the same directory loads in PEFT with identical prompt vectors
     from peft import PeftModel
@@ -383,27 +390,31 @@ def test_serve_command_serves_http_until_sigint(tiny_model_dir, tmp_path):
 
 
 def test_paraphrase_stats_file_and_summary_line(tiny_model_dir, tmp_path, capsys):
-    """--stats writes what the one-line summary says; --precision fp32 is the exact path, which the tiny model
-    (no llama.cpp blocks) also takes by default, so both give the same text."""
+    """--stats writes what the one-line summary says: the rows, the new tokens of what was written (re-tokenized),
+    the engine path (the tiny OPT has no llama.cpp blocks and is no Llama: fp32 + prefix cache)."""
+    from transformers import AutoTokenizer
+
+    from paraphrase_ray import Paraphraser
+
     prompt = tmp_path / "p"
     SoftPrompt(torch.randn(3, 16) * 0.1).save(prompt, str(tiny_model_dir))
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"source": s}) + "\n" for s in ("The bank raised rates.", "Snow fell.")))
-    outs = {}
-    for precision in ("auto", "fp32"):
-        dst, stats = tmp_path / f"{precision}.jsonl", tmp_path / f"{precision}.json"
-        capsys.readouterr()
-        assert main(["paraphrase", "--prompt", str(prompt), "--input", str(src), "--output", str(dst),
-                     "--max-new-tokens", "6", "--precision", precision, "--stats", str(stats)]) == 0
-        st = json.loads(stats.read_text())
-        assert set(st) == {"rows", "new_tokens", "generate_s", "load_s", "path", "num_candidates", "accepted"}
-        # the tiny OPT has no llama.cpp blocks (fp32) and is no Llama (no lean step); K = 8 sampled in our loop
-        assert st["rows"] == 2 and st["path"] == "fp32+prefix-cache" and st["generate_s"] >= 0 and st["load_s"] >= 0
-        err = capsys.readouterr().err
-        assert f"wrote 2 paraphrases to {dst} in " in err and "new tokens/s, fp32+prefix-cache" in err
-        outs[precision] = [json.loads(line)["prediction"] for line in dst.read_text().splitlines()]
-        assert st["new_tokens"] > 0 or not any(outs[precision])
-    assert outs["auto"] == outs["fp32"]
+    sources = ["The bank raised rates.", "Snow fell."]
+    src, dst, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    src.write_text("".join(json.dumps({"source": s}) + "\n" for s in sources))
+    assert main(["paraphrase", "--prompt", str(prompt), "--input", str(src), "--output", str(dst),
+                 "--max-new-tokens", "6", "--num-candidates", "1", "--stats", str(stats)]) == 0
+    st = json.loads(stats.read_text())
+    preds = [json.loads(line)["prediction"] for line in dst.read_text().splitlines()]
+    # the CLI writes what the Python API paraphrases (greedy: one candidate)
+    assert preds == Paraphraser.from_pretrained(prompt, device="cpu").paraphrase(sources, num_candidates=1,
+                                                                                  max_new_tokens=6)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    new_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in preds)
+    assert new_tokens > 0 and st["generate_s"] > 0 and st["load_s"] > 0
+    assert st == {"rows": 2, "new_tokens": new_tokens, "generate_s": st["generate_s"], "load_s": st["load_s"],
+                  "path": "fp32+prefix-cache", "num_candidates": 1, "accepted": 0}
+    err = capsys.readouterr().err
+    assert f"wrote 2 paraphrases to {dst} in " in err and "new tokens/s, fp32+prefix-cache" in err
 
 
 @pytest.mark.slow

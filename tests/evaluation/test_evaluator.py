@@ -78,13 +78,23 @@ def test_concurrent_tasks_share_the_actor_and_get_batched(client, name):
     before = client.info()
     results = ray.get([trial.remote(i) for i in range(4)], timeout=120)
     assert {actor_id for actor_id, _ in results} == {before["actor_id"]}
-    assert all(0.0 <= obj <= 1.0 for _, obj in results)
+    embedder = load_embedder(device="cpu")
+    expected = [score_rows(SOURCES[:2], REFERENCES[:2], [REFERENCES[i % 3], SOURCES[(i + 1) % 3]], embedder)
+                for i in range(4)]  # each caller got its own rows' mean, whatever it was batched with
+    assert [obj for _, obj in results] == pytest.approx([sum(r.objective for r in e) / 2 for e in expected], abs=1e-5)
+    assert results[0][1] != pytest.approx(results[1][1])  # and the callers' numbers differ
 
     # Requests in flight together are merged into fewer encode calls.
     handle = get_evaluator(name, NAMESPACE)
     refs = [handle.score_rows.remote(SOURCES, None, [p] * 3) for p in [*PREDICTIONS, *REFERENCES, "", "x y"]]
     out = ray.get(refs, timeout=120)
+    preds = [*PREDICTIONS, *REFERENCES, "", "x y"]
     assert [len(rows) for rows in out] == [3] * 8
+    for p, rows in zip(preds, out, strict=True):  # merged into batches, each request's own rows come back
+        alone = score_rows(SOURCES, None, [p] * 3, embedder)
+        assert [r.objective for r in rows] == pytest.approx([r.objective for r in alone], abs=1e-5), p
+        assert [(r.copy, r.empty, r.self_bleu, r.faithful) for r in rows] == [
+            (r.copy, r.empty, r.self_bleu, r.faithful) for r in alone]
     assert out[-2][0].empty and out[0][0].ref_bleu is None
     after = client.info()
     assert after["cache_hits"] > before["cache_hits"]  # the shared sources were embedded once

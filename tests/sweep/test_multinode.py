@@ -342,6 +342,9 @@ def test_multinode_serve_loads_best_from_the_bucket(node_loss_sweep, cluster, gc
     config["http_options"]["port"] = port  # Serve keeps the HTTP options of its first start on a cluster
     app = config["applications"][0]
     app["args"]["prompts"] = {"best": best}
+    # the file's prompt store is relative to the checkout (runs/sweeps); this driver starts in an empty directory
+    (tmp_path / "store").mkdir()
+    app["args"]["prompt_store"] = str(tmp_path / "store")
     model = next(d for d in app["deployments"] if d["name"] == "ParaphraseModel")
     model["ray_actor_options"]["num_cpus"] = 1  # the workers have one CPU each
     model.pop("autoscaling_config", None)
