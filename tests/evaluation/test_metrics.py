@@ -264,9 +264,11 @@ def test_validate_triples_errors(sources, references, predictions, match):
         validate_triples(sources, references, predictions)
 
 
-def test_validate_triples_accepts_valid_inputs():
-    validate_triples(["a"], None, [""])  # an empty prediction is a result to measure, not bad input
-    validate_triples(("a", "b"), ["x", None], ("c", "d"))
+def test_validate_triples_accepts_valid_inputs(embedder):
+    assert validate_triples(["a"], None, [""]) is None  # an empty prediction is a result to measure, not bad input
+    assert validate_triples(("a", "b"), ["x", None], ("c", "d")) is None
+    empty, tupled = score_rows(["It rained.", "a b"], ["x", None], ("", "c d"), embedder)  # and they score
+    assert (empty.empty, empty.objective, empty.ref_bleu, tupled.ref_bleu) == (True, 0.0, 0.0, None)
 
 
 # -- the rerank order and the unfaithful halving, pinned on hand-built rows --------------------------------------

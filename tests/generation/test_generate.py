@@ -78,10 +78,14 @@ def test_source_penalty_changes_what_is_generated(tiny, prompts):
 def test_candidates_sampling_and_beams(tiny, prompts):
     sample = dataclasses.replace(GREEDY, do_sample=True, num_return_sequences=3, temperature=1.5, seed=1)
     out = paraphrase(tiny, SOURCES[:2], prompts[0], T, sample)
-    assert [len(c) for c in out] == [3, 3]
     assert out == paraphrase(tiny, SOURCES[:2], prompts[0], T, sample)  # seeded
+    assert all(len(c) == 3 and len(set(c)) > 1 for c in out), out  # three draws, not one copied
+    assert out != paraphrase(tiny, SOURCES[:2], prompts[0], T, dataclasses.replace(sample, seed=2))
     beams = dataclasses.replace(GREEDY, num_beams=3, num_return_sequences=2)
-    assert [len(c) for c in paraphrase(tiny, SOURCES[:2], prompts[0], T, beams)] == [2, 2]
+    two = paraphrase(tiny, SOURCES[:2], prompts[0], T, beams)
+    top = paraphrase(tiny, SOURCES[:2], prompts[0], T, dataclasses.replace(beams, num_return_sequences=1))
+    assert [c[0] for c in two] == [c[0] for c in top]  # the best beam first
+    assert [len(c) for c in two] == [2, 2]
 
 
 def test_max_new_tokens_is_relative_to_source_length(tiny, prompts):
@@ -92,7 +96,8 @@ def test_max_new_tokens_is_relative_to_source_length(tiny, prompts):
     assert row_for(tiny, "Hi.", prompts[0], T, dataclasses.replace(gen, max_new_tokens_ratio=2.0)).max_new_tokens == 8 + 2 * len(row.source_ids)
     short = paraphrase(tiny, ["Hi."], prompts[0], T, gen)[0][0]
     long = paraphrase(tiny, ["Hi."], prompts[0], T, dataclasses.replace(gen, max_new_tokens_ratio=4.0))[0][0]
-    assert len(short) < len(long)
+    # greedy: the longer budget writes the same first tokens, then goes on
+    assert short and long.startswith(short) and len(long) > len(short), (short, long)
 
 
 def test_empty_source_is_rejected(tiny, prompts):
