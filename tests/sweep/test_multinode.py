@@ -154,6 +154,14 @@ def finished(rows: list[dict]) -> bool:
     return bool(rows) and "train_status" in rows[-1]
 
 
+def midway(rows: list[dict]) -> bool:
+    """Checkpointed and with at least one more eval to go, by the trial's own step count. A short trial
+    (``train.steps == EVERY``) is never midway: between its only eval and its final report it looks unfinished, and
+    Tune's state snapshot, forced by that eval's checkpoint, can record it so in the bucket for seconds."""
+    steps = rows[0].get("config", {}).get("train.steps", STEPS) if rows else STEPS
+    return bool(rows) and not finished(rows) and EVERY <= rows[-1]["step"] < steps - EVERY
+
+
 # ------------------------------------------------------------------------------------ sweep + node loss
 @pytest.fixture(scope="module")
 def node_loss_sweep(cluster, gcs, tiny_model_dir, tmp_path_factory):
@@ -176,7 +184,7 @@ def node_loss_sweep(cluster, gcs, tiny_model_dir, tmp_path_factory):
         deadline = time.time() + 420
         while lost is None and time.time() < deadline and proc.poll() is None:
             for rows in reports(gcs, exp).values():  # a trial with a checkpoint, still training
-                if not finished(rows) and rows[-1]["step"] >= EVERY and rows[-1]["step"] < STEPS - EVERY:
+                if midway(rows):
                     victim = next(n for n in cluster.worker_nodes if n.node_id == rows[-1]["node_id"])
                     cluster.remove_node(victim, allow_graceful=False)
                     lost = {"trial_id": rows[0]["trial_id"], "node_id": victim.node_id, "at_step": rows[-1]["step"]}
@@ -249,7 +257,9 @@ def test_multinode_driver_killed_then_resumed_from_another_directory(cluster, gc
         while time.time() < deadline and first.poll() is None:
             state, reps = statuses(gcs, exp), reports(gcs, exp)
             done = [t for t, s in state.items() if s == "TERMINATED"]
-            mid = [t for t, rows in reps.items() if not finished(rows) and EVERY <= rows[-1]["step"] < STEPS - EVERY]
+            # a short trial caught between its only eval and its final report was "mid" here: killed then, its
+            # resume reported no further eval (step == resumed_from_step), the race this file showed
+            mid = [t for t, rows in reps.items() if midway(rows)]
             if done and mid and set(mid) <= checkpointed(gcs, exp):
                 break
             time.sleep(0.5)
