@@ -26,6 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import httpx
+from safetensors.torch import load_file, save_file
 from serve_load import cpu_name, sample_texts
 
 
@@ -79,6 +80,11 @@ def first_use(url: str, headers: dict, source: Path, store: Path, copies: int, t
         for k in range(copies):
             name = f"bench/copy-{k}-{time.time_ns()}"
             shutil.copytree(source, store / name)
+            # new values per copy: the prefix cache is keyed by a prompt's values, so an identical copy would find
+            # the original's [prompt][template head] prefill already cached and understate a real first use
+            weights = store / name / "adapter_model.safetensors"
+            tensors = {n: t + 1e-4 * (k + 1) for n, t in load_file(weights).items()}
+            save_file(tensors, weights)
             times = []
             for _ in range(2):
                 t0 = time.perf_counter()
@@ -132,7 +138,7 @@ def main() -> int:
             asyncio.run(window(url, headers, route, name, texts, 2, 2))
         lat: dict[str, list[float]] = {"/paraphrase": [], "/v1/completions": []}
         errors = dict.fromkeys(lat, 0)
-        for _ in range(args.rounds):
+        for _ in range(args.rounds):  # --rounds 0: only the first-use cost
             for route in lat:
                 got, err = asyncio.run(window(url, headers, route, name, texts, args.clients, args.seconds / args.rounds))
                 lat[route] += got
