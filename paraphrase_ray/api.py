@@ -79,6 +79,10 @@ def _paraphrase(loaded, bundle, texts, gen, batch_size, embedder, progress, scor
         if embedder is None or isinstance(embedder, str):
             embedder = load_embedder(embedder or DEFAULT_EMBEDDER)
         cands, scores = rerank(list(texts), cands, embedder)
+        if gen.rerank == "roundtrip" and gen.num_return_sequences > 1:
+            from paraphrase_ray.evaluation.likelihood import rerank_roundtrip
+
+            cands, scores = rerank_roundtrip(loaded, list(texts), cands, scores)
     return cands, scores
 
 

@@ -31,6 +31,7 @@ QUANTIZE_METHODS = ("auto", "q4", "int8", "none")
 # 100 held-out MRPC rows (docs/BENCHMARKS.md, "Quality"): faithful success 0.60 at 1, 0.88 at 8, for 12x the time.
 DEFAULT_CANDIDATES = 8
 # The name of the base model run with no soft prompt: a report's baseline system and Serve's reserved prompt.
+RERANK_METHODS = ("detector", "roundtrip")
 ZERO_SHOT = "zero-shot"
 # The base model with no soft prompt, its source wrapped in the chat template (instruction-tuned models only).
 ZERO_SHOT_CHAT = "zero-shot-chat"
@@ -217,6 +218,11 @@ class GenerationConfig:
     # checking); off = the plain forward
     cuda_graphs: str = "auto"
     num_return_sequences: int = 1
+    # how K > 1 candidates are ordered, within the hard tiers (usable, faithful, no broken word):
+    # "roundtrip": by the base LM's round trip, log P(output | source) + log P(source | output) / 2
+    # (evaluation/likelihood.py; 4 forward passes per candidate); "detector": by the word-level verdict, then
+    # novelty (metrics.rank_candidates). Chosen by blind readers: docs/BENCHMARKS.md, "Quality"
+    rerank: str = "detector"
     stop_at_newline: bool = True
     seed: int = 0
 
@@ -243,6 +249,8 @@ class GenerationConfig:
             raise ConfigError(f"generation.prompt_lookup must be in 0..16, got {self.prompt_lookup}")
         if self.cuda_graphs not in ("auto", "eager", "off"):
             raise ConfigError(f"generation.cuda_graphs must be auto, eager or off, got {self.cuda_graphs!r}")
+        if self.rerank not in RERANK_METHODS:
+            raise ConfigError(f"generation.rerank must be one of {RERANK_METHODS}, got {self.rerank!r}")
         if self.quantize not in QUANTIZE_METHODS:
             raise ConfigError(f"generation.quantize must be one of {QUANTIZE_METHODS}, got {self.quantize!r}")
 

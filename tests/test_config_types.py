@@ -86,3 +86,9 @@ def test_serve_args_are_typed(tmp_path):
     assert ok.max_texts == 100 and ok.batch_wait_max_s == 1.0
     with pytest.raises(ConfigError, match=r"args\.max_texts must be an integer, got 'many'"):
         from_dict(ServeSettings, {"prompts": [str(tmp_path)], "max_texts": "many"}, where="args.")
+
+
+def test_rerank_method_is_checked_by_name():
+    assert from_dict(RunConfig, {"generation": {"rerank": "roundtrip"}}).generation.rerank == "roundtrip"
+    with pytest.raises(ConfigError, match=r"generation.rerank must be one of \('detector', 'roundtrip'\), got 'lm'"):
+        from_dict(RunConfig, {"generation": {"rerank": "lm"}})

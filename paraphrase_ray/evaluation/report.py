@@ -105,7 +105,11 @@ def evaluate_systems(
         inputs = rows_for(loaded, sources, s.prompt, s.template, gen, s.max_source_tokens, s.chat)
         cands = paraphrase_rows(loaded, inputs, gen, batch_size, progress=progress)
         if num_candidates > 1:
-            cands, _ = rerank(sources, cands, embedder)
+            cands, cand_scores = rerank(sources, cands, embedder)
+            if gen.rerank == "roundtrip":
+                from paraphrase_ray.evaluation.likelihood import rerank_roundtrip
+
+                cands, _ = rerank_roundtrip(loaded, sources, cands, cand_scores)
         gen_s = time.perf_counter() - t0
         preds = [c[0] for c in cands]
         rows = score_rows(sources, references, preds, embedder)
