@@ -297,8 +297,8 @@ def pytest_collection_modifyitems(config, items):
 
 # -- under CI=true nothing skips but the GPU tests --------------------------------------------------------------
 # CI (GitHub Actions sets CI=true; `CI=true make test` here) installs what every test needs (the browser, ../shared,
-# the test extra), so a skip there means something went missing: it fails instead, naming the skip's reason.
-# Exempt: tests marked ``gpu`` (CI has no GPU) and ``optional_extra`` (an opt-in package, named in the reason).
+# the test and gemma extras), so a skip there means something went missing: it fails instead, naming the skip's
+# reason. Exempt: only tests marked ``gpu`` (CI has no GPU).
 ON_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
@@ -306,7 +306,7 @@ ON_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    exempt = item.get_closest_marker("gpu") or item.get_closest_marker("optional_extra")
+    exempt = item.get_closest_marker("gpu")
     if ON_CI and rep.skipped and not hasattr(rep, "wasxfail") and not exempt:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
