@@ -60,8 +60,22 @@ def download_prompt(repo_id: str) -> Path:
     except Exception as e:  # offline, unknown repo, no access
         raise PromptFileError(
             f"{repo_id} is not a local prompt directory, and downloading it from the Hugging Face Hub failed: "
-            f"{_first_line(e)}"
+            f"{_download_reason(e, repo_id)}"
         ) from e
+
+
+def _download_reason(e: Exception, repo_id: str) -> str:
+    """Why a download failed, in words: the hub client's first line is only "401 Client Error." for a missing repo."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    login = "run `hf auth login` or set HF_TOKEN"
+    if isinstance(e, GatedRepoError):  # before its base class, RepositoryNotFoundError
+        return f"{repo_id} is gated: accept its conditions on the Hub, then {login}"
+    if isinstance(e, RepositoryNotFoundError):
+        return f"repository {repo_id} not found (check the USER/NAME; for a private repo, {login})"
+    if isinstance(e, RevisionNotFoundError):
+        return f"{repo_id} has no main branch"
+    return _first_line(e)
 
 
 def _first_line(e: Exception) -> str:
