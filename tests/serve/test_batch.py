@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -161,3 +162,81 @@ def test_ray_output_never_deletes_what_it_did_not_write(ray_session, prompt_dir,
     assert sum(len(pq.read_table(f)) for f in fresh.glob("*.parquet")) == 2
     assert main([*base, "--input", str(other), "--output", str(fresh), "--overwrite"]) == 0
     assert sum(len(pq.read_table(f)) for f in fresh.glob("*.parquet")) == 2  # replaced, not appended
+
+
+@pytest.mark.slow
+def test_ray_data_packs_four_actors_at_a_quarter_gpu_on_one_card(ray_session, prompt_dir, tmp_path, monkeypatch):
+    """README: ``--concurrency 4 --num-gpus 0.25`` packs four actors on one GPU. On the shared Ray's one logical GPU
+    the real job's four actors each hold a 0.25 share of GPU 0, all four alive at once, and their greedy outputs
+    equal the in-process ones. Each actor is the real ``PromptActor`` with a few lines that report, on arrival, what
+    Ray gave it to a named barrier actor, then wait (up to a deadline) until all four have arrived."""
+    import time
+
+    import ray
+
+    from paraphrase_ray.serve import batch
+    from paraphrase_ray.serve.batch import ActorPool, paraphrase_dataset
+
+    name, namespace = "batch-packing-barrier", "batch-packing-test"
+
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        def __init__(self):
+            self.records: list[dict] = []
+
+        def arrive(self, record: dict) -> None:
+            self.records.append(record)
+
+        def get(self) -> list[dict]:
+            return self.records
+
+    class ReportingActor(batch.PromptActor):  # defined here: Ray ships it by value, so workers need no test module
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            ctx = ray.get_runtime_context()
+            here = ray.get_actor(name, namespace=namespace)
+            ray.get(here.arrive.remote({
+                "pid": os.getpid(), "actor_id": ctx.get_actor_id(), "gpu_ids": ctx.get_accelerator_ids().get("GPU"),
+                "resources": ctx.get_assigned_resources(), "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            }))
+            deadline = time.time() + 120  # four model loads on a busy 2-core machine; packing is what counts
+            while len(ray.get(here.get.remote())) < 4 and time.time() < deadline:
+                time.sleep(0.2)
+            self.together = len(ray.get(here.get.remote())) >= 4  # all four actors alive at the same time
+
+        def __call__(self, batch_df):
+            out = super().__call__(batch_df)
+            out["actor_together"], out["actor_pid"] = self.together, os.getpid()
+            return out
+
+    assert ray.available_resources().get("GPU") == 1  # the one logical card is free
+    rows = ROWS + [{"id": 6, "source": "The river flooded the lower town."},
+                   {"id": 7, "source": "She finished the report on Monday."},
+                   {"id": 8, "source": "Tickets sold out within an hour."}]
+    src, dst = tmp_path / "in", tmp_path / "out"  # four Parquet files: four blocks to spread over the actors
+    src.mkdir()
+    for i in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[2 * i:2 * i + 2]), src / f"part-{i}.parquet")
+    gen = PromptMeta.read(prompt_dir).decoding(max_new_tokens=6)
+    monkeypatch.setattr(batch, "PromptActor", ReportingActor)
+    # a read unit per file (Ray Data bin-packs Parquet row groups up to 128 MiB): several actors get work, as a big
+    # input gives it
+    monkeypatch.setenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", "1")
+    barrier = Barrier.options(name=name, namespace=namespace).remote()
+    try:
+        ray.get(barrier.get.remote())
+        paraphrase_dataset(prompt_dir, str(src), str(dst), gen, device="cpu",
+                           pool=ActorPool(concurrency=4, num_gpus=0.25, num_cpus=0.5, batch_size=2))
+        records = ray.get(barrier.get.remote())
+    finally:
+        ray.kill(barrier)
+    assert len(records) == 4, records  # four actors, no more (none restarted) and no fewer
+    assert len({r["actor_id"] for r in records}) == 4 and len({r["pid"] for r in records}) == 4  # four processes
+    for r in records:  # each holds a quarter of the one card, GPU 0 (Ray points CUDA at it)
+        assert r["resources"].get("GPU") == 0.25 and r["resources"].get("CPU") == 0.5, r
+        assert r["gpu_ids"] == ["0"] and r["cuda_visible"] == "0", r
+    out = pq.read_table(dst).to_pylist()
+    assert all(r["actor_together"] for r in out)  # every batch ran on an actor that saw all four alive at once
+    assert {r["actor_pid"] for r in out} <= {r["pid"] for r in records}  # (how Ray spreads the blocks may vary)
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    assert [r["prediction"] for r in out] == in_process(prompt_dir, [r["source"] for r in rows])
