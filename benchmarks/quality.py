@@ -166,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quantize", choices=["auto", "q4", "int8", "none"], help="decoding override (default: config's)")
     p.add_argument("--fact-guard", choices=["on", "off"], help="decoding override (default: config's, on)")
+    p.add_argument("--rerank", choices=["detector", "roundtrip"], help="decoding override: how K candidates are "
+                   "ordered (default: config's)")
     p.add_argument(
         "--num-candidates", type=int, default=DEFAULT_CANDIDATES,
         help="K > 1: every system samples K candidates per row and keeps the best (faithful first, then objective)",
@@ -226,6 +228,7 @@ def main(argv=None) -> int:
         "source_no_repeat_ngram_size": args.source_no_repeat_ngram_size,
         "quantize": args.quantize,
         "fact_guard": {"on": True, "off": False}.get(args.fact_guard),
+        "rerank": args.rerank,
     }
     gen_overrides = {k: v for k, v in gen_overrides.items() if v is not None}
     template = TemplateConfig()

@@ -220,7 +220,7 @@ class GenerationConfig:
     num_return_sequences: int = 1
     # how K > 1 candidates are ordered, within the hard tiers (usable, faithful, no broken word):
     # "roundtrip": by the base LM's round trip, log P(output | source) + log P(source | output) / 2
-    # (evaluation/likelihood.py; 4 forward passes per candidate); "detector": by the word-level verdict, then
+    # (evaluation/likelihood.py; 2 forward passes per candidate); "detector": by the word-level verdict, then
     # novelty (metrics.rank_candidates). Chosen by blind readers: docs/BENCHMARKS.md, "Quality"
     rerank: str = "detector"
     stop_at_newline: bool = True

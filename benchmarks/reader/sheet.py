@@ -84,11 +84,18 @@ def cmd_sheet(args) -> int:
                 items.append((r["id"], name, r["source"], outs[r["source"]]))
         if args.human and "target" in r:
             items.append((r["id"], args.human, r["source"], r["target"]))
+    # one item per distinct (row, output): systems that wrote the same text share its labels ("also" in the key), so
+    # the reader reads it once and no repeated text hints that two systems agree
+    merged: dict[tuple[str, str], list] = {}
+    for rid, name, src, o in items:
+        merged.setdefault((rid, o), [rid, [], src, o])[1].append(name)
+    items = list(merged.values())
     random.Random(args.seed).shuffle(items)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sheet = [{"item": f"i{n:03d}", "source": s, "output": o} for n, (_, _, s, o) in enumerate(items)]
-    key = {f"i{n:03d}": {"row": rid, "system": name, "output": o} for n, (rid, name, _, o) in enumerate(items)}
+    key = {f"i{n:03d}": {"row": rid, "system": names[0], **({"also": names[1:]} if names[1:] else {}), "output": o}
+           for n, (rid, names, _, o) in enumerate(items)}
     (out / "sheet.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in sheet))
     (out / "key.json").write_text(json.dumps(key, indent=1, ensure_ascii=False))
     print(f"{len(items)} items from {len(systems) + bool(args.human)} systems -> {out}/sheet.jsonl", file=sys.stderr)
@@ -129,6 +136,11 @@ def read_key(path: str) -> dict[str, dict]:
     return items
 
 
+def systems_of(entry: dict) -> list[str]:
+    """The systems that wrote a key entry's output (one item may stand for several: ``cmd_sheet``)."""
+    return [entry["system"], *entry.get("also", ())]
+
+
 def cmd_score(args) -> int:
     key = read_key(args.key)
     readers = [read_labels(p) for p in args.labels]
@@ -150,10 +162,11 @@ def cmd_score(args) -> int:
                                         **{f"{f}_agree": v for f, v in fields.items()}}}))
     per = defaultdict(dict)  # system -> row -> acceptable
     for item, ok in verdict.items():
-        per[key[item]["system"]][key[item]["row"]] = ok
+        for name in systems_of(key[item]):
+            per[name][key[item]["row"]] = ok
     first = readers[0]
     for name, rows in sorted(per.items()):
-        items = [i for i in verdict if key[i]["system"] == name]
+        items = [i for i in verdict if name in systems_of(key[i])]
 
         def rate(f: str, items: list[str] = items) -> float:
             return sum(bool(first[i][f]) for i in items if i in first) / max(1, len(items))

@@ -20,6 +20,7 @@ by every candidate of one source), all batched; no sampling.
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,8 +126,12 @@ def _content_min(gain: np.ndarray, word_of: list[int], text: str) -> float:
     return float(min(vals)) if vals else 0.0
 
 
-def round_trips(loaded, sources: Sequence[str], outputs: Sequence[str], batch_size: int = 16) -> list[RoundTrip]:
-    """One ``RoundTrip`` per (source, output) row (``loaded``: a ``models.LoadedModel``)."""
+def round_trips(
+    loaded, sources: Sequence[str], outputs: Sequence[str], batch_size: int = 16, pmi: bool = True
+) -> list[RoundTrip]:
+    """One ``RoundTrip`` per (source, output) row (``loaded``: a ``models.LoadedModel``). ``pmi=False`` skips the
+    empty-instruction passes (the ``pmi_*`` fields are then NaN): 2 passes per row instead of up to 4, all that
+    ``RoundTrip.score`` needs."""
     tok, model = loaded.tokenizer, loaded.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     empty = _context(tok, "")
@@ -135,13 +140,18 @@ def round_trips(loaded, sources: Sequence[str], outputs: Sequence[str], batch_si
     jobs: list[tuple[list[int], list[int]]] = []
     for s, y in zip(sources, outputs, strict=True):
         jobs += [(ctx[s], tgt[y][0]), (ctx[y], tgt[s][0])]
-    uniq = sorted({*sources, *outputs})
+    uniq = sorted({*sources, *outputs}) if pmi else []
     jobs0 = [(empty, tgt[t][0]) for t in uniq]
     lp = token_logprobs(model, pad, jobs + jobs0, batch_size)
     prior = dict(zip(uniq, lp[len(jobs):]))
     rows = []
     for r, (s, y) in enumerate(zip(sources, outputs)):
         fwd, bwd = lp[2 * r], lp[2 * r + 1]
+        if not pmi:
+            rows.append(RoundTrip(fwd=float(fwd.mean()) if len(fwd) else 0.0,
+                                  bwd=float(bwd.mean()) if len(bwd) else 0.0, pmi_out=math.nan, pmi_src=math.nan,
+                                  pmi_out_min=math.nan, pmi_src_min=math.nan))
+            continue
         g_out, g_src = fwd - prior[y], bwd - prior[s]
         rows.append(RoundTrip(
             fwd=float(fwd.mean()) if len(fwd) else 0.0,
@@ -158,9 +168,9 @@ def rerank_roundtrip(loaded, sources: Sequence[str], candidates: Sequence[Sequen
     """``generation.rerank: roundtrip``: each source's candidates (already scored by ``metrics.rerank``) reordered
     best first: usable (not a copy, not empty), then faithful (``text.check``), then no broken word, as the
     detector's rerank orders them, and within a tier by ``RoundTrip.score`` instead of the word-level verdict and
-    novelty. Returns (candidates, scores), each row in the new order; costs 4 forward passes per candidate."""
+    novelty. Returns (candidates, scores), each row in the new order; costs 2 forward passes per candidate."""
     flat = round_trips(loaded, [s for s, c in zip(sources, candidates, strict=True) for _ in c],
-                       [x for c in candidates for x in c])
+                       [x for c in candidates for x in c], pmi=False)
     out_c, out_s, i = [], [], 0
     for cands, row in zip(candidates, scores, strict=True):
         trips = flat[i : i + len(cands)]
