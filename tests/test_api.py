@@ -107,3 +107,24 @@ def test_importing_the_package_stays_light():
     code = "from paraphrase_ray import Paraphraser; print(Paraphraser.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "paraphrase_ray.api", out.stderr
+
+
+def test_roundtrip_rerank_reorders_the_same_candidates_by_the_lm(paraphraser):
+    """``rerank="roundtrip"`` (a decoding option): the very candidates the detector's rerank returns, in
+    ``likelihood.rerank_roundtrip``'s order -- the API runs the round trip on its own base model."""
+    from paraphrase_ray.evaluation.likelihood import rerank_roundtrip, round_trips
+
+    det_c, det_s = paraphraser.scored(TEXTS, num_candidates=4, max_new_tokens=8)
+    rt_c, rt_s = paraphraser.scored(TEXTS, num_candidates=4, max_new_tokens=8, rerank="roundtrip")
+    assert (rt_c, rt_s) == rerank_roundtrip(paraphraser.loaded, TEXTS, det_c, det_s)
+    assert [sorted(c) for c in rt_c] == [sorted(c) for c in det_c]  # reordered, never resampled
+    moved = 0
+    for text, cands, scores, before in zip(TEXTS, rt_c, rt_s, det_c, strict=True):
+        trips = round_trips(paraphraser.loaded, [text] * len(cands), cands, pmi=False)
+        tiers = [(s.copy or s.empty, not s.faithful, bool(s.garbled)) for s in scores]
+        assert tiers == sorted(tiers)
+        for j in range(len(cands) - 1):  # within a tier, best round trip first
+            if tiers[j] == tiers[j + 1]:
+                assert trips[j].score >= trips[j + 1].score
+        moved += cands != before
+    assert moved  # the round trip reordered some text's candidates (else this test would prove nothing)
