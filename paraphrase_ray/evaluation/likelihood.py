@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from paraphrase_ray.data import encode_chat
+from paraphrase_ray.data import collate, encode_chat
 from paraphrase_ray.text import is_content
 
 INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n"
@@ -85,12 +85,8 @@ def token_logprobs(model, pad_id: int, pairs: Sequence[tuple[list[int], list[int
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
         seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-        width = max(map(len, seqs))
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        batch = collate([(s, []) for s in seqs], pad_id)  # right-padded, as training batches are
+        ids, mask = batch.input_ids, batch.attention_mask
         # logits only where a target token is predicted (as training computes them): the vocabulary projection
         # at every position would cost more than the whole body on a 49k-262k vocabulary
         hidden = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state  # (b, w, h)
