@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from paraphrase_ray.data import collate, encode_chat
+from paraphrase_ray.generation.generate import ZERO_SHOT_INSTRUCTION
 from paraphrase_ray.text import is_content
 
-INSTRUCTION = "Paraphrase the following sentence. Reply with the paraphrase only.\n\n"
+INSTRUCTION = ZERO_SHOT_INSTRUCTION.format(source="")  # the zero-shot-chat baseline's own instruction
 PLAIN = "{a}\nParaphrase:"  # base models (no chat template): the seed's own prompt
 
 
